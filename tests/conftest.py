@@ -1,0 +1,108 @@
+"""The backend fixture: every test that takes ``case`` runs once per (namespace, device, dtype).
+
+Missing libraries and GPUs skip with the reason.  ``ci/gpu`` sets
+XPNET_REQUIRE_GPU=1, which turns a missing CuPy GPU into a failure instead.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from xpnet.backend import BackendUnavailableError, Device, resolve_device, to_device, to_numpy
+
+# (device string, dtype name): the combinations every backend-neutral test runs on.
+CASES = [
+    ("cpu", "float64"),
+    ("cpu", "float32"),
+    ("array_api_strict", "float64"),
+    ("array_api_strict:device1", "float32"),
+    ("torch:cpu", "float32"),
+    ("torch:cpu", "float64"),
+    ("cuda", "float32"),
+    ("cuda", "float64"),
+]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One (namespace, device, dtype) combination, with helpers to make arrays there."""
+
+    device: Device
+    dtype_name: str
+
+    @property
+    def xp(self):
+        return self.device.xp
+
+    @property
+    def dtype(self):
+        return getattr(self.xp, self.dtype_name)
+
+    @property
+    def eps(self) -> float:
+        return float(np.finfo(self.dtype_name).eps)
+
+    def asarray(self, a, dtype: str | None = None):
+        """A host value as an array of this case (floating values in the case's dtype)."""
+        a = np.asarray(a)
+        if dtype is None and np.issubdtype(a.dtype, np.floating):
+            dtype = self.dtype_name
+        return to_device(a, self.device, dtype=dtype, copy=True)
+
+    def __str__(self) -> str:
+        return f"{self.device.name}-{self.dtype_name}"
+
+
+def _is_gpu(spec: str) -> bool:
+    return spec.startswith("cuda") or "cuda" in spec.split(":")[1:]
+
+
+@pytest.fixture(
+    params=[pytest.param(c, id=f"{c[0]}-{c[1]}", marks=[pytest.mark.gpu] if _is_gpu(c[0]) else [])
+            for c in CASES]
+)
+def case(request) -> Case:
+    spec, dtype = request.param
+    try:
+        device = resolve_device(spec)
+    except BackendUnavailableError as exc:
+        if _is_gpu(spec) and os.environ.get("XPNET_REQUIRE_GPU") == "1":
+            pytest.fail(f"XPNET_REQUIRE_GPU=1 but {spec} is unavailable: {exc}")
+        pytest.skip(f"{spec}: {exc}")
+    return Case(device, dtype)
+
+
+def tolerance(dtype_name: str, *, numerical: bool = False) -> float:
+    """Relative tolerance for comparing a result in ``dtype_name`` with a float64 reference.
+
+    100 ulps of the dtype covers rounding in short reductions and matmuls.  A
+    float64 centered-difference reference (h = 1e-5) is itself good to about
+    1e-10 relative; ``numerical=True`` allows 1e-7 for it.
+    """
+    rtol = 100 * float(np.finfo(dtype_name).eps)
+    return max(rtol, 1e-7) if numerical else rtol
+
+
+def assert_close(actual, expected, dtype_name: str, *, numerical: bool = False, what: str = ""):
+    """Compare an array of any backend with a host float64 reference, at a dtype tolerance.
+
+    The absolute part of the tolerance scales with the reference's largest
+    magnitude, so elements that cancel to near zero are judged on the scale of
+    the whole result.
+    """
+    actual = to_numpy(actual).astype(np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    rtol = tolerance(dtype_name, numerical=numerical)
+    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-30),
+                               err_msg=what)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(12345)

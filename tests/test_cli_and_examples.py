@@ -1,0 +1,69 @@
+"""The CLI (`xpnet`, `python -m xpnet`) and the examples, run as a user runs them."""
+
+from __future__ import annotations
+
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import xpnet
+from xpnet.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_apple_tax_numbers():
+    apple_tax = runpy.run_path(str(ROOT / "examples" / "apple_tax.py"))["apple_tax"]
+    price, g = apple_tax()
+    assert price == pytest.approx(715.0, rel=1e-15)
+    assert g["apple_num"] == pytest.approx(110.0, rel=1e-15)
+    assert g["apple"] == pytest.approx(2.2, rel=1e-15)
+    assert g["orange"] == pytest.approx(3.3, rel=1e-15)
+    assert g["orange_num"] == pytest.approx(165.0, rel=1e-15)
+    assert g["tax"] == 650
+
+
+def test_apple_tax_prints_clearly():
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "apple_tax.py")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "price = 715" in out
+    for line in ("apple      = 2.2", "apple_num  = 110", "orange     = 3.3",
+                 "orange_num = 165", "tax        = 650"):
+        assert line in out
+
+
+def test_info_lists_version_and_backends(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"xpnet {xpnet.__version__}" in out
+    assert "numpy" in out and "devices: cpu" in out
+    assert "cupy" in out
+
+
+def test_python_dash_m_is_the_cli():
+    res = subprocess.run([sys.executable, "-m", "xpnet", "info"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "backends:" in res.stdout
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    assert "info" in capsys.readouterr().err
+
+
+def test_readme_usage_example_runs(capsys):
+    text = (ROOT / "README.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'for device in ["cpu", "cuda"]' in code
+    devices = ["cpu", "array_api_strict:device1"]
+    if any(e["library"] == "cupy" and e["devices"] for e in xpnet.available_backends()):
+        devices.append("cuda")
+    exec(compile(code.replace('["cpu", "cuda"]', repr(devices)), "README.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == devices
+    losses = {round(float(line.split()[1]), 4) for line in lines}
+    assert len(losses) == 1  # the same loss on every backend, to float32 rounding
+    assert all(line.endswith("float32") for line in lines)

@@ -1,0 +1,209 @@
+"""Stateless math on any Array API namespace: sigmoid, softmax, log_softmax, one_hot,
+cross_entropy.
+
+Every function takes arrays of one library on one device and returns arrays of
+the same library, device and floating dtype.  The namespace comes from
+:func:`xpnet.backend.namespace`; nothing here imports an array library.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import array_api_extra as xpx
+
+from .backend import dtype_name, namespace, to_numpy
+
+__all__ = ["cross_entropy", "log_softmax", "one_hot", "sigmoid", "softmax"]
+
+
+def _describe(x) -> str:
+    return f"shape {tuple(x.shape)} and dtype {dtype_name(x.dtype)}"
+
+
+def check_floating(xp, x, name: str) -> None:
+    """Raise TypeError unless ``x`` has a real floating dtype."""
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(
+            f"{name} must have a real floating dtype (float32 or float64), got {dtype_name(x.dtype)}; "
+            f"convert it first, e.g. xp.astype({name}, xp.float32)"
+        )
+
+
+def check_array(xp, x, name: str, ndim: int | None = None) -> None:
+    """Raise TypeError unless ``x`` is a floating array (of ``ndim`` dimensions, when given)."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    check_floating(xp, x, name)
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got {_describe(x)}")
+
+
+def sigmoid(x):
+    """Logistic sigmoid ``1 / (1 + exp(-x))``, elementwise, without overflow.
+
+    Parameters
+    ----------
+    x : array of real floating dtype, any shape
+
+    Returns
+    -------
+    array of the same shape, dtype and device; exactly 1.0 at x = 1000 and 0.0 at x = -1000.
+    """
+    xp = namespace(x=x)
+    check_array(xp, x, "x")
+    # exp(-|x|) is in (0, 1]: it never overflows, and each branch below is exact in its half.
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def log_softmax(x, axis: int = -1):
+    """``log(softmax(x))`` along ``axis``, computed stably.
+
+    Parameters
+    ----------
+    x : array of real floating dtype
+    axis : int, default -1
+
+    Returns
+    -------
+    array of x's shape, dtype and device.
+    """
+    xp = namespace(x=x)
+    check_array(xp, x, "x")
+    # Shift by the max so exp() cannot overflow; log-sum-exp needs no epsilon.
+    z = x - xp.max(x, axis=axis, keepdims=True)
+    return z - xp.log(xp.sum(xp.exp(z), axis=axis, keepdims=True))
+
+
+def softmax(x, axis: int = -1):
+    """Softmax along ``axis``, max-shifted so that logits of 1000 stay finite.
+
+    Parameters
+    ----------
+    x : array of real floating dtype
+    axis : int, default -1
+
+    Returns
+    -------
+    array of x's shape, dtype and device; rows sum to 1.
+    """
+    xp = namespace(x=x)
+    check_array(xp, x, "x")
+    # Shift by the max so exp() cannot overflow.
+    e = xp.exp(x - xp.max(x, axis=axis, keepdims=True))
+    return e / xp.sum(e, axis=axis, keepdims=True)
+
+
+def _check_label_range(xp, t, num_classes: int, name: str) -> None:
+    # One reduction and one read back to the host; callers on a hot path check once, up front.
+    if bool(xp.any((t < 0) | (t >= num_classes))):
+        host = to_numpy(t)
+        bad = host[(host < 0) | (host >= num_classes)]
+        raise ValueError(
+            f"{name} holds class labels outside [0, {num_classes}): "
+            f"{bad.size} bad value(s), e.g. {bad[:5].tolist()} (min {host.min()}, max {host.max()})"
+        )
+
+
+def one_hot(t, num_classes: int, *, dtype=None, check_labels: bool = True):
+    """One-hot encode integer labels.
+
+    Parameters
+    ----------
+    t : integer array of shape (N,) (any shape works; a trailing axis is added)
+    num_classes : int
+        C, the number of classes; every label must lie in [0, C).
+    dtype : dtype, optional
+        Dtype of the result (default: the namespace's default floating dtype).
+    check_labels : bool, default True
+        Check the label range (one device-to-host read).
+
+    Returns
+    -------
+    array of shape (*t.shape, C) on t's device.
+    """
+    xp = namespace(t=t)
+    if not xp.isdtype(t.dtype, "integral"):
+        raise TypeError(f"t must hold integer class labels, got dtype {dtype_name(t.dtype)}")
+    try:
+        num_classes = operator.index(num_classes)
+    except TypeError:
+        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}") from None
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if check_labels:
+        _check_label_range(xp, t, num_classes, "t")
+    if dtype is None:
+        dtype = xp.__array_namespace_info__().default_dtypes(device=t.device)["real floating"]
+    return xpx.one_hot(t, num_classes, dtype=dtype, xp=xp)
+
+
+def targets_as_rows(xp, x, t, *, check_labels: bool = True):
+    """Validate targets ``t`` against logits ``x`` of shape (N, C); return them as rows.
+
+    Returns ``(rows, from_labels)``: ``rows`` has shape (N, C) and x's dtype;
+    ``from_labels`` is True when ``t`` held integer labels (each row then sums to exactly 1).
+    """
+    n, c = x.shape
+    if not hasattr(t, "shape") or not hasattr(t, "dtype"):
+        raise TypeError(f"t must be an array of labels (N,) or rows (N, C), got {type(t).__name__}")
+    if xp.isdtype(t.dtype, "integral"):
+        if t.ndim != 1 or t.shape[0] != n:
+            hint = "; flatten it with xp.reshape(t, (-1,))" if t.ndim == 2 and t.shape[1] == 1 else ""
+            raise ValueError(
+                f"integer labels t must have shape (N,) = ({n},) to match x of shape {(n, c)}, "
+                f"got t of shape {tuple(t.shape)}{hint}"
+            )
+        return one_hot(t, c, dtype=x.dtype, check_labels=check_labels), True
+    if xp.isdtype(t.dtype, "real floating"):
+        if tuple(t.shape) != (n, c):
+            raise ValueError(
+                f"one-hot / probability targets t must have x's shape {(n, c)}, "
+                f"got t of shape {tuple(t.shape)}"
+            )
+        return (t if t.dtype == x.dtype else xp.astype(t, x.dtype)), False
+    raise TypeError(
+        "t must hold integer class labels or floating one-hot/probability rows, "
+        f"got dtype {dtype_name(t.dtype)}"
+    )
+
+
+def check_logits(xp, x, name: str = "x") -> None:
+    """Raise unless ``x`` is a floating array of shape (N, C) with N >= 1 and C >= 1."""
+    check_array(xp, x, name)
+    if x.ndim != 2:
+        raise ValueError(
+            f"{name} must be scores of shape (N, C) (a batch axis first), got shape {tuple(x.shape)}"
+        )
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+
+
+def cross_entropy(logits, t, *, check_labels: bool = True):
+    """Mean softmax cross-entropy over the batch.
+
+    ``-mean_n sum_c t[n, c] * log_softmax(logits)[n, c]``, computed through
+    :func:`log_softmax`, with no epsilon inside a log.
+
+    Parameters
+    ----------
+    logits : array of shape (N, C), real floating
+    t : integer array of shape (N,) with labels in [0, C), or floating array of
+        shape (N, C) with one-hot or probability rows
+    check_labels : bool, default True
+        Check integer labels lie in [0, C) (one device-to-host read).
+
+    Returns
+    -------
+    0-d array of logits' dtype on logits' device.
+    """
+    xp = namespace(logits=logits, t=t)
+    check_logits(xp, logits, "logits")
+    rows, _ = targets_as_rows(xp, logits, t, check_labels=check_labels)
+    return mean_cross_entropy(xp, rows, log_softmax(logits))
+
+
+def mean_cross_entropy(xp, rows, logp):
+    """``-sum(rows * logp) / N`` as a 0-d array (NumPy reductions return scalars; asarray undoes it)."""
+    return xp.asarray(-xp.sum(rows * logp) / rows.shape[0])
