@@ -106,3 +106,15 @@ def assert_close(actual, expected, dtype_name: str, *, numerical: bool = False, 
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
+
+
+def pytest_report_header(config):
+    lines = []
+    for spec, dtype in CASES:
+        try:
+            resolve_device(spec)
+            status = "runs"
+        except BackendUnavailableError as exc:
+            status = f"skipped: {exc}"
+        lines.append(f"  {spec}-{dtype}: {status}")
+    return ["xpnet backend cases:", *lines]
