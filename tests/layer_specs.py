@@ -13,7 +13,6 @@ from typing import Callable
 import numpy as np
 
 import xpnet
-from xpnet.gradcheck import numerical_gradient
 
 
 @dataclass
@@ -122,21 +121,6 @@ def run_layer(spec: Spec, case, dout_host):
     dout = dout_host if spec.scalar_output else case.asarray(dout_host)
     grads = as_tuple(layer.backward(dout))
     return layer, inputs, out, grads
-
-
-def numerical_grads(spec: Spec, dout_host):
-    """Float64 centered differences of sum(forward * dout) for every differentiable input and param."""
-    params = {k: v.copy() for k, v in spec.params.items()}
-    inputs = [a.copy() for a in spec.inputs]
-    layer = spec.build(params)  # NumPy float64: the layer reads params in place
-
-    def f(_):
-        return float(np.sum(np.asarray(layer.forward(*inputs)) * dout_host))
-
-    result = {f"input{i}": numerical_gradient(f, inputs[i]) for i in range(spec.diff_count)}
-    for name in spec.param_grads:
-        result[name] = numerical_gradient(f, params[name])
-    return result
 
 
 def dout_for(spec: Spec, rng: np.random.Generator):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import assert_close, tolerance
-from layer_specs import SPEC_IDS, TORCH_SPEC_IDS, as_tuple, dout_for, numerical_grads, run_layer, spec_by_id
+from layer_specs import SPEC_IDS, TORCH_SPEC_IDS, as_tuple, dout_for, run_layer, spec_by_id
 
 import xpnet
 from xpnet.backend import device_of, to_numpy
@@ -22,17 +22,17 @@ def test_forward_matches_numpy_reference(spec, case):
     assert_close(out, expected, case.dtype_name, what=f"{spec} forward")
 
 
-def test_backward_matches_float64_numerical_gradient(spec, case):
-    dout = dout_for(spec, np.random.default_rng(1))
-    layer, _, _, grads = run_layer(spec, case, dout)
-    numeric = numerical_grads(spec, dout)
-    assert len(grads) == spec.diff_count
-    for i in range(spec.diff_count):
-        assert_close(grads[i], numeric[f"input{i}"], case.dtype_name, numerical=True,
-                     what=f"{spec} d input{i}")
-    for name, attr in spec.param_grads.items():
-        assert_close(getattr(layer, attr), numeric[name], case.dtype_name, numerical=True,
-                     what=f"{spec} {attr}")
+@pytest.mark.parametrize("mode", ["full", "sampled", "directional"])
+def test_backward_passes_the_float64_gradient_check(spec, mode, case):
+    # xpnet.check_layer: host float64 centered differences, plus the backend's own
+    # float32/float64 gradients against the host's, plus the dout and mutation probes.
+    layer = spec.build({k: case.asarray(v) for k, v in spec.params.items()})
+    report = xpnet.check_layer(layer, *[case.asarray(a) for a in spec.inputs], mode=mode, seed=3)
+    assert report.ok, report
+    assert [r.name for r in report.rows if r.kind == "param"] == list(spec.param_grads)
+    assert sum(r.kind == "input" for r in report.rows) == spec.diff_count
+    assert all(r.device_error is not None for r in report.rows)
+    assert report.dtype == case.dtype_name and report.device == case.device.name
 
 
 @pytest.mark.parametrize("spec_id", TORCH_SPEC_IDS)

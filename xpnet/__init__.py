@@ -15,8 +15,15 @@ from .backend import (
     to_device,
     to_numpy,
 )
-from .gradcheck import numerical_gradient
+from .gradcheck import (
+    GradientCheckError,
+    GradientCheckReport,
+    check_gradients,
+    check_layer,
+    numerical_gradient,
+)
 from .layers import Add, Affine, ForwardNotCalledError, Mul, Relu, Sigmoid, SoftmaxWithLoss
+from .nets import MultiLayerNet, TwoLayerNet
 
 __all__ = [
     "Add",
@@ -24,12 +31,18 @@ __all__ = [
     "BackendUnavailableError",
     "DeviceMismatchError",
     "ForwardNotCalledError",
+    "GradientCheckError",
+    "GradientCheckReport",
     "Mul",
+    "MultiLayerNet",
     "Relu",
     "Sigmoid",
     "SoftmaxWithLoss",
+    "TwoLayerNet",
     "__version__",
     "available_backends",
+    "check_gradients",
+    "check_layer",
     "device_of",
     "functional",
     "namespace",

@@ -45,6 +45,7 @@ __all__ = [
     "available_backends",
     "device_of",
     "dtype_name",
+    "is_array",
     "namespace",
     "resolve_device",
     "resolve_dtype",
@@ -236,6 +237,11 @@ def _library_of(x) -> str | None:
     if type(x).__module__.startswith("array_api_strict"):
         return "array_api_strict"
     return None
+
+
+def is_array(x) -> bool:
+    """True for a NumPy, CuPy, torch or array_api_strict array (not for Python or NumPy scalars)."""
+    return _library_of(x) is not None
 
 
 def _device_name(library: str, x) -> str:

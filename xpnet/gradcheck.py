@@ -1,15 +1,107 @@
-"""Gradient checking on the host, in float64.
+"""Gradient checking on the host, in float64, whatever device the model lives on.
 
-Numerical gradients are computed with centered differences on host NumPy
-arrays; whatever device a model lives on, its values are copied to the host
-first (see :mod:`xpnet.backend`).
+How a check runs
+----------------
+1. The model (a layer or a network) is cloned with every array in it copied to
+   the host as float64 NumPy (arrays shared inside the model stay shared in the
+   clone).  The same layer/net code then runs on the clone: its analytic
+   gradients are compared with centered differences of its loss.  Nothing on
+   the caller's model or inputs changes.
+2. A second clone stays on the model's own device and dtype (e.g. CuPy
+   float32); its analytic gradients are compared with the host float64 ones at
+   a tolerance for that dtype, so a bug that only shows on one backend is
+   caught too.
+3. Probes for the two classic bugs: a ``backward`` that ignores ``dout``, and a
+   ``forward``/``backward``/``gradient`` that writes into its arguments.
+
+Modes
+-----
+``"full"``
+    every element of every array (2 loss evaluations per element).
+``"sampled"``
+    ``samples`` random elements of each array (biases too), seeded.
+``"directional"``
+    ``directions`` random unit directions d per array:
+    ``(f(p + h d) - f(p - h d)) / 2h`` against ``<grad, d>``; 2 loss
+    evaluations per direction, whatever the size of the array.
+
+Tolerances
+----------
+A check of one element or direction passes when
+``|analytic - numerical| <= atol + rtol * (|analytic| + |numerical|)``.
+In float64 a centered difference with step h has truncation error
+O(h**2 f''') and rounding error about eps |f| / h.  The defaults, h = 1e-5,
+rtol = 1e-6 and ``atol = 100 * eps * max(|f|, 1) / h`` (a hundred times that
+rounding floor, about 5e-9 for a loss near 2), pass every correct gradient of a
+smooth loss by orders of magnitude and fail any real bug; the relative error
+printed for a correct gradient is typically 1e-10 or less.  The one limit is a
+kink (ReLU at 0) closer than h to the evaluation point, as in every
+finite-difference checker.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
+import math
+import types
+from dataclasses import dataclass, field
+
 import numpy as np
 
-__all__ = ["numerical_gradient"]
+from .backend import device_of, dtype_name, is_array, to_device, to_numpy
+
+__all__ = [
+    "GradientCheckError",
+    "GradientCheckReport",
+    "GradientRow",
+    "check_gradients",
+    "check_layer",
+    "numerical_gradient",
+    "numerical_gradients",
+]
+
+EPS64 = float(np.finfo(np.float64).eps)
+MODES = ("full", "sampled", "directional")
+
+
+class GradientCheckError(AssertionError):
+    """A gradient check failed; the message is the report's table."""
+
+
+# -- numerical differentiation ---------------------------------------------------------------
+
+
+def _central_difference(f, p: np.ndarray, idx, h: float) -> float:
+    """(f(p + h e_idx) - f(p - h e_idx)) / 2h, perturbing p in place and restoring it exactly."""
+    old = p[idx]
+    try:
+        p[idx] = old + h
+        f_plus = f()
+        p[idx] = old - h
+        f_minus = f()
+    finally:
+        p[idx] = old
+    return (f_plus - f_minus) / (2.0 * h)
+
+
+def _directional_difference(f, p: np.ndarray, d: np.ndarray, h: float) -> float:
+    """(f(p + h d) - f(p - h d)) / 2h, restoring p exactly."""
+    old = p.copy()
+    try:
+        p[...] = old + h * d
+        f_plus = f()
+        p[...] = old - h * d
+        f_minus = f()
+    finally:
+        p[...] = old
+    return (f_plus - f_minus) / (2.0 * h)
+
+
+def _check_step(h) -> float:
+    if isinstance(h, bool) or not isinstance(h, (int, float)) or not (math.isfinite(h) and h > 0):
+        raise ValueError(f"h must be a positive finite number, got {h!r}")
+    return float(h)
 
 
 def numerical_gradient(f, x, h: float = 1e-5) -> np.ndarray:
@@ -41,21 +133,569 @@ def numerical_gradient(f, x, h: float = 1e-5) -> np.ndarray:
             f"{type(x).__module__}.{type(x).__qualname__}: pass xpnet.to_numpy(x) "
             "(and a function of that host copy)"
         )
-    if not (isinstance(h, (int, float)) and np.isfinite(h) and h > 0):
-        raise ValueError(f"h must be a positive finite number, got {h!r}")
+    h = _check_step(h)
     if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
         raise TypeError(f"x must hold real numbers, got dtype {x.dtype}")
-    h = float(h)
     target = x if x.dtype == np.float64 else x.astype(np.float64)
     grad = np.zeros(target.shape, dtype=np.float64)
     for idx in np.ndindex(target.shape):
-        old = target[idx]
-        try:
-            target[idx] = old + h
-            f_plus = float(f(target))
-            target[idx] = old - h
-            f_minus = float(f(target))
-        finally:
-            target[idx] = old  # restore exactly, even if f raised
-        grad[idx] = (f_plus - f_minus) / (2.0 * h)
+        grad[idx] = _central_difference(lambda: float(f(target)), target, idx, h)
     return grad
+
+
+# -- cloning a model -------------------------------------------------------------------------
+
+
+def _clone(obj, convert):
+    """A deep copy of ``obj`` with every array replaced by ``convert(array)``.
+
+    An array reachable twice (a params dict and a layer attribute) is converted
+    once, so the clone shares it the same way; ``obj`` itself is not touched.
+    """
+    memo: dict = {}
+    keep = []  # the originals, alive until the copy is done (memo is keyed by id)
+
+    def visit(o):
+        if id(o) in memo:
+            return
+        if is_array(o):
+            memo[id(o)] = convert(o)
+            keep.append(o)
+            return
+        if isinstance(o, (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType)):
+            memo[id(o)] = o  # namespaces and classes are shared, never copied
+            return
+        if isinstance(o, (str, bytes, int, float, complex, bool, type(None))):
+            return
+        memo[id(o)] = None  # placeholder: visited (removed below)
+        keep.append(o)
+        if isinstance(o, dict):
+            children = list(o.values())
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            children = list(o)
+        else:
+            children = list(getattr(o, "__dict__", {}).values())
+            for klass in type(o).__mro__:
+                for slot in getattr(klass, "__slots__", ()):
+                    if hasattr(o, slot):
+                        children.append(getattr(o, slot))
+        for child in children:
+            visit(child)
+
+    visit(obj)
+    memo = {k: v for k, v in memo.items() if v is not None}
+    return copy.deepcopy(obj, memo)
+
+
+def _host64(a) -> np.ndarray:
+    h = to_numpy(a)
+    return h.astype(np.float64) if np.issubdtype(h.dtype, np.floating) else h
+
+
+def _same_place_copy(a):
+    return to_device(a, device_of(a), copy=True)
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+@dataclass
+class GradientRow:
+    """The check of one gradient: a parameter of the model or an input of a layer.
+
+    Attributes
+    ----------
+    name : str
+    kind : ``"param"`` or ``"input"``
+    checked : int
+        Elements (full, sampled) or directions (directional) compared.
+    max_abs_error, max_rel_error : float
+        Over the checked elements; relative error is ``|a - n| / max(|a| + |n|, tiny)``.
+    worst : tuple or str
+        Where the worst element is (an index, or ``"direction k"``).
+    analytic, numerical : float
+        The two values there.
+    device_error, device_tol : float or None
+        ``max |device - host| / max |host|`` of the analytic gradient computed
+        on the model's own device and dtype, and the tolerance it was held to.
+    problem : str
+        Why the row failed outright (a missing gradient, a wrong shape), if it did.
+    ok : bool
+    """
+
+    name: str
+    kind: str
+    checked: int = 0
+    max_abs_error: float = 0.0
+    max_rel_error: float = 0.0
+    worst: object = None
+    analytic: float = math.nan
+    numerical: float = math.nan
+    device_error: float | None = None
+    device_tol: float | None = None
+    problem: str = ""
+    ok: bool = True
+
+
+@dataclass(repr=False)
+class GradientCheckReport:
+    """What a gradient check found; ``str(report)`` is a table of it.
+
+    Attributes
+    ----------
+    ok : bool
+        Every row passed and no probe found anything.
+    rows : list of GradientRow
+    findings : list of str
+        Probe failures: an ignored ``dout``, an argument written into.
+    """
+
+    target: str
+    mode: str
+    device: str
+    dtype: str
+    h: float
+    rtol: float
+    atol: float
+    rows: list = field(default_factory=list)
+    findings: list = field(default_factory=list)
+    constants: list = field(default_factory=list)  # inputs passed through, not differentiated
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings and all(r.ok for r in self.rows)
+
+    @property
+    def failed(self) -> list:
+        """Names of the failed rows."""
+        return [r.name for r in self.rows if not r.ok]
+
+    def __getitem__(self, name: str) -> GradientRow:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(f"no gradient named {name!r}; the report has {[r.name for r in self.rows]}")
+
+    def note(self, finding: str) -> None:
+        """Record a probe finding (once)."""
+        if finding not in self.findings:
+            self.findings.append(finding)
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def raise_if_failed(self) -> GradientCheckReport:
+        """Raise :class:`GradientCheckError` (an AssertionError) showing the table if not ok."""
+        if not self.ok:
+            raise GradientCheckError(str(self))
+        return self
+
+    def __str__(self) -> str:
+        head = (
+            f"gradient check of {self.target} on {self.device} {self.dtype} "
+            f"(mode={self.mode}, h={self.h:g}, rtol={self.rtol:g}, atol={self.atol:.2g}): "
+            + ("ok" if self.ok else f"FAILED ({', '.join(self.failed + (['probes'] if self.findings else []))})")
+        )
+        cols = ("name", "checked", "max abs err", "max rel err", "worst at", "analytic",
+                "numerical", "device err", "status")
+        table = [cols]
+        for r in self.rows:
+            dev = "-" if r.device_error is None else f"{r.device_error:.1e}"
+            if r.problem and not r.checked:
+                table.append((r.name, "-", "-", "-", "-", "-", "-", dev, "FAIL: " + r.problem))
+                continue
+            status = "ok" if r.ok else "FAIL" + (f": {r.problem}" if r.problem else "")
+            table.append((r.name, str(r.checked), f"{r.max_abs_error:.2e}", f"{r.max_rel_error:.2e}",
+                          str(r.worst), f"{r.analytic:.6e}", f"{r.numerical:.6e}", dev, status))
+        widths = [max(len(row[i]) for row in table) for i in range(len(cols) - 1)]
+        lines = [head]
+        for row in table:
+            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+        if self.constants:
+            lines.append(f"not differentiated: {', '.join(self.constants)}")
+        if self.findings:
+            lines.append("probes:")
+            lines.extend(f"  - {f}" for f in self.findings)
+        return "\n".join(lines)
+
+
+# -- comparing one array's gradient ----------------------------------------------------------
+
+
+def _check_options(mode, h, rtol, atol, samples, directions):
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    h = _check_step(h)
+    for name, v in (("rtol", rtol), ("samples", samples), ("directions", directions)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"{name} must be positive, got {v!r}")
+    if atol is not None and not (isinstance(atol, (int, float)) and atol >= 0):
+        raise ValueError(f"atol must be a non-negative number or None, got {atol!r}")
+    return h
+
+
+def _numeric_row(row: GradientRow, f, p: np.ndarray, analytic: np.ndarray, *, mode, rng, h,
+                 rtol, atol, samples, directions) -> None:
+    """Fill ``row`` by comparing ``analytic`` with differences of ``f`` around ``p`` (in place)."""
+    if mode == "directional":
+        checks = []
+        for k in range(directions):
+            d = rng.standard_normal(p.shape)
+            norm = float(np.linalg.norm(d))
+            d = d / norm if norm > 0 else d
+            checks.append((f"direction {k}", float(np.sum(analytic * d)),
+                           _directional_difference(f, p, d, h)))
+    else:
+        if mode == "full":
+            indices = list(np.ndindex(p.shape))
+        else:
+            flat = rng.choice(p.size, size=min(samples, p.size), replace=False)
+            indices = [tuple(int(i) for i in np.unravel_index(k, p.shape)) for k in np.sort(flat)]
+        checks = [(idx, float(analytic[idx]), _central_difference(f, p, idx, h)) for idx in indices]
+    worst_score = -1.0
+    for where, a, n in checks:
+        err = abs(a - n)
+        rel = err / max(abs(a) + abs(n), np.finfo(np.float64).tiny)
+        passed = err <= atol + rtol * (abs(a) + abs(n))
+        row.ok &= passed
+        row.max_abs_error = max(row.max_abs_error, err)
+        row.max_rel_error = max(row.max_rel_error, rel)
+        score = err / (atol + rtol * (abs(a) + abs(n)))  # how far past its own tolerance
+        if score > worst_score:
+            worst_score, row.worst, row.analytic, row.numerical = score, where, a, n
+    row.checked = len(checks)
+
+
+def _shape_problem(grad, like_shape, what: str) -> str:
+    if grad is None:
+        return f"no gradient was returned for {what}"
+    if not is_array(grad) and not isinstance(grad, (int, float)):
+        return f"the gradient for {what} is a {type(grad).__name__}, not an array"
+    shape = tuple(getattr(grad, "shape", ()))
+    if shape != tuple(like_shape):
+        return f"the gradient has shape {shape}, but {what} has shape {tuple(like_shape)}"
+    return ""
+
+
+def _device_compare(row: GradientRow, device_grad, host_grad: np.ndarray, dtype: str,
+                    device_rtol: float | None) -> None:
+    """Compare the gradient computed on the model's device with the host float64 one."""
+    if device_grad is None or row.problem:
+        return
+    problem = _shape_problem(device_grad, host_grad.shape, row.name + " on the device")
+    if problem:
+        row.problem, row.ok = problem, False
+        return
+    eps = float(np.finfo(dtype).eps) if dtype in ("float16", "float32", "float64") else EPS64
+    tol = 1e3 * eps if device_rtol is None else float(device_rtol)
+    scale = float(np.max(np.abs(host_grad))) if host_grad.size else 0.0
+    diff = float(np.max(np.abs(_host64(device_grad) - host_grad))) if host_grad.size else 0.0
+    row.device_error = diff / scale if scale > 0 else diff
+    row.device_tol = tol
+    if not row.device_error <= tol:
+        row.ok = False
+        row.problem = (f"the {dtype} gradient on the device differs from the float64 host one by "
+                       f"{row.device_error:.2e} (relative to its largest element), over {tol:.1e}")
+
+
+def _snapshot(values) -> list:
+    return [to_numpy(v) if is_array(v) else v for v in values]
+
+
+def _mutated(before, values, names) -> list:
+    found = []
+    for name, b, v in zip(names, before, values):
+        if is_array(v) and not np.array_equal(to_numpy(v), b, equal_nan=True):
+            found.append(name)
+    return found
+
+
+def _resolve_atol(atol, f0: float, h: float) -> float:
+    # A hundred times the rounding floor of a float64 centered difference, eps * |f| / h.
+    return float(atol) if atol is not None else 100.0 * EPS64 * max(abs(f0), 1.0) / h
+
+
+# -- layers ----------------------------------------------------------------------------------
+
+
+def _layer_params(layer) -> dict:
+    """``{name: (array, gradient attribute)}``: the ``params``/``grads`` protocol, else the
+    book's convention of an array attribute ``X`` with a gradient attribute ``dX``."""
+    if isinstance(getattr(type(layer), "params", None), property) or isinstance(
+        getattr(layer, "params", None), dict
+    ):
+        return {k: (v, None) for k, v in dict(layer.params).items()}
+    found = {}
+    for name, v in vars(layer).items():
+        if is_array(v) and hasattr(layer, "d" + name) and not name.startswith("_"):
+            found[name] = (v, "d" + name)
+    return found
+
+
+def _layer_param_grad(layer, name, attr):
+    return getattr(layer, attr) if attr is not None else layer.grads.get(name)
+
+
+def _input_names(layer, n: int) -> list:
+    try:
+        params = [p.name for p in inspect.signature(layer.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    return [params[i] if i < len(params) else f"input{i}" for i in range(n)]
+
+
+def _as_list(grads) -> list:
+    return list(grads) if isinstance(grads, (tuple, list)) else [grads]
+
+
+def _is_float_input(v) -> bool:
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, (int, float)):
+        return True
+    return is_array(v) and np.issubdtype(np.dtype(dtype_name(v.dtype)), np.floating)
+
+
+def check_layer(layer, *inputs, mode: str = "full", seed: int = 0, dout=None, wrt=None,
+                h: float = 1e-5, rtol: float = 1e-6, atol: float | None = None, samples: int = 10,
+                directions: int = 3, device_rtol: float | None = None,
+                raise_on_failure: bool = False) -> GradientCheckReport:
+    """Check a layer's ``backward`` against numerical gradients of its ``forward``.
+
+    Like Chainer's ``check_backward``: a random upstream gradient ``dout`` is
+    drawn, and the gradient of ``sum(forward(*inputs) * dout)`` is compared
+    with what ``backward(dout)`` returns for every floating input, and with the
+    layer's parameter gradients (``params``/``grads`` dicts, or the book's
+    ``W``/``dW`` attribute convention).  A ``backward`` that returns a tuple
+    gives one gradient per floating input; one that returns a single array
+    gives the first input's, and the inputs after it (labels, one-hot targets)
+    are passed through and not differentiated.
+
+    Works on any object with ``forward``/``backward`` written against the
+    Array API, on any backend; see the module docstring for what runs where and
+    for the tolerances.
+
+    Parameters
+    ----------
+    layer : object with ``forward(*inputs)`` and ``backward(dout)``
+    *inputs : arrays (any backend) or Python numbers
+    mode : {"full", "sampled", "directional"}
+    seed : int
+        Seeds dout, the sampled elements and the directions.
+    dout : array-like, optional
+        The upstream gradient (host values); random normal by default (a random
+        scalar for a layer with a scalar output).
+    wrt : sequence of str, optional
+        Names of the inputs (as in ``forward``'s signature) that must get a
+        gradient; by default the floating inputs ``backward`` returns one for.
+    h, rtol, atol : float
+        Step and tolerances (module docstring).
+    samples, directions : int
+        Elements per array in "sampled" mode, directions per array in "directional".
+    device_rtol : float, optional
+        Tolerance of the device-vs-host comparison (default 1000 ulps of the dtype).
+    raise_on_failure : bool, default False
+        Raise :class:`GradientCheckError` instead of returning a failed report.
+
+    Returns
+    -------
+    GradientCheckReport
+    """
+    h = _check_options(mode, h, rtol, atol, samples, directions)
+    rng = np.random.default_rng(seed)
+    arrays = [v for v in inputs if is_array(v)] + [v for v, _ in _layer_params(layer).values()]
+    where = device_of(arrays[0]) if arrays else None
+    dtype = next((dtype_name(a.dtype) for a in arrays if _is_float_input(a)), "float64")
+    names = _input_names(layer, len(inputs))
+    floating = [i for i, v in enumerate(inputs) if _is_float_input(v)]
+    if wrt is not None:
+        unknown = sorted(set(wrt) - set(names))
+        if unknown:
+            raise ValueError(f"wrt names {unknown} are not inputs of forward{tuple(names)}")
+
+    # 1. A float64 host clone, and the objective sum(forward(*inputs) * dout).
+    host = _clone(layer, _host64)
+    host_inputs = [_host64(v) if _is_float_input(v) or is_array(v) else v for v in inputs]
+    out_shape = np.shape(_host64(host.forward(*host_inputs)))
+    scalar_out = out_shape == ()
+    if dout is None:
+        dout = rng.uniform(0.5, 2.0) if scalar_out else rng.standard_normal(out_shape)
+    dout = float(dout) if scalar_out else np.array(dout, dtype=np.float64)
+
+    def objective():
+        return float(np.sum(_host64(host.forward(*host_inputs)) * dout))
+
+    report = GradientCheckReport(type(layer).__name__, mode, where.name if where else "python",
+                                 dtype, h, rtol, _resolve_atol(atol, objective(), h))
+
+    # 2. Analytic gradients on the host; backward gets a copy of dout, watched for writes.
+    returned = []  # what backward returned, as is
+
+    def run(lay, xs, g):
+        before = _snapshot([*xs, g])
+        lay.forward(*xs)
+        returned.append(lay.backward(g))
+        grads = _as_list(returned[-1])
+        for name in _mutated(before, [*xs, g], [*names, "dout"]):
+            report.note(f"{'backward' if name == 'dout' else 'forward/backward'} wrote into its "
+                        f"argument {name}")
+        return grads
+
+    host_grads = run(host, host_inputs, dout if scalar_out else dout.copy())
+    host_params = _layer_params(host)
+    param_grads = {k: _layer_param_grad(host, k, attr) for k, (_, attr) in host_params.items()}
+    # The differentiable inputs: those asked for; else every floating input when backward
+    # returns a tuple, and the first one when it returns a single gradient.
+    if wrt is not None:
+        diff = [i for i in floating if names[i] in wrt]
+    else:
+        diff = floating if isinstance(returned[0], (tuple, list)) else floating[:1]
+    if len(host_grads) != len(diff):
+        report.note(f"backward returned {len(host_grads)} gradient(s) for the {len(diff)} "
+                    f"differentiable input(s) {[names[i] for i in diff]}")
+    report.constants = [names[i] for i in range(len(inputs)) if i not in diff]
+
+    # 3. The dout probe: doubling dout must double every input gradient.
+    doubled = run(host, host_inputs, 2.0 * dout)
+    for k, i in enumerate(diff[: min(len(host_grads), len(doubled))]):
+        if host_grads[k] is None or doubled[k] is None:
+            continue
+        a, b = _host64(host_grads[k]), _host64(doubled[k])
+        if a.shape == b.shape and np.any(a != 0) and not np.allclose(b, 2.0 * a, rtol=1e-10, atol=0):
+            report.note(f"backward ignores dout: doubling dout scaled the gradient of {names[i]} "
+                        f"by {float(np.sum(a * b) / np.sum(a * a)):.4g}, not 2")
+
+    # 4. Numerical comparison, input by input, then parameter by parameter.
+    expected = {}  # row name -> host float64 analytic gradient
+    for k, i in enumerate(diff):
+        g = host_grads[k] if k < len(host_grads) else None
+        expected[names[i]] = (GradientRow(names[i], "input"), host_inputs[i], g)
+    for name, (p, _) in host_params.items():
+        expected[name] = (GradientRow(name, "param"), p, param_grads[name])
+    for name, (row, p, g) in expected.items():
+        row.problem = _shape_problem(g, np.shape(p), name)
+        row.ok = not row.problem
+        if row.ok:
+            _numeric_row(row, objective, p, _host64(g), mode=mode, rng=rng, h=h, rtol=rtol,
+                         atol=report.atol, samples=samples, directions=directions)
+        report.rows.append(row)
+
+    # 5. The same layer on its own device and dtype, on copies of the caller's arrays.
+    if where is not None:
+        dev = _clone(layer, _same_place_copy)
+        dev_inputs = [_same_place_copy(v) if is_array(v) else v for v in inputs]
+        y = dev.forward(*dev_inputs)
+        dev_grads = run(dev, dev_inputs, dout if scalar_out else to_device(dout, where, dtype=y.dtype))
+        dev_params = _layer_params(dev)
+        got = {names[i]: dev_grads[k] for k, i in enumerate(diff) if k < len(dev_grads)}
+        got.update({k: _layer_param_grad(dev, k, attr) for k, (_, attr) in dev_params.items()})
+        for name, (row, _, g) in expected.items():
+            if not row.problem:
+                _device_compare(row, got.get(name), _host64(g), dtype, device_rtol)
+    if raise_on_failure:
+        report.raise_if_failed()
+    return report
+
+
+# -- networks --------------------------------------------------------------------------------
+
+
+def _net_params(net) -> dict:
+    params = getattr(net, "params", None)
+    if params is None or not hasattr(params, "items"):
+        raise TypeError(
+            f"{type(net).__name__} has no params mapping; a network checked by check_gradients "
+            "needs .params ({name: array}), .loss(x, t) and .gradient(x, t)"
+        )
+    for attr in ("loss", "gradient"):
+        if not callable(getattr(net, attr, None)):
+            raise TypeError(f"{type(net).__name__} has no {attr}(x, t) method")
+    return params
+
+
+def numerical_gradients(net, x, t, h: float = 1e-5) -> dict:
+    """Centered-difference gradients of ``net.loss(x, t)`` for every element of every
+    parameter, computed on a float64 host clone of ``net``; ``{name: float64 NumPy array}``.
+    ``net``, ``x`` and ``t`` are not changed."""
+    h = _check_step(h)
+    _net_params(net)
+    host = _clone(net, _host64)
+    x64, t64 = _host64(x), _host64(t)
+    out = {}
+    for name, p in host.params.items():
+        out[name] = np.zeros(p.shape)
+        for idx in np.ndindex(p.shape):
+            out[name][idx] = _central_difference(lambda: float(host.loss(x64, t64)), p, idx, h)
+    return out
+
+
+def check_gradients(net, x, t, mode: str = "full", seed: int = 0, *, h: float = 1e-5,
+                    rtol: float = 1e-6, atol: float | None = None, samples: int = 10,
+                    directions: int = 3, device_rtol: float | None = None,
+                    raise_on_failure: bool = False) -> GradientCheckReport:
+    """Check a network's backprop ``gradient(x, t)`` against numerical gradients of ``loss(x, t)``.
+
+    ``net`` follows the protocol of :class:`xpnet.TwoLayerNet`: ``params`` (a
+    mapping name -> array), ``loss(x, t)`` (a scalar) and ``gradient(x, t)``
+    (a dict keyed like ``params``).  A user's own class works too.  See the
+    module docstring for what runs where, the modes and the tolerances; the
+    parameters are those of :func:`check_layer`.
+
+    Returns
+    -------
+    GradientCheckReport
+        One row per parameter, e.g. ``report["b1"].max_rel_error``.
+    """
+    h = _check_options(mode, h, rtol, atol, samples, directions)
+    params = _net_params(net)
+    names = list(params.keys())
+    first = params[names[0]]
+    where = device_of(first)
+    dtype = dtype_name(first.dtype)
+    rng = np.random.default_rng(seed)
+
+    host = _clone(net, _host64)
+    x64, t64 = _host64(x), _host64(t)
+
+    def objective():
+        return float(host.loss(x64, t64))
+
+    f0 = objective()
+    report = GradientCheckReport(type(net).__name__, mode, where.name, dtype, h, rtol,
+                                 _resolve_atol(atol, f0, h))
+    before = _snapshot([x64, t64])
+    grads = host.gradient(x64, t64)
+    for name in _mutated(before, [x64, t64], ["x", "t"]):
+        report.note(f"gradient() wrote into its argument {name}")
+    grads = {k: (None if v is None else _host64(v) if is_array(v) else v)
+             for k, v in dict(grads).items()}
+    extra = sorted(set(grads) - set(names))
+    if extra:
+        report.note(f"gradient() returned keys {extra} that are not parameters")
+    host_params = host.params
+    for name in names:
+        row = GradientRow(name, "param")
+        g = grads.get(name)
+        row.problem = _shape_problem(g, host_params[name].shape, name)
+        if row.problem:
+            row.ok = False
+        else:
+            _numeric_row(row, objective, host_params[name], g, mode=mode, rng=rng, h=h, rtol=rtol,
+                         atol=report.atol, samples=samples, directions=directions)
+        report.rows.append(row)
+
+    # The same net on its own device and dtype, fed copies of the caller's x and t.
+    dev_net = _clone(net, _same_place_copy)
+    xd = _same_place_copy(x) if is_array(x) else x
+    td = _same_place_copy(t) if is_array(t) else t
+    dev_before = _snapshot([xd, td])
+    dev_grads = dict(dev_net.gradient(xd, td))
+    for name in _mutated(dev_before, [xd, td], ["x", "t"]):
+        report.note(f"gradient() wrote into its argument {name}")
+    for row in report.rows:
+        if grads.get(row.name) is not None:
+            _device_compare(row, dev_grads.get(row.name), grads[row.name], dtype, device_rtol)
+    if raise_on_failure:
+        report.raise_if_failed()
+    return report
