@@ -67,3 +67,33 @@ def test_readme_usage_example_runs(capsys):
     losses = {round(float(line.split()[1]), 4) for line in lines}
     assert len(losses) == 1  # the same loss on every backend, to float32 rounding
     assert all(line.endswith("float32") for line in lines)
+
+
+def test_gradcheck_command_passes_and_prints_each_parameter(capsys):
+    assert main(["gradcheck", "--mode", "directional", "--dataset", "random"]) == 0
+    out = capsys.readouterr().out
+    assert "TwoLayerNet(784, 50, 10) on cpu float32, 3 seeded random samples" in out
+    for name in ("W1", "b1", "W2", "b2"):
+        assert f"\n  {name} " in out
+    assert ": ok" in out
+
+
+def test_gradcheck_command_fails_with_status_1_on_a_bug(capsys, monkeypatch):
+    from xpnet import nets
+
+    original = nets.MultiLayerNet.gradient
+
+    def seeds_bug(self, x, t):
+        g = original(self, x, t)
+        g["b2"] = 2 * g["b2"]
+        return g
+
+    monkeypatch.setattr(nets.MultiLayerNet, "gradient", seeds_bug)
+    assert main(["gradcheck", "--mode", "sampled", "--dataset", "random", "--hidden", "8"]) == 1
+    assert "FAILED (b2)" in capsys.readouterr().out
+
+
+def test_gradcheck_command_on_a_missing_backend(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    assert main(["gradcheck", "--device", "cuda", "--dataset", "random"]) == 2
+    assert "xpnet[cuda12]" in capsys.readouterr().err

@@ -46,6 +46,7 @@ __all__ = [
     "device_of",
     "dtype_name",
     "is_array",
+    "is_dtype",
     "namespace",
     "resolve_device",
     "resolve_dtype",
@@ -276,6 +277,10 @@ def _is_scalar(x) -> bool:
     return isinstance(x, (bool, numbers.Number)) and not isinstance(x, np.generic)
 
 
+_NUMPY_NAMESPACE = None  # array_api_compat.numpy, looked up on first use
+_NAMESPACE_BY_TYPE: dict = {}  # array type -> its namespace (it depends on the type alone)
+
+
 def namespace(*arrays, **named_arrays):
     """The Array API namespace shared by ``arrays``, checking they can be combined.
 
@@ -296,6 +301,17 @@ def namespace(*arrays, **named_arrays):
         If the arrays come from two libraries or live on two devices; the
         message names both.
     """
+    global _NUMPY_NAMESPACE
+    # Fast path, taken at every layer call on the CPU: NumPy arrays only, one device.
+    values = named_arrays.values() if not arrays else (*arrays, *named_arrays.values())
+    if values and all(type(a) is np.ndarray for a in values):
+        if _NUMPY_NAMESPACE is None:
+            _NUMPY_NAMESPACE = array_api_compat.array_namespace(np.empty(0))
+        return _NUMPY_NAMESPACE
+    return _checked_namespace(arrays, named_arrays)
+
+
+def _checked_namespace(arrays, named_arrays):
     items = [(f"argument {i}", a) for i, a in enumerate(arrays)] + list(named_arrays.items())
     first_name = first_lib = first_dev = None
     first = None
@@ -329,7 +345,27 @@ def namespace(*arrays, **named_arrays):
                 )
     if first is None:
         raise TypeError("namespace() needs at least one array")
-    return array_api_compat.array_namespace(first)
+    xp = _NAMESPACE_BY_TYPE.get(type(first))
+    if xp is None:
+        xp = _NAMESPACE_BY_TYPE[type(first)] = array_api_compat.array_namespace(first)
+    return xp
+
+
+_DTYPE_KIND_CACHE: dict = {}
+
+
+def is_dtype(xp, dtype, kind: str) -> bool:
+    """``xp.isdtype(dtype, kind)``, cached: NumPy's isdtype costs microseconds per call."""
+    # The type first: a tuple comparison stops there, so dtypes of two libraries are never
+    # compared with each other (array_api_strict warns when they are).
+    key = (type(dtype), dtype, kind)
+    try:
+        return _DTYPE_KIND_CACHE[key]
+    except KeyError:
+        result = _DTYPE_KIND_CACHE[key] = bool(xp.isdtype(dtype, kind))
+        return result
+    except TypeError:  # an unhashable dtype object
+        return bool(xp.isdtype(dtype, kind))
 
 
 def resolve_dtype(xp, dtype):

@@ -12,7 +12,7 @@ import operator
 
 import array_api_extra as xpx
 
-from .backend import dtype_name, namespace, to_numpy
+from .backend import dtype_name, is_dtype, namespace, to_numpy
 
 __all__ = ["cross_entropy", "log_softmax", "one_hot", "sigmoid", "softmax"]
 
@@ -23,7 +23,7 @@ def _describe(x) -> str:
 
 def check_floating(xp, x, name: str) -> None:
     """Raise TypeError unless ``x`` has a real floating dtype."""
-    if not xp.isdtype(x.dtype, "real floating"):
+    if not is_dtype(xp, x.dtype, "real floating"):
         raise TypeError(
             f"{name} must have a real floating dtype (float32 or float64), got {dtype_name(x.dtype)}; "
             f"convert it first, e.g. xp.astype({name}, xp.float32)"
@@ -124,7 +124,7 @@ def one_hot(t, num_classes: int, *, dtype=None, check_labels: bool = True):
     array of shape (*t.shape, C) on t's device.
     """
     xp = namespace(t=t)
-    if not xp.isdtype(t.dtype, "integral"):
+    if not is_dtype(xp, t.dtype, "integral"):
         raise TypeError(f"t must hold integer class labels, got dtype {dtype_name(t.dtype)}")
     try:
         num_classes = operator.index(num_classes)
@@ -148,7 +148,7 @@ def targets_as_rows(xp, x, t, *, check_labels: bool = True):
     n, c = x.shape
     if not hasattr(t, "shape") or not hasattr(t, "dtype"):
         raise TypeError(f"t must be an array of labels (N,) or rows (N, C), got {type(t).__name__}")
-    if xp.isdtype(t.dtype, "integral"):
+    if is_dtype(xp, t.dtype, "integral"):
         if t.ndim != 1 or t.shape[0] != n:
             hint = "; flatten it with xp.reshape(t, (-1,))" if t.ndim == 2 and t.shape[1] == 1 else ""
             raise ValueError(
@@ -156,7 +156,7 @@ def targets_as_rows(xp, x, t, *, check_labels: bool = True):
                 f"got t of shape {tuple(t.shape)}{hint}"
             )
         return one_hot(t, c, dtype=x.dtype, check_labels=check_labels), True
-    if xp.isdtype(t.dtype, "real floating"):
+    if is_dtype(xp, t.dtype, "real floating"):
         if tuple(t.shape) != (n, c):
             raise ValueError(
                 f"one-hot / probability targets t must have x's shape {(n, c)}, "

@@ -211,6 +211,8 @@ class GradientRow:
         Elements (full, sampled) or directions (directional) compared.
     max_abs_error, max_rel_error : float
         Over the checked elements; relative error is ``|a - n| / max(|a| + |n|, tiny)``.
+    mean_abs_error : float
+        The mean of ``|a - n|`` (what the book's check prints).
     worst : tuple or str
         Where the worst element is (an index, or ``"direction k"``).
     analytic, numerical : float
@@ -228,6 +230,7 @@ class GradientRow:
     checked: int = 0
     max_abs_error: float = 0.0
     max_rel_error: float = 0.0
+    mean_abs_error: float = 0.0
     worst: object = None
     analytic: float = math.nan
     numerical: float = math.nan
@@ -296,16 +299,17 @@ class GradientCheckReport:
             f"(mode={self.mode}, h={self.h:g}, rtol={self.rtol:g}, atol={self.atol:.2g}): "
             + ("ok" if self.ok else f"FAILED ({', '.join(self.failed + (['probes'] if self.findings else []))})")
         )
-        cols = ("name", "checked", "max abs err", "max rel err", "worst at", "analytic",
-                "numerical", "device err", "status")
+        cols = ("name", "checked", "mean abs err", "max abs err", "max rel err", "worst at",
+                "analytic", "numerical", "device err", "status")
         table = [cols]
         for r in self.rows:
             dev = "-" if r.device_error is None else f"{r.device_error:.1e}"
             if r.problem and not r.checked:
-                table.append((r.name, "-", "-", "-", "-", "-", "-", dev, "FAIL: " + r.problem))
+                table.append((r.name, "-", "-", "-", "-", "-", "-", "-", dev, "FAIL: " + r.problem))
                 continue
             status = "ok" if r.ok else "FAIL" + (f": {r.problem}" if r.problem else "")
-            table.append((r.name, str(r.checked), f"{r.max_abs_error:.2e}", f"{r.max_rel_error:.2e}",
+            table.append((r.name, str(r.checked), f"{r.mean_abs_error:.2e}",
+                          f"{r.max_abs_error:.2e}", f"{r.max_rel_error:.2e}",
                           str(r.worst), f"{r.analytic:.6e}", f"{r.numerical:.6e}", dev, status))
         widths = [max(len(row[i]) for row in table) for i in range(len(cols) - 1)]
         lines = [head]
@@ -352,9 +356,10 @@ def _numeric_row(row: GradientRow, f, p: np.ndarray, analytic: np.ndarray, *, mo
             flat = rng.choice(p.size, size=min(samples, p.size), replace=False)
             indices = [tuple(int(i) for i in np.unravel_index(k, p.shape)) for k in np.sort(flat)]
         checks = [(idx, float(analytic[idx]), _central_difference(f, p, idx, h)) for idx in indices]
-    worst_score = -1.0
+    worst_score, total = -1.0, 0.0
     for where, a, n in checks:
         err = abs(a - n)
+        total += err
         rel = err / max(abs(a) + abs(n), np.finfo(np.float64).tiny)
         passed = err <= atol + rtol * (abs(a) + abs(n))
         row.ok &= passed
@@ -364,6 +369,7 @@ def _numeric_row(row: GradientRow, f, p: np.ndarray, analytic: np.ndarray, *, mo
         if score > worst_score:
             worst_score, row.worst, row.analytic, row.numerical = score, where, a, n
     row.checked = len(checks)
+    row.mean_abs_error = total / len(checks) if checks else 0.0
 
 
 def _shape_problem(grad, like_shape, what: str) -> str:
