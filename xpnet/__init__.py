@@ -4,7 +4,7 @@ Python Array API, so the same code runs on NumPy (CPU), CuPy (GPU), torch and ar
 
 __version__ = "0.1.0"
 
-from . import functional
+from . import datasets, functional, optim
 from .backend import (
     BackendUnavailableError,
     DeviceMismatchError,
@@ -24,29 +24,40 @@ from .gradcheck import (
 )
 from .layers import Add, Affine, ForwardNotCalledError, Mul, Relu, Sigmoid, SoftmaxWithLoss
 from .nets import MultiLayerNet, TwoLayerNet
+from .optim import SGD, AdaGrad, Adam, Momentum
+from .train import DivergenceError, History, Trainer
 
 __all__ = [
+    "SGD",
+    "AdaGrad",
+    "Adam",
     "Add",
     "Affine",
     "BackendUnavailableError",
     "DeviceMismatchError",
+    "DivergenceError",
     "ForwardNotCalledError",
     "GradientCheckError",
     "GradientCheckReport",
+    "History",
+    "Momentum",
     "Mul",
     "MultiLayerNet",
     "Relu",
     "Sigmoid",
     "SoftmaxWithLoss",
+    "Trainer",
     "TwoLayerNet",
     "__version__",
     "available_backends",
     "check_gradients",
     "check_layer",
+    "datasets",
     "device_of",
     "functional",
     "namespace",
     "numerical_gradient",
+    "optim",
     "resolve_device",
     "to_device",
     "to_numpy",

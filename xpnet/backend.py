@@ -47,6 +47,7 @@ __all__ = [
     "dtype_name",
     "is_array",
     "is_dtype",
+    "is_writable",
     "namespace",
     "resolve_device",
     "resolve_dtype",
@@ -235,14 +236,19 @@ def _library_of(x) -> str | None:
         return "cupy"
     if array_api_compat.is_torch_array(x):
         return "torch"
-    if type(x).__module__.startswith("array_api_strict"):
-        return "array_api_strict"
+    if type(x).__module__.startswith("array_api_strict") and hasattr(x, "__array_namespace__"):
+        return "array_api_strict"  # its Array class (not its dtypes or devices)
     return None
 
 
 def is_array(x) -> bool:
     """True for a NumPy, CuPy, torch or array_api_strict array (not for Python or NumPy scalars)."""
     return _library_of(x) is not None
+
+
+def is_writable(x) -> bool:
+    """Whether ``x`` can be updated in place (False for read-only NumPy arrays, JAX, ...)."""
+    return bool(array_api_compat.is_writeable_array(x))
 
 
 def _device_name(library: str, x) -> str:

@@ -9,13 +9,24 @@ is always what the next forward uses, however the namespace lets it update.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
+import zipfile
 from collections.abc import MutableMapping
 
 import numpy as np
 
-from .backend import device_of, dtype_name, namespace, resolve_device, resolve_dtype, to_device
+from ._io import atomic_write
+from .backend import (
+    device_of,
+    dtype_name,
+    namespace,
+    resolve_device,
+    resolve_dtype,
+    to_device,
+    to_numpy,
+)
 from .gradcheck import numerical_gradients
 from .layers import Affine, Relu, Sigmoid, SoftmaxWithLoss
 
@@ -217,7 +228,8 @@ class MultiLayerNet:
         step = n if batch_size is None else int(batch_size)
         correct = 0
         for start in range(0, n, step):
-            xb, tb = x[start:start + step, ...], t[start:start + step, ...]
+            stop = min(start + step, n)  # the standard leaves out-of-bounds stops unspecified
+            xb, tb = x[start:stop, ...], t[start:stop, ...]
             xp = namespace(x=xb, t=tb)
             pred = xp.argmax(self.predict(xb), axis=1)
             labels = tb if tb.ndim == 1 else xp.argmax(tb, axis=1)
@@ -226,11 +238,16 @@ class MultiLayerNet:
 
     def gradient(self, x, t) -> dict:
         """Backprop gradients of the loss, ``{name: array}`` keyed and shaped like ``params``."""
-        self.loss(x, t)
+        return self.loss_and_gradient(x, t)[1]
+
+    def loss_and_gradient(self, x, t):
+        """``(loss, gradient)`` from one forward and one backward pass."""
+        loss = self.loss(x, t)
         dout = self.last_layer.backward(1.0)
         for layer in reversed(self.layers.values()):
             dout = layer.backward(dout)
-        return {name: getattr(owner, "d" + attr) for name, (owner, attr) in self.params._slots.items()}
+        grads = {name: getattr(owner, "d" + attr) for name, (owner, attr) in self.params._slots.items()}
+        return loss, grads
 
     def numerical_gradient(self, x, t) -> dict:
         """Centered-difference gradients, computed on a float64 host copy of the net
@@ -239,6 +256,89 @@ class MultiLayerNet:
         """
         host = numerical_gradients(self, x, t)
         return {k: to_device(v, self.device, dtype=self.dtype) for k, v in host.items()}
+
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    CHECKPOINT_FORMAT = "xpnet-net-1"
+
+    def config(self) -> dict:
+        """What it takes to rebuild this net (without its weights)."""
+        return {"class": type(self).__name__, "sizes": self.sizes, "activation": self.activation,
+                "weight_init": self.weight_init, "dtype": self.dtype}
+
+    def save(self, path) -> None:
+        """Write the parameters and the config to ``path`` as ``.npz``, atomically (no pickle).
+
+        A model on any device is saved from a host copy and loads on any device.
+        """
+        meta = json.dumps({"format": self.CHECKPOINT_FORMAT, **self.config()})
+        arrays = {name: to_numpy(value) for name, value in self.params.items()}
+        with atomic_write(path) as f:
+            np.savez(f, __xpnet__=np.array(meta), **arrays)
+
+    @classmethod
+    def _from_config(cls, config: dict, device: str, dtype: str):
+        return cls(config["sizes"], activation=config["activation"],
+                   weight_init=config["weight_init"], device=device, dtype=dtype)
+
+    @classmethod
+    def load(cls, path, device: str = "cpu", dtype: str | None = None):
+        """Load a net written by :meth:`save` onto ``device`` (in its saved dtype unless ``dtype``).
+
+        Raises ``ValueError`` for anything that is not such a checkpoint: an
+        unreadable file, a missing or foreign header, wrong parameter names or
+        shapes, non-float arrays.  Never unpickles.
+        """
+        arrays, config = _read_checkpoint(path)
+        kind = {"TwoLayerNet": TwoLayerNet, "MultiLayerNet": MultiLayerNet}.get(config.get("class"))
+        if kind is None or not issubclass(kind, cls):
+            raise ValueError(f"{path}: holds a {config.get('class')!r}, which {cls.__name__}.load "
+                             "cannot build; load it with its own class")
+        try:
+            net = kind._from_config(config, device, dtype or config["dtype"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: its config {config} does not build a net: {exc}") from None
+        missing = sorted(set(net.params) - set(arrays))
+        unexpected = sorted(set(arrays) - set(net.params))
+        if missing or unexpected:
+            raise ValueError(f"{path}: parameters missing {missing}, unexpected {unexpected}")
+        for name in net.params:
+            a = arrays[name]
+            expected = tuple(net.params[name].shape)
+            if a.shape != expected:
+                raise ValueError(f"{path}: {name} has shape {a.shape}, expected {expected}")
+            if not np.issubdtype(a.dtype, np.floating):
+                raise ValueError(f"{path}: {name} has dtype {a.dtype}, expected a float dtype")
+            if not np.all(np.isfinite(a)):
+                raise ValueError(f"{path}: {name} holds NaN or infinite values")
+            owner, attr = net.params._slots[name]
+            setattr(owner, attr, to_device(a, device, dtype=net.dtype, copy=True))
+        return net
+
+
+def _read_checkpoint(path):
+    """The arrays and the config of an xpnet ``.npz`` checkpoint; ValueError if it is not one."""
+    try:
+        # Our own handle: np.load leaves a file it opened unclosed when the archive is corrupt.
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise ValueError("not an .npz archive")
+            arrays = {name: z[name] for name in z.files}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise ValueError(f"{path}: not a readable xpnet checkpoint: {exc}") from None
+    header = arrays.pop("__xpnet__", None)
+    if header is None or header.shape != () or header.dtype.kind != "U":
+        raise ValueError(f"{path}: not an xpnet checkpoint (no __xpnet__ header)")
+    try:
+        config = json.loads(str(header))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: corrupt checkpoint header: {exc}") from None
+    if not isinstance(config, dict) or config.get("format") != MultiLayerNet.CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: unknown checkpoint format {config.get('format') if isinstance(config, dict) else config!r}")
+    return arrays, config
 
 
 class TwoLayerNet(MultiLayerNet):
@@ -261,3 +361,11 @@ class TwoLayerNet(MultiLayerNet):
     def __repr__(self):
         d, h, c = self.sizes
         return f"TwoLayerNet({d}, {h}, {c}, device={self.device!r}, dtype={self.dtype!r})"
+
+    @classmethod
+    def _from_config(cls, config: dict, device: str, dtype: str):
+        sizes = config["sizes"]
+        if len(sizes) != 3 or config["activation"] != "relu":
+            raise ValueError(f"a TwoLayerNet has 3 sizes and ReLU, got {sizes}, "
+                             f"{config['activation']!r}")
+        return cls(*sizes, weight_init_std=config["weight_init"], device=device, dtype=dtype)

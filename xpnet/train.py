@@ -1,0 +1,270 @@
+"""Training: a Trainer that keeps the data on the net's device, and the History it returns.
+
+Rules of the loop (they keep a GPU busy):
+
+* The dataset goes to the net's device once, in the net's dtype.
+* Each epoch draws a seeded permutation on the host, sends it over once, and
+  gathers the batches on the device with ``xp.take``: every sample once per
+  epoch (the last batch may be smaller).
+* Per-step losses stay on the device; they are read back once per epoch (and,
+  with a progress bar on a terminal, once per ``log_every`` steps), which is
+  also when a NaN or infinite loss is caught and named by epoch and step.
+* Evaluation is batched on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._io import atomic_write
+from .backend import dtype_name, is_dtype, namespace, to_device, to_numpy
+
+__all__ = ["DivergenceError", "History", "Trainer"]
+
+
+class DivergenceError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names the epoch and step."""
+
+
+@dataclass
+class History:
+    """Per-epoch training record.
+
+    Attributes
+    ----------
+    records : list of dict
+        One dict per epoch: ``epoch``, ``train_loss``, ``train_accuracy``,
+        ``test_accuracy`` (None without test data), ``seconds`` (the training
+        part of the epoch), ``samples_per_second``.
+    config : dict
+        What was trained, how and where.
+    """
+
+    records: list = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+    COLUMNS = ("epoch", "train_loss", "train_accuracy", "test_accuracy", "seconds",
+               "samples_per_second")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getattr__(self, name):
+        # history.train_loss -> [epoch 1's, epoch 2's, ...]
+        if name in History.COLUMNS:
+            return [r[name] for r in self.records]
+        raise AttributeError(name)
+
+    def to_dict(self) -> dict:
+        return {"config": self.config, "epochs": self.records}
+
+    def save(self, path) -> None:
+        """Write the history as JSON, atomically."""
+        with atomic_write(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+
+    @classmethod
+    def load(cls, path) -> History:
+        with open(path) as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or not isinstance(data.get("epochs"), list):
+            raise ValueError(f"{path}: not an xpnet history file (no 'epochs' list)")
+        for r in data["epochs"]:
+            if not isinstance(r, dict) or set(r) != set(cls.COLUMNS):
+                raise ValueError(f"{path}: an epoch record must have the keys {cls.COLUMNS}")
+        return cls(records=data["epochs"], config=data.get("config", {}))
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+class Trainer:
+    """Mini-batch training of a network with an optimizer.
+
+    Parameters
+    ----------
+    net : MultiLayerNet, TwoLayerNet, or an object with ``params``, ``gradient(x, t)``,
+        ``loss(x, t)``, ``accuracy(x, t)`` and a ``device`` / ``dtype``
+    optimizer : an :mod:`xpnet.optim` optimizer
+    batch_size : int, default 100
+    epochs : int, default 10
+    seed : int, default 0
+        Seeds the per-epoch permutations: the same seed on the same backend
+        gives the same history.
+    progress : bool, default True
+        A tqdm progress bar per epoch with the running loss (shown only on a terminal).
+    eval_batch_size : int, default 1000
+        Batch size of the accuracy evaluation.
+    log_every : int, default 50
+        Steps between updates of the progress bar's running loss (each one a device read).
+    """
+
+    def __init__(self, net, optimizer, *, batch_size: int = 100, epochs: int = 10, seed: int = 0,
+                 progress: bool = True, eval_batch_size: int = 1000, log_every: int = 50):
+        self.net = net
+        self.optimizer = optimizer
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.epochs = _positive_int("epochs", epochs)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+        self.seed = int(seed)
+        self.progress = bool(progress)
+        self.eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
+        self.log_every = _positive_int("log_every", log_every)
+
+    # -- data --------------------------------------------------------------------------------
+
+    def _prepare(self, x, t, x_name: str, t_name: str):
+        """Validate a dataset once, on the host side where it is, and move it to the net."""
+        for name, a in ((x_name, x), (t_name, t)):
+            if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+                raise TypeError(f"{name} must be an array, got {type(a).__name__}")
+        xp = namespace(**{x_name: x, t_name: t})
+        if not is_dtype(xp, x.dtype, "real floating"):
+            raise TypeError(
+                f"{x_name} has dtype {dtype_name(x.dtype)}; the net needs floats: scale it "
+                "first, e.g. x / 255 (load_mnist(normalize=True) does this)"
+            )
+        n = x.shape[0]
+        if x.ndim < 2 or n == 0:
+            raise ValueError(f"{x_name} must be a non-empty batch (N, D), got shape {tuple(x.shape)}")
+        sizes = getattr(self.net, "sizes", None)
+        if sizes and math.prod(x.shape[1:]) != sizes[0]:
+            raise ValueError(
+                f"{x_name} of shape {tuple(x.shape)} has {math.prod(x.shape[1:])} features per "
+                f"sample, but the net's input size is {sizes[0]}"
+            )
+        if t.shape[0] != n:
+            raise ValueError(f"{x_name} has {n} samples but {t_name} has {t.shape[0]}")
+        classes = sizes[-1] if sizes else None
+        if is_dtype(xp, t.dtype, "integral"):
+            if t.ndim != 1:
+                raise ValueError(f"{t_name} labels must have shape (N,), got {tuple(t.shape)}")
+            if classes is not None:
+                lo, hi = int(xp.min(t)), int(xp.max(t))
+                if lo < 0 or hi >= classes:
+                    raise ValueError(
+                        f"{t_name} holds labels in [{lo}, {hi}], outside [0, {classes})"
+                    )
+            t_dev = to_device(t, self.net.device, dtype="int64")
+        elif is_dtype(xp, t.dtype, "real floating"):
+            if t.ndim != 2 or (classes is not None and t.shape[1] != classes):
+                raise ValueError(
+                    f"{t_name} rows must have shape (N, {classes or 'C'}), got {tuple(t.shape)}"
+                )
+            t_dev = to_device(t, self.net.device, dtype=self.net.dtype)
+        else:
+            raise TypeError(
+                f"{t_name} must hold integer labels or float rows, got {dtype_name(t.dtype)}"
+            )
+        return to_device(x, self.net.device, dtype=self.net.dtype), t_dev
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _loss_and_gradient(self, xb, tb):
+        net = self.net
+        if hasattr(net, "loss_and_gradient"):
+            return net.loss_and_gradient(xb, tb)
+        return net.loss(xb, tb), net.gradient(xb, tb)
+
+    @staticmethod
+    def _drain(xp, pending: list, epoch: int, first_step: int) -> float:
+        """Sum the weighted losses of ``pending`` (one device read); raise on NaN/inf."""
+        if not pending:
+            return 0.0
+        chunk = xp.stack(pending)
+        total = float(xp.sum(chunk))
+        if not math.isfinite(total):
+            values = to_numpy(chunk)
+            bad = int(np.flatnonzero(~np.isfinite(values))[0])
+            raise DivergenceError(
+                f"the training loss became {values[bad]} at epoch {epoch}, step "
+                f"{first_step + bad + 1}: the learning rate is probably too high"
+            )
+        pending.clear()
+        return total
+
+    def fit(self, x_train, t_train, x_test=None, t_test=None, *, on_epoch=None) -> History:
+        """Train for ``epochs`` epochs; returns the :class:`History`.
+
+        Parameters
+        ----------
+        x_train : array (N, D) or (N, d1, ..., dk), floating; NumPy or any backend
+        t_train : integer labels (N,) or float rows (N, C)
+        x_test, t_test : optional, the same for the test accuracy
+        on_epoch : callable, optional
+            Called with each epoch's record (a dict) after it is complete.
+        """
+        if (x_test is None) != (t_test is None):
+            raise ValueError("pass both x_test and t_test, or neither")
+        x, t = self._prepare(x_train, t_train, "x_train", "t_train")
+        test = None if x_test is None else self._prepare(x_test, t_test, "x_test", "t_test")
+        from tqdm.auto import tqdm
+
+        net, opt, b = self.net, self.optimizer, self.batch_size
+        xp = namespace(x=x)
+        n = x.shape[0]
+        steps = math.ceil(n / b)
+        rng = np.random.default_rng(self.seed)
+        history = History(config={
+            "net": repr(net), "optimizer": repr(opt), "batch_size": b, "epochs": self.epochs,
+            "seed": self.seed, "device": net.device, "dtype": net.dtype, "train_samples": n,
+        })
+        last = getattr(net, "last_layer", None)
+        checked = getattr(last, "check_labels", None)
+        if checked is not None:
+            last.check_labels = False  # the labels were checked once, above
+        try:
+            for epoch in range(1, self.epochs + 1):
+                order = to_device(rng.permutation(n), net.device, dtype="int64")
+                bar = tqdm(total=steps, desc=f"epoch {epoch}/{self.epochs}", unit="batch",
+                           disable=None if self.progress else True, leave=True, dynamic_ncols=True)
+                shown = bar.disable is False
+                start = time.perf_counter()
+                total, pending, drained = 0.0, [], 0
+                for step in range(steps):
+                    ids = order[step * b:min((step + 1) * b, n)]  # in-bounds stop: standard
+                    xb, tb = xp.take(x, ids, axis=0), xp.take(t, ids, axis=0)
+                    loss, grads = self._loss_and_gradient(xb, tb)
+                    pending.append(loss * ids.shape[0])
+                    opt.update(net.params, grads)
+                    if shown and (step + 1) % self.log_every == 0:
+                        total += self._drain(xp, pending, epoch, drained)
+                        drained = step + 1
+                        bar.set_postfix(loss=f"{total / min(n, drained * b):.4f}", refresh=False)
+                    bar.update(1)
+                total += self._drain(xp, pending, epoch, drained)  # syncs the device, too
+                seconds = time.perf_counter() - start
+                record = {
+                    "epoch": epoch,
+                    "train_loss": total / n,
+                    "train_accuracy": net.accuracy(x, t, batch_size=self.eval_batch_size),
+                    "test_accuracy": None if test is None else net.accuracy(
+                        *test, batch_size=self.eval_batch_size),
+                    "seconds": seconds,
+                    "samples_per_second": n / seconds if seconds > 0 else math.inf,
+                }
+                bar.set_postfix(loss=f"{record['train_loss']:.4f}",
+                                train_acc=f"{record['train_accuracy']:.4f}",
+                                **({} if test is None else
+                                   {"test_acc": f"{record['test_accuracy']:.4f}"}))
+                bar.close()
+                history.records.append(record)
+                if on_epoch is not None:
+                    on_epoch(record)
+        finally:
+            if checked is not None:
+                last.check_labels = checked
+        return history
