@@ -97,3 +97,77 @@ def test_gradcheck_command_on_a_missing_backend(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)
     assert main(["gradcheck", "--device", "cuda", "--dataset", "random"]) == 2
     assert "xpnet[cuda12]" in capsys.readouterr().err
+
+
+# --- xpnet train -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path, monkeypatch):
+    from test_datasets import make_dataset
+
+    import numpy as np
+
+    make_dataset(tmp_path / "data", np.random.default_rng(0), n_train=60, n_test=20)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XPNET_DATA", raising=False)
+    return tmp_path / "data"
+
+
+def test_train_command_saves_model_and_history(tiny_dataset, tmp_path, capsys):
+    model, hist = tmp_path / "m.npz", tmp_path / "h.json"
+    rc = main(["train", "--dataset", "mnist", "--data-dir", str(tiny_dataset), "--epochs", "2",
+               "--hidden", "8", "--batch-size", "16", "--optimizer", "adam", "--save", str(model),
+               "--history", str(hist)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "epoch   1/2" in out and "epoch   2/2" in out
+    assert out.strip().splitlines()[-1].startswith("final test accuracy: ")
+    net = xpnet.TwoLayerNet.load(model)
+    assert net.sizes == [784, 8, 10]
+    assert len(xpnet.History.load(hist)) == 2
+
+
+def test_train_command_deeper_net_and_quiet(tiny_dataset, capsys):
+    rc = main(["train", "--dataset", "mnist", "--data-dir", str(tiny_dataset), "--epochs", "1",
+               "--hidden", "16", "8", "--activation", "sigmoid", "--quiet"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("final test accuracy: ")
+
+
+def test_train_command_reports_missing_data_and_bad_settings(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XPNET_DATA", raising=False)
+    assert main(["train", "--dataset", "mnist"]) == 2
+    err = capsys.readouterr().err
+    assert "MNIST not found" in err and "--download" in err
+    assert main(["train", "--lr", "-1"]) == 2
+    assert "lr must be a finite number" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["train", "--plot", str(tmp_path / "p.png")]) == 2
+    assert "pip install 'xpnet[plot]'" in capsys.readouterr().err
+
+
+def test_train_command_on_real_fashion_mnist():
+    """The README's main command, shortened to one epoch: well above chance (0.1)."""
+    from xpnet.datasets import find_dataset
+
+    if find_dataset("fashion-mnist") is None:
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    res = subprocess.run([sys.executable, "-m", "xpnet", "train", "--epochs", "1", "--quiet"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    accuracy = float(res.stdout.strip().rsplit(" ", 1)[-1])
+    assert accuracy > 0.75, res.stdout
+
+
+def test_examples_run(tiny_dataset):
+    for script, args in (("train_mnist.py", ["--dataset", "mnist", "--iters", "30",
+                                             "--data-dir", str(tiny_dataset)]),
+                         ("gradient_check.py", ["--dataset", "mnist",
+                                                "--data-dir", str(tiny_dataset)])):
+        res = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert res.stdout.strip()
