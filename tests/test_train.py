@@ -386,7 +386,7 @@ def _good_arrays():
 @pytest.mark.parametrize(
     "content, match",
     [
-        (lambda p: p.write_bytes(b"not a zip"), "not a readable xpnet checkpoint"),
+        (lambda p: p.write_bytes(b"not a zip"), "not a readable xpnet file"),
         (lambda p: p.write_bytes(_npz_bytes(_good_arrays())[:100]), "not a readable"),
         (lambda p: _write_npz(p, **_good_arrays()), "no __xpnet__ header"),
         (lambda p: _write_npz(p, __xpnet__=_header(format="other"), **_good_arrays()),

@@ -106,8 +106,10 @@ def _train(args: argparse.Namespace) -> int:
         else:
             net = MultiLayerNet(sizes, activation=args.activation, seed=args.seed,
                                 device=args.device, dtype=args.dtype)
+        checkpoint = args.checkpoint or args.resume
         trainer = Trainer(net, optimizer, batch_size=args.batch_size, epochs=args.epochs,
-                          seed=args.seed, progress=not args.quiet)
+                          seed=args.seed, progress=not args.quiet, checkpoint=checkpoint,
+                          checkpoint_every=args.checkpoint_every)
     except DatasetNotFoundError as exc:
         print(f"xpnet train: {exc}", file=sys.stderr)
         return 2
@@ -123,10 +125,18 @@ def _train(args: argparse.Namespace) -> int:
             f"{r['seconds']:.2f} s  {r['samples_per_second']:,.0f} samples/s")
 
     try:
-        history = trainer.fit(x, t, xt, tt, on_epoch=report)
+        history = trainer.fit(x, t, xt, tt, on_epoch=report, resume=args.resume)
     except DivergenceError as exc:
         print(f"xpnet train: {exc}", file=sys.stderr)
         return 1
+    except (ValueError, TypeError) as exc:  # e.g. a checkpoint that does not fit these flags
+        print(f"xpnet train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        saved = (f"; the checkpoint is saved: continue with --resume {checkpoint}"
+                 if checkpoint else "")
+        print(f"xpnet train: interrupted{saved}", file=sys.stderr)
+        return 130
     if args.save:
         net.save(args.save)
         say(f"saved the model to {args.save}")
@@ -178,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--history", metavar="PATH.json", help="save the per-epoch history as JSON")
     tr.add_argument("--plot", metavar="PATH.png",
                     help="save loss and accuracy curves (needs the plot extra)")
+    tr.add_argument("--checkpoint", metavar="PATH",
+                    help="keep a training checkpoint here (weights, optimizer state, position, "
+                    "RNG state), rewritten atomically after every epoch and on Ctrl-C")
+    tr.add_argument("--checkpoint-every", type=int, metavar="N",
+                    help="also write the checkpoint every N optimizer steps")
+    tr.add_argument("--resume", metavar="PATH",
+                    help="continue from a checkpoint (with the same flags); the run then "
+                    "keeps checkpointing there unless --checkpoint names another file")
     tr.add_argument("--quiet", action="store_true",
                     help="print only the final test accuracy")
     tr.set_defaults(func=_train)

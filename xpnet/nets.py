@@ -9,15 +9,13 @@ is always what the next forward uses, however the namespace lets it update.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
-import zipfile
 from collections.abc import MutableMapping
 
 import numpy as np
 
-from ._io import atomic_write
+from ._io import read_npz, write_npz
 from .backend import (
     device_of,
     dtype_name,
@@ -272,10 +270,8 @@ class MultiLayerNet:
 
         A model on any device is saved from a host copy and loads on any device.
         """
-        meta = json.dumps({"format": self.CHECKPOINT_FORMAT, **self.config()})
         arrays = {name: to_numpy(value) for name, value in self.params.items()}
-        with atomic_write(path) as f:
-            np.savez(f, __xpnet__=np.array(meta), **arrays)
+        write_npz(path, {"format": self.CHECKPOINT_FORMAT, **self.config()}, arrays)
 
     @classmethod
     def _from_config(cls, config: dict, device: str, dtype: str):
@@ -318,26 +314,10 @@ class MultiLayerNet:
 
 
 def _read_checkpoint(path):
-    """The arrays and the config of an xpnet ``.npz`` checkpoint; ValueError if it is not one."""
-    try:
-        # Our own handle: np.load leaves a file it opened unclosed when the archive is corrupt.
-        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise ValueError("not an .npz archive")
-            arrays = {name: z[name] for name in z.files}
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise ValueError(f"{path}: not a readable xpnet checkpoint: {exc}") from None
-    header = arrays.pop("__xpnet__", None)
-    if header is None or header.shape != () or header.dtype.kind != "U":
-        raise ValueError(f"{path}: not an xpnet checkpoint (no __xpnet__ header)")
-    try:
-        config = json.loads(str(header))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: corrupt checkpoint header: {exc}") from None
-    if not isinstance(config, dict) or config.get("format") != MultiLayerNet.CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: unknown checkpoint format {config.get('format') if isinstance(config, dict) else config!r}")
+    """The arrays and the config of an xpnet model checkpoint; ValueError if it is not one."""
+    config, arrays = read_npz(path)
+    if config.get("format") != MultiLayerNet.CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: unknown checkpoint format {config.get('format')!r}")
     return arrays, config
 
 

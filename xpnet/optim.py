@@ -39,7 +39,7 @@ class Optimizer:
         self.steps = 0
 
     def __repr__(self):
-        extra = {k: v for k, v in vars(self).items() if k not in ("state", "steps")}
+        extra = self.hyperparameters()
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in extra.items())})"
 
     def update(self, params, grads) -> None:
@@ -80,11 +80,16 @@ class Optimizer:
 
     # -- checkpoints -------------------------------------------------------------------------
 
+    HYPERPARAMETERS: tuple = ("lr",)
+
+    def hyperparameters(self) -> dict:
+        return {k: getattr(self, k) for k in self.HYPERPARAMETERS}
+
     def state_dict(self) -> dict:
-        """Hyperparameters, the step count and host copies of the state arrays."""
+        """``{"type", "hyper", "steps", "state": {param: {key: host NumPy copy}}}``."""
         return {
             "type": type(self).__name__,
-            "hyper": {k: v for k, v in vars(self).items() if k not in ("state", "steps")},
+            "hyper": self.hyperparameters(),
             "steps": self.steps,
             "state": {n: {k: to_numpy(v) for k, v in s.items()} for n, s in self.state.items()},
         }
@@ -92,9 +97,15 @@ class Optimizer:
     def load_state_dict(self, state: dict, device: str) -> None:
         """Restore :meth:`state_dict` output, moving the state arrays to ``device``."""
         if state.get("type") != type(self).__name__:
-            raise ValueError(f"state is for {state.get('type')!r}, not {type(self).__name__}")
-        for k, v in state["hyper"].items():
-            setattr(self, k, v)
+            raise ValueError(f"the saved optimizer is {state.get('type')!r}, this one is "
+                             f"{type(self).__name__}")
+        hyper = state.get("hyper", {})
+        if set(hyper) != set(self.hyperparameters()):
+            raise ValueError(f"saved hyperparameters {sorted(hyper)} are not "
+                             f"{type(self).__name__}'s {sorted(self.hyperparameters())}")
+        for k, v in hyper.items():
+            setattr(self, k, _hyper(k, v, closed_low=k in ("momentum", "beta1", "beta2"),
+                                    high=1.0 if k in ("momentum", "beta1", "beta2") else math.inf))
         self.steps = int(state["steps"])
         self.state = {n: {k: to_device(v, device, copy=True) for k, v in s.items()}
                       for n, s in state["state"].items()}
@@ -113,6 +124,8 @@ class SGD(Optimizer):
 class Momentum(Optimizer):
     """Heavy-ball momentum: ``v = momentum * v - lr * g;  p += v``."""
 
+    HYPERPARAMETERS = ("lr", "momentum")
+
     def __init__(self, lr: float = 0.01, momentum: float = 0.9):
         super().__init__(lr)
         self.momentum = _hyper("momentum", momentum, high=1.0, closed_low=True)
@@ -130,6 +143,8 @@ class AdaGrad(Optimizer):
     ``eps`` keeps the first steps finite where h is still 0.
     """
 
+    HYPERPARAMETERS = ("lr", "eps")
+
     def __init__(self, lr: float = 0.01, eps: float = 1e-7):
         super().__init__(lr)
         self.eps = _hyper("eps", eps)
@@ -146,6 +161,8 @@ class Adam(Optimizer):
     ``m += (1 - beta1) (g - m);  v += (1 - beta2) (g**2 - v);
     p -= lr * sqrt(1 - beta2**t) / (1 - beta1**t) * m / (sqrt(v) + eps)``.
     """
+
+    HYPERPARAMETERS = ("lr", "beta1", "beta2", "eps")
 
     def __init__(self, lr: float = 0.001, beta1: float = 0.9, beta2: float = 0.999,
                  eps: float = 1e-8):

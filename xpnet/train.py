@@ -17,12 +17,15 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_write
+from ._io import atomic_write, read_npz, remove_stale_temps, write_npz
 from .backend import dtype_name, is_dtype, namespace, to_device, to_numpy
 
 __all__ = ["DivergenceError", "History", "Trainer"]
@@ -90,6 +93,46 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
+CHECKPOINT_FORMAT = "xpnet-train-1"
+
+
+@dataclass
+class _Position:
+    """Where a run is: the next step to take, and what the current epoch has gathered."""
+
+    epoch: int = 1  # 1-based, the epoch in progress
+    step: int = 0  # steps of that epoch already taken
+    loss_sum: float = 0.0  # their summed (batch-size weighted) losses
+    rng_state: dict | None = None  # the generator's state before this epoch's permutation
+    global_step: int = 0
+
+
+class _DeferredInterrupt:
+    """While active, a first Ctrl-C only sets a flag, so the loop can stop between steps
+    (with the parameters and the optimizer state consistent) and save a checkpoint; a
+    second Ctrl-C interrupts at once."""
+
+    def __init__(self, active: bool):
+        self.active = active and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if self.active:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
 class Trainer:
     """Mini-batch training of a network with an optimizer.
 
@@ -109,10 +152,20 @@ class Trainer:
         Batch size of the accuracy evaluation.
     log_every : int, default 50
         Steps between updates of the progress bar's running loss (each one a device read).
+    checkpoint : path, optional
+        Where to keep a training checkpoint: the weights, the optimizer state, the
+        epoch and step, the random generator's state and the history so far.  It
+        is rewritten atomically (temporary file, fsync, rename) at the end of every
+        epoch, every ``checkpoint_every`` steps, and when Ctrl-C stops the run; a
+        diverged state is never written.  ``fit(..., resume=path)`` continues from
+        it to the same final weights as an uninterrupted run.
+    checkpoint_every : int, optional
+        Optimizer steps between checkpoints (besides the end of each epoch).
     """
 
     def __init__(self, net, optimizer, *, batch_size: int = 100, epochs: int = 10, seed: int = 0,
-                 progress: bool = True, eval_batch_size: int = 1000, log_every: int = 50):
+                 progress: bool = True, eval_batch_size: int = 1000, log_every: int = 50,
+                 checkpoint=None, checkpoint_every: int | None = None):
         self.net = net
         self.optimizer = optimizer
         self.batch_size = _positive_int("batch_size", batch_size)
@@ -123,6 +176,12 @@ class Trainer:
         self.progress = bool(progress)
         self.eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
         self.log_every = _positive_int("log_every", log_every)
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
+        if checkpoint_every is not None:
+            checkpoint_every = _positive_int("checkpoint_every", checkpoint_every)
+            if self.checkpoint is None:
+                raise ValueError("checkpoint_every needs a checkpoint path")
+        self.checkpoint_every = checkpoint_every
 
     # -- data --------------------------------------------------------------------------------
 
@@ -146,6 +205,8 @@ class Trainer:
                 f"{x_name} of shape {tuple(x.shape)} has {math.prod(x.shape[1:])} features per "
                 f"sample, but the net's input size is {sizes[0]}"
             )
+        if not bool(xp.all(xp.isfinite(x))):
+            raise ValueError(f"{x_name} holds NaN or infinite values")
         if t.shape[0] != n:
             raise ValueError(f"{x_name} has {n} samples but {t_name} has {t.shape[0]}")
         classes = sizes[-1] if sizes else None
@@ -164,12 +225,88 @@ class Trainer:
                 raise ValueError(
                     f"{t_name} rows must have shape (N, {classes or 'C'}), got {tuple(t.shape)}"
                 )
+            if not bool(xp.all(xp.isfinite(t))):
+                raise ValueError(f"{t_name} holds NaN or infinite values")
             t_dev = to_device(t, self.net.device, dtype=self.net.dtype)
         else:
             raise TypeError(
                 f"{t_name} must hold integer labels or float rows, got {dtype_name(t.dtype)}"
             )
         return to_device(x, self.net.device, dtype=self.net.dtype), t_dev
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def _settings(self) -> dict:
+        return {"batch_size": self.batch_size, "seed": self.seed}
+
+    def save_checkpoint(self, path, position: _Position, history: History) -> None:
+        """Write the training state atomically; refuses (DivergenceError) a non-finite one."""
+        params = {name: to_numpy(value) for name, value in self.net.params.items()}
+        for name, value in params.items():
+            if not np.all(np.isfinite(value)):
+                raise DivergenceError(
+                    f"{name} became NaN or infinite by epoch {position.epoch}, step "
+                    f"{position.step}: the learning rate is probably too high; the checkpoint "
+                    "on disk is left as it was"
+                )
+        opt = self.optimizer.state_dict()
+        arrays = {f"param/{k}": v for k, v in params.items()}
+        arrays.update({f"opt/{n}/{k}": v for n, s in opt["state"].items() for k, v in s.items()})
+        header = {
+            "format": CHECKPOINT_FORMAT,
+            "net": self.net.config() if hasattr(self.net, "config") else repr(self.net),
+            "trainer": self._settings(),
+            "optimizer": {"type": opt["type"], "hyper": opt["hyper"], "steps": opt["steps"]},
+            "position": {"epoch": position.epoch, "step": position.step,
+                         "loss_sum": position.loss_sum, "rng_state": position.rng_state,
+                         "global_step": position.global_step},
+            "history": history.to_dict(),
+        }
+        write_npz(path, header, arrays)
+
+    def _restore(self, path, history: History) -> _Position:
+        header, arrays = read_npz(path)
+        if header.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: not a training checkpoint (format {header.get('format')!r}; "
+                             "a model saved with net.save loads with TwoLayerNet.load)")
+        try:
+            mine = self.net.config() if hasattr(self.net, "config") else repr(self.net)
+            if header["net"] != mine:
+                raise ValueError(f"{path}: the checkpoint is for the net {header['net']}, "
+                                 f"this trainer's net is {mine}")
+            if header["trainer"] != self._settings():
+                raise ValueError(f"{path}: the checkpoint was made with {header['trainer']}, this "
+                                 f"trainer has {self._settings()}; resume with the same settings")
+            pos = header["position"]
+            position = _Position(int(pos["epoch"]), int(pos["step"]), float(pos["loss_sum"]),
+                                 pos["rng_state"], int(pos["global_step"]))
+            opt = header["optimizer"]
+            state = {}
+            for key, value in arrays.items():
+                kind, _, rest = key.partition("/")
+                if kind == "opt":
+                    name, _, slot = rest.rpartition("/")
+                    state.setdefault(name, {})[slot] = value
+                elif kind != "param":
+                    raise ValueError(f"{path}: unexpected array {key!r}")
+            params = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
+            if set(params) != set(self.net.params):
+                raise ValueError(f"{path}: parameters {sorted(params)} are not the net's "
+                                 f"{sorted(self.net.params)}")
+            records = History(header["history"]["epochs"], header["history"]["config"])
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{path}: incomplete training checkpoint: {exc!r}") from None
+        if position.epoch > self.epochs + 1:
+            raise ValueError(f"{path}: the checkpoint is at epoch {position.epoch}, past this "
+                             f"trainer's {self.epochs} epochs")
+        for name, value in params.items():
+            self.net.params[name] = to_device(value, self.net.device, dtype=self.net.dtype,
+                                              copy=True)
+        self.optimizer.load_state_dict(
+            {"type": opt["type"], "hyper": opt["hyper"], "steps": opt["steps"], "state": state},
+            self.net.device)
+        history.records = records.records
+        return position
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -196,7 +333,8 @@ class Trainer:
         pending.clear()
         return total
 
-    def fit(self, x_train, t_train, x_test=None, t_test=None, *, on_epoch=None) -> History:
+    def fit(self, x_train, t_train, x_test=None, t_test=None, *, on_epoch=None,
+            resume=None) -> History:
         """Train for ``epochs`` epochs; returns the :class:`History`.
 
         Parameters
@@ -206,6 +344,16 @@ class Trainer:
         x_test, t_test : optional, the same for the test accuracy
         on_epoch : callable, optional
             Called with each epoch's record (a dict) after it is complete.
+        resume : path, optional
+            A checkpoint written by this trainer's settings: the run continues from
+            it (the net's weights and the optimizer state are replaced by its).
+
+        Raises
+        ------
+        DivergenceError
+            The loss or the weights became NaN or infinite.
+        KeyboardInterrupt
+            Ctrl-C; with a ``checkpoint`` path, after the checkpoint was saved.
         """
         if (x_test is None) != (t_test is None):
             raise ValueError("pass both x_test and t_test, or neither")
@@ -222,48 +370,72 @@ class Trainer:
             "net": repr(net), "optimizer": repr(opt), "batch_size": b, "epochs": self.epochs,
             "seed": self.seed, "device": net.device, "dtype": net.dtype, "train_samples": n,
         })
+        position = _Position()
+        if resume is not None:
+            position = self._restore(resume, history)
+            history.config["resumed_from"] = str(resume)
+            rng.bit_generator.state = position.rng_state
+        if self.checkpoint is not None:
+            remove_stale_temps(self.checkpoint)
         last = getattr(net, "last_layer", None)
         checked = getattr(last, "check_labels", None)
         if checked is not None:
             last.check_labels = False  # the labels were checked once, above
         try:
-            for epoch in range(1, self.epochs + 1):
-                order = to_device(rng.permutation(n), net.device, dtype="int64")
-                bar = tqdm(total=steps, desc=f"epoch {epoch}/{self.epochs}", unit="batch",
-                           disable=None if self.progress else True, leave=True, dynamic_ncols=True)
-                shown = bar.disable is False
-                start = time.perf_counter()
-                total, pending, drained = 0.0, [], 0
-                for step in range(steps):
-                    ids = order[step * b:min((step + 1) * b, n)]  # in-bounds stop: standard
-                    xb, tb = xp.take(x, ids, axis=0), xp.take(t, ids, axis=0)
-                    loss, grads = self._loss_and_gradient(xb, tb)
-                    pending.append(loss * ids.shape[0])
-                    opt.update(net.params, grads)
-                    if shown and (step + 1) % self.log_every == 0:
-                        total += self._drain(xp, pending, epoch, drained)
-                        drained = step + 1
-                        bar.set_postfix(loss=f"{total / min(n, drained * b):.4f}", refresh=False)
-                    bar.update(1)
-                total += self._drain(xp, pending, epoch, drained)  # syncs the device, too
-                seconds = time.perf_counter() - start
-                record = {
-                    "epoch": epoch,
-                    "train_loss": total / n,
-                    "train_accuracy": net.accuracy(x, t, batch_size=self.eval_batch_size),
-                    "test_accuracy": None if test is None else net.accuracy(
-                        *test, batch_size=self.eval_batch_size),
-                    "seconds": seconds,
-                    "samples_per_second": n / seconds if seconds > 0 else math.inf,
-                }
-                bar.set_postfix(loss=f"{record['train_loss']:.4f}",
-                                train_acc=f"{record['train_accuracy']:.4f}",
-                                **({} if test is None else
-                                   {"test_acc": f"{record['test_accuracy']:.4f}"}))
-                bar.close()
-                history.records.append(record)
-                if on_epoch is not None:
-                    on_epoch(record)
+            with _DeferredInterrupt(self.checkpoint is not None) as interrupt:
+                for epoch in range(position.epoch, self.epochs + 1):
+                    if epoch > position.epoch or position.rng_state is None:
+                        position = _Position(epoch, 0, 0.0, rng.bit_generator.state,
+                                             position.global_step)
+                    order = to_device(rng.permutation(n), net.device, dtype="int64")
+                    bar = tqdm(total=steps, initial=position.step, desc=f"epoch {epoch}/{self.epochs}",
+                               unit="batch", disable=None if self.progress else True, leave=True,
+                               dynamic_ncols=True)
+                    shown = bar.disable is False
+                    start = time.perf_counter()
+                    pending = []
+                    for step in range(position.step, steps):
+                        ids = order[step * b:min((step + 1) * b, n)]  # in-bounds stop: standard
+                        xb, tb = xp.take(x, ids, axis=0), xp.take(t, ids, axis=0)
+                        loss, grads = self._loss_and_gradient(xb, tb)
+                        pending.append(loss * ids.shape[0])
+                        opt.update(net.params, grads)
+                        position.global_step += 1
+                        due = self.checkpoint_every and position.global_step % self.checkpoint_every == 0
+                        if due or interrupt.requested or (shown and (step + 1) % self.log_every == 0):
+                            position.loss_sum += self._drain(xp, pending, epoch, position.step)
+                            position.step = step + 1
+                            if due or interrupt.requested:
+                                self.save_checkpoint(self.checkpoint, position, history)
+                                if interrupt.requested:
+                                    raise KeyboardInterrupt
+                            bar.set_postfix(loss=f"{position.loss_sum / min(n, position.step * b):.4f}",
+                                            refresh=False)
+                        bar.update(1)
+                    position.loss_sum += self._drain(xp, pending, epoch, position.step)  # syncs
+                    position.step = steps
+                    seconds = time.perf_counter() - start
+                    record = {
+                        "epoch": epoch,
+                        "train_loss": position.loss_sum / n,
+                        "train_accuracy": net.accuracy(x, t, batch_size=self.eval_batch_size),
+                        "test_accuracy": None if test is None else net.accuracy(
+                            *test, batch_size=self.eval_batch_size),
+                        "seconds": seconds,
+                        "samples_per_second": n / seconds if seconds > 0 else math.inf,
+                    }
+                    bar.set_postfix(loss=f"{record['train_loss']:.4f}",
+                                    train_acc=f"{record['train_accuracy']:.4f}",
+                                    **({} if test is None else
+                                       {"test_acc": f"{record['test_accuracy']:.4f}"}))
+                    bar.close()
+                    history.records.append(record)
+                    if self.checkpoint is not None:
+                        position = _Position(epoch + 1, 0, 0.0, rng.bit_generator.state,
+                                             position.global_step)
+                        self.save_checkpoint(self.checkpoint, position, history)
+                    if on_epoch is not None:
+                        on_epoch(record)
         finally:
             if checked is not None:
                 last.check_labels = checked

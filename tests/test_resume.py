@@ -1,0 +1,192 @@
+"""Training survives being killed: checkpoints, resume, Ctrl-C, divergence."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_datasets import make_dataset
+from test_train import spiral
+
+import xpnet
+from xpnet._io import read_npz
+
+KILL_POINTS: list = []  # (delay, epoch, step) of every SIGKILL survived, for the summary
+
+
+def _run(tmp_path, *, ckpt=None, every=None, resume=None, stop_at=None, seed_init=0,
+         optimizer=xpnet.Adam, epochs=4):
+    x, t = spiral()
+    net = xpnet.MultiLayerNet([2, 32, 3], seed=seed_init)
+    opt = optimizer(0.01)
+    if stop_at is not None:  # a crash right after optimizer step `stop_at`
+        update, calls = opt.update, []
+
+        def crashing(params, grads):
+            update(params, grads)
+            calls.append(1)
+            if len(calls) == stop_at:
+                raise RuntimeError("simulated crash")
+
+        opt.update = crashing
+    trainer = xpnet.Trainer(net, opt, batch_size=32, epochs=epochs, seed=5, progress=False,
+                            checkpoint=ckpt, checkpoint_every=every)
+    return net, trainer.fit(x, t, x[:50], t[:50], resume=resume)
+
+
+def _params(net):
+    return {k: np.array(v) for k, v in net.params.items()}
+
+
+@pytest.mark.parametrize("optimizer", [xpnet.SGD, xpnet.Momentum, xpnet.AdaGrad, xpnet.Adam])
+@pytest.mark.parametrize("stop_at", [5, 10, 21, 33])  # 10 steps per epoch: mid-epoch, at an end
+def test_resume_is_bit_identical(tmp_path, optimizer, stop_at):
+    ref_net, ref = _run(tmp_path, ckpt=tmp_path / "ref.npz", every=4, optimizer=optimizer)
+    ckpt = tmp_path / "run.npz"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(tmp_path, ckpt=ckpt, every=4, stop_at=stop_at, optimizer=optimizer)
+    # A fresh net with other initial weights and a fresh optimizer: all state comes from the file.
+    net, resumed = _run(tmp_path, ckpt=ckpt, every=4, resume=ckpt, seed_init=99,
+                        optimizer=optimizer)
+    for k, v in _params(ref_net).items():
+        assert np.array_equal(_params(net)[k], v), k
+    strip = [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_second")}
+             for r in ref.records]
+    assert [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_second")}
+            for r in resumed.records] == strip
+
+
+def test_resume_checks_that_the_checkpoint_fits(tmp_path):
+    ckpt = tmp_path / "c.npz"
+    _run(tmp_path, ckpt=ckpt, epochs=1)
+    x, t = spiral()
+    other = xpnet.Trainer(xpnet.MultiLayerNet([2, 16, 3]), xpnet.Adam(0.01), batch_size=32,
+                          seed=5, progress=False)
+    with pytest.raises(ValueError, match="checkpoint is for the net"):
+        other.fit(x, t, resume=ckpt)
+    other = xpnet.Trainer(xpnet.MultiLayerNet([2, 32, 3]), xpnet.Adam(0.01), batch_size=16,
+                          seed=5, progress=False)
+    with pytest.raises(ValueError, match="resume with the same settings"):
+        other.fit(x, t, resume=ckpt)
+    other = xpnet.Trainer(xpnet.MultiLayerNet([2, 32, 3]), xpnet.SGD(0.01), batch_size=32,
+                          seed=5, progress=False)
+    with pytest.raises(ValueError, match="saved optimizer is 'Adam'"):
+        other.fit(x, t, resume=ckpt)
+    xpnet.MultiLayerNet([2, 32, 3]).save(tmp_path / "model.npz")
+    with pytest.raises(ValueError, match="not a training checkpoint"):
+        other.fit(x, t, resume=tmp_path / "model.npz")
+
+
+def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
+    x, t = spiral()
+    net = xpnet.MultiLayerNet([2, 32, 3])
+
+    class Exploding(xpnet.SGD):
+        armed = True
+
+        def update(self, params, grads):
+            if self.armed and self.steps == 12:
+                self.lr = 1e35  # blows up after a few good checkpoints
+            super().update(params, grads)
+
+    ckpt = tmp_path / "c.npz"
+    trainer = xpnet.Trainer(net, Exploding(0.1), batch_size=32, epochs=5, progress=False,
+                            checkpoint=ckpt, checkpoint_every=3)
+    with np.errstate(all="ignore"), pytest.raises(xpnet.DivergenceError,
+                                                  match=r"epoch 2, step \d+"):
+        trainer.fit(x, t)
+    header, arrays = read_npz(ckpt)
+    assert header["position"]["global_step"] <= 12
+    assert all(np.all(np.isfinite(a)) for a in arrays.values())
+    # and it resumes (with a sane learning rate) to the end
+    calm = Exploding(0.1)
+    calm.armed = False
+    fresh = xpnet.Trainer(xpnet.MultiLayerNet([2, 32, 3]), calm, batch_size=32, epochs=5,
+                          progress=False)
+    assert len(fresh.fit(x, t, resume=ckpt)) == 5
+
+
+# --- the command line, killed for real --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_dataset(root, np.random.default_rng(0), n_train=10000, n_test=100)
+    return root
+
+
+def _train_cmd(data, out: Path, *extra):
+    return [sys.executable, "-m", "xpnet", "train", "--dataset", "mnist", "--data-dir", str(data),
+            "--epochs", "4", "--hidden", "32", "--batch-size", "10", "--optimizer", "adam",
+            "--checkpoint-every", "7", "--quiet", "--save", str(out), *extra]
+
+
+def _env(tmp_path):
+    return {**os.environ, "HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def reference(cli_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    out = tmp / "final.npz"
+    res = subprocess.run(_train_cmd(cli_data, out, "--checkpoint", str(tmp / "ck.npz")),
+                         capture_output=True, text=True, env=_env(tmp), timeout=300)
+    assert res.returncode == 0, res.stderr
+    return read_npz(out)[1]
+
+
+def _wait_for(path: Path, proc, timeout=120.0):
+    start = time.monotonic()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() - start < timeout
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3, 0.8])  # a run takes about 2.5 s here
+def test_sigkill_then_resume_gives_the_same_weights(cli_data, reference, tmp_path, delay):
+    ckpt, out = tmp_path / "ck.npz", tmp_path / "final.npz"
+    cmd = _train_cmd(cli_data, out, "--checkpoint", str(ckpt))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(tmp_path))
+    _wait_for(ckpt, proc)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    header, _ = read_npz(ckpt)  # the file on disk is a complete checkpoint
+    KILL_POINTS.append((delay, header["position"]["epoch"], header["position"]["step"]))
+    res = subprocess.run(cmd + ["--resume", str(ckpt)], capture_output=True, text=True,
+                         env=_env(tmp_path), timeout=300)
+    assert res.returncode == 0, res.stderr
+    final = read_npz(out)[1]
+    assert set(final) == set(reference)
+    for k in reference:
+        assert np.array_equal(final[k], reference[k]), k
+    assert not list(tmp_path.glob(".ck.npz.*.tmp"))  # a killed write's leftovers are cleaned up
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(cli_data, reference, tmp_path):
+    ckpt, out = tmp_path / "ck.npz", tmp_path / "final.npz"
+    cmd = _train_cmd(cli_data, out, "--checkpoint", str(ckpt))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(tmp_path))
+    _wait_for(ckpt, proc)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"--resume {ckpt}" in err
+    assert not out.exists()
+    res = subprocess.run(cmd + ["--resume", str(ckpt)], capture_output=True, text=True,
+                         env=_env(tmp_path), timeout=300)
+    assert res.returncode == 0, res.stderr
+    final = read_npz(out)[1]
+    for k in reference:
+        assert np.array_equal(final[k], reference[k]), k
