@@ -118,3 +118,28 @@ def pytest_report_header(config):
             status = f"skipped: {exc}"
         lines.append(f"  {spec}-{dtype}: {status}")
     return ["xpnet backend cases:", *lines]
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The reliability figures: error cases checked, fuzz examples run, kill points survived."""
+    import sys
+
+    lines = []
+    errors = sys.modules.get("test_errors")
+    if errors and errors.ERRORS_CHECKED["count"]:
+        lines.append(f"error table: {errors.ERRORS_CHECKED['count']} of "
+                     f"{len(errors.CASES) + len(errors.CLI_CASES)} cases raised a clear "
+                     "ValueError/TypeError (or exit status 2) and mutated nothing")
+    hostile = sys.modules.get("test_hostile_files")
+    if hostile and hostile.FUZZ_EXAMPLES["count"]:
+        lines.append(f"hostile files: {hostile.FUZZ_EXAMPLES['count']} fuzzed IDX files and "
+                     "checkpoints loaded or raised ValueError, within their memory bound")
+    resume = sys.modules.get("test_resume")
+    if resume and resume.KILL_POINTS:
+        points = ", ".join(f"epoch {e} step {s}" for _, e, s in resume.KILL_POINTS)
+        lines.append(f"kill and resume: {len(resume.KILL_POINTS)} SIGKILLs survived (last "
+                     f"checkpoint at {points}), final weights bit-identical")
+    if lines:
+        terminalreporter.section("xpnet reliability")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -109,6 +109,8 @@ def read_npz(path, *, max_bytes: int | None = None):
                             raise ValueError(f"entry {info.filename!r} is truncated")
                         chunks.append(chunk)
                         got += len(chunk)
+                    if member.read(1):  # reading to the end also makes zipfile check the CRC
+                        raise ValueError(f"entry {info.filename!r} has bytes after its data")
                 order = "F" if fortran else "C"
                 arrays[info.filename[:-4]] = np.frombuffer(b"".join(chunks), dtype=dtype).reshape(
                     shape, order=order).copy()

@@ -416,6 +416,14 @@ def _mutated(before, values, names) -> list:
     return found
 
 
+def _require_finite(named: dict) -> None:
+    """Centered differences of NaN or inf are meaningless: say which input holds them."""
+    for name, a in named.items():
+        if isinstance(a, np.ndarray) and np.issubdtype(a.dtype, np.floating) \
+                and not np.all(np.isfinite(a)):
+            raise ValueError(f"{name} holds NaN or infinite values; a gradient check needs finite ones")
+
+
 def _resolve_atol(atol, f0: float, h: float) -> float:
     # A hundred times the rounding floor of a float64 centered difference, eps * |f| / h.
     return float(atol) if atol is not None else 100.0 * EPS64 * max(abs(f0), 1.0) / h
@@ -523,6 +531,8 @@ def check_layer(layer, *inputs, mode: str = "full", seed: int = 0, dout=None, wr
     # 1. A float64 host clone, and the objective sum(forward(*inputs) * dout).
     host = _clone(layer, _host64)
     host_inputs = [_host64(v) if _is_float_input(v) or is_array(v) else v for v in inputs]
+    _require_finite({**dict(zip(names, host_inputs)),
+                     **{k: p for k, (p, _) in _layer_params(host).items()}})
     out_shape = np.shape(_host64(host.forward(*host_inputs)))
     scalar_out = out_shape == ()
     if dout is None:
@@ -663,6 +673,7 @@ def check_gradients(net, x, t, mode: str = "full", seed: int = 0, *, h: float = 
 
     host = _clone(net, _host64)
     x64, t64 = _host64(x), _host64(t)
+    _require_finite({"x": x64, "t": t64, **{f"params[{k!r}]": v for k, v in host.params.items()}})
 
     def objective():
         return float(host.loss(x64, t64))

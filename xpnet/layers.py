@@ -279,6 +279,8 @@ class Affine:
                 f"{tuple(x.shape)}; for a single sample use xp.reshape(x, (1, -1))"
             )
         n = x.shape[0]
+        if n == 0:
+            raise ValueError(f"x is an empty batch, shape {tuple(x.shape)}")
         d = math.prod(x.shape[1:])
         if d != W.shape[0]:
             raise ValueError(
