@@ -14,7 +14,14 @@ import array_api_extra as xpx
 
 from .backend import dtype_name, is_dtype, namespace, to_numpy
 
-__all__ = ["cross_entropy", "log_softmax", "one_hot", "sigmoid", "softmax"]
+__all__ = [
+    "cross_entropy",
+    "log_softmax",
+    "one_hot",
+    "sigmoid",
+    "softmax",
+    "softmax_and_log_softmax",
+]
 
 
 def _describe(x) -> str:
@@ -57,8 +64,8 @@ def sigmoid(x):
     return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
-def log_softmax(x, axis: int = -1):
-    """``log(softmax(x))`` along ``axis``, computed stably.
+def softmax_and_log_softmax(x, axis: int = -1):
+    """``(softmax(x), log_softmax(x))`` along ``axis`` from a single ``exp``.
 
     Parameters
     ----------
@@ -67,32 +74,26 @@ def log_softmax(x, axis: int = -1):
 
     Returns
     -------
-    array of x's shape, dtype and device.
+    two arrays of x's shape, dtype and device; softmax rows sum to 1.
     """
     xp = namespace(x=x)
     check_array(xp, x, "x")
-    # Shift by the max so exp() cannot overflow; log-sum-exp needs no epsilon.
+    # Shift by the max so exp() cannot overflow (logits of 1000 stay finite);
+    # log-sum-exp then needs no epsilon inside the log.
     z = x - xp.max(x, axis=axis, keepdims=True)
-    return z - xp.log(xp.sum(xp.exp(z), axis=axis, keepdims=True))
+    e = xp.exp(z)
+    s = xp.sum(e, axis=axis, keepdims=True)
+    return e / s, z - xp.log(s)
+
+
+def log_softmax(x, axis: int = -1):
+    """``log(softmax(x))`` along ``axis``, computed stably (see :func:`softmax_and_log_softmax`)."""
+    return softmax_and_log_softmax(x, axis)[1]
 
 
 def softmax(x, axis: int = -1):
-    """Softmax along ``axis``, max-shifted so that logits of 1000 stay finite.
-
-    Parameters
-    ----------
-    x : array of real floating dtype
-    axis : int, default -1
-
-    Returns
-    -------
-    array of x's shape, dtype and device; rows sum to 1.
-    """
-    xp = namespace(x=x)
-    check_array(xp, x, "x")
-    # Shift by the max so exp() cannot overflow.
-    e = xp.exp(x - xp.max(x, axis=axis, keepdims=True))
-    return e / xp.sum(e, axis=axis, keepdims=True)
+    """Softmax along ``axis``, max-shifted (see :func:`softmax_and_log_softmax`)."""
+    return softmax_and_log_softmax(x, axis)[0]
 
 
 def _check_label_range(xp, t, num_classes: int, name: str) -> None:

@@ -18,6 +18,7 @@ from .functional import (
     check_logits,
     mean_cross_entropy,
     sigmoid,
+    softmax_and_log_softmax,
     targets_as_rows,
 )
 
@@ -346,15 +347,11 @@ class SoftmaxWithLoss:
         xp = namespace(x=x, t=t)
         check_logits(xp, x)
         rows, from_labels = targets_as_rows(xp, x, t, check_labels=self.check_labels)
-        # Max-shifted log-softmax: exp() cannot overflow and the log needs no epsilon.
-        z = x - xp.max(x, axis=1, keepdims=True)
-        e = xp.exp(z)
-        s = xp.sum(e, axis=1, keepdims=True)
-        self.y = e / s
+        self.y, log_probs = softmax_and_log_softmax(x, axis=1)
         self.t = rows
         # For probability rows, dL/dx = (y * sum_c t - t) / N; for labels each row sums to 1.
         self._row_sums = None if from_labels else xp.sum(rows, axis=1, keepdims=True)
-        self.loss = mean_cross_entropy(xp, rows, z - xp.log(s))
+        self.loss = mean_cross_entropy(xp, rows, log_probs)
         return self.loss
 
     def backward(self, dout=1):
