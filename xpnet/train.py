@@ -381,6 +381,7 @@ class Trainer:
         checked = getattr(last, "check_labels", None)
         if checked is not None:
             last.check_labels = False  # the labels were checked once, above
+        bar = None
         try:
             with _DeferredInterrupt(self.checkpoint is not None) as interrupt:
                 for epoch in range(position.epoch, self.epochs + 1):
@@ -437,6 +438,8 @@ class Trainer:
                     if on_epoch is not None:
                         on_epoch(record)
         finally:
+            if bar is not None:
+                bar.close()  # also on Ctrl-C or divergence (closing twice is harmless)
             if checked is not None:
                 last.check_labels = checked
         return history
