@@ -93,6 +93,12 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
+def _all_finite(xp, a) -> bool:
+    # max and min propagate NaN and inf: two reductions, and no boolean copy of the dataset
+    # (isfinite(a) would allocate one as large as the data).
+    return math.isfinite(float(xp.max(a))) and math.isfinite(float(xp.min(a)))
+
+
 CHECKPOINT_FORMAT = "xpnet-train-1"
 
 
@@ -205,7 +211,7 @@ class Trainer:
                 f"{x_name} of shape {tuple(x.shape)} has {math.prod(x.shape[1:])} features per "
                 f"sample, but the net's input size is {sizes[0]}"
             )
-        if not bool(xp.all(xp.isfinite(x))):
+        if not _all_finite(xp, x):
             raise ValueError(f"{x_name} holds NaN or infinite values")
         if t.shape[0] != n:
             raise ValueError(f"{x_name} has {n} samples but {t_name} has {t.shape[0]}")
@@ -225,7 +231,7 @@ class Trainer:
                 raise ValueError(
                     f"{t_name} rows must have shape (N, {classes or 'C'}), got {tuple(t.shape)}"
                 )
-            if not bool(xp.all(xp.isfinite(t))):
+            if not _all_finite(xp, t):
                 raise ValueError(f"{t_name} holds NaN or infinite values")
             t_dev = to_device(t, self.net.device, dtype=self.net.dtype)
         else:
