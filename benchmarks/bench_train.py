@@ -36,7 +36,7 @@ import seeds_numpy  # noqa: E402
 from machine import describe  # noqa: E402
 
 import xpnet  # noqa: E402
-from xpnet.backend import BackendUnavailableError, namespace, resolve_device, to_device  # noqa: E402
+from xpnet.backend import BackendUnavailableError, resolve_device, to_device  # noqa: E402
 
 N, D, C = 60_000, 784, 10
 LR = 0.1

@@ -76,18 +76,14 @@ def case(request) -> Case:
     return Case(device, dtype)
 
 
-def tolerance(dtype_name: str, *, numerical: bool = False) -> float:
-    """Relative tolerance for comparing a result in ``dtype_name`` with a float64 reference.
-
-    100 ulps of the dtype covers rounding in short reductions and matmuls.  A
-    float64 centered-difference reference (h = 1e-5) is itself good to about
-    1e-10 relative; ``numerical=True`` allows 1e-7 for it.
-    """
-    rtol = 100 * float(np.finfo(dtype_name).eps)
-    return max(rtol, 1e-7) if numerical else rtol
+def tolerance(dtype_name: str) -> float:
+    """Relative tolerance for comparing a result in ``dtype_name`` with a float64 reference:
+    100 ulps of the dtype, which covers rounding in short reductions and matmuls.  (Numerical
+    gradients are compared by xpnet.check_layer / check_gradients, with their own tolerances.)"""
+    return 100 * float(np.finfo(dtype_name).eps)
 
 
-def assert_close(actual, expected, dtype_name: str, *, numerical: bool = False, what: str = ""):
+def assert_close(actual, expected, dtype_name: str, *, what: str = ""):
     """Compare an array of any backend with a host float64 reference, at a dtype tolerance.
 
     The absolute part of the tolerance scales with the reference's largest
@@ -97,7 +93,7 @@ def assert_close(actual, expected, dtype_name: str, *, numerical: bool = False, 
     actual = to_numpy(actual).astype(np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    rtol = tolerance(dtype_name, numerical=numerical)
+    rtol = tolerance(dtype_name)
     scale = float(np.max(np.abs(expected))) if expected.size else 0.0
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-30),
                                err_msg=what)
