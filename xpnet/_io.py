@@ -38,10 +38,29 @@ def atomic_write(path, mode: str = "wb"):
             os.close(dir_fd)
 
 
+# -- reading untrusted files -------------------------------------------------------------------
+
+# Deflate expands data by at most about 1032:1: a compressed stream or zip entry that claims
+# more is corrupt, and is rejected before anything that size is allocated.
+MAX_DEFLATE_RATIO = 1032
+_CHUNK = 1 << 22
+
+
+def read_exact(stream, n: int, what: str) -> bytes:
+    """Exactly ``n`` bytes from ``stream``, read in chunks so that memory grows only as data
+    arrives (never to what a header merely claims); ValueError naming ``what`` if it ends first."""
+    chunks, got = [], 0
+    while got < n:
+        chunk = stream.read(min(_CHUNK, n - got))
+        if not chunk:
+            raise ValueError(f"truncated: {what} needs {n} bytes, the file holds {got}")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
 # -- .npz archives with a JSON header, read without trusting them -----------------------------
 
-# Deflate expands data by at most about 1032:1; a zip entry declaring more is corrupt.
-_MAX_DEFLATE_RATIO = 1032
 HEADER_KEY = "__xpnet__"
 
 
@@ -79,7 +98,7 @@ def read_npz(path, *, max_bytes: int | None = None):
             for info in zf.infolist():
                 if not info.filename.endswith(".npy") or info.is_dir():
                     raise ValueError(f"unexpected entry {info.filename!r}")
-                ratio = 1 if info.compress_type == zipfile.ZIP_STORED else _MAX_DEFLATE_RATIO
+                ratio = 1 if info.compress_type == zipfile.ZIP_STORED else MAX_DEFLATE_RATIO
                 if info.file_size > ratio * max(info.compress_size, 1) or info.compress_size > size:
                     raise ValueError(f"entry {info.filename!r} declares {info.file_size} bytes, "
                                      f"more than its {info.compress_size} stored bytes can hold")
@@ -102,17 +121,11 @@ def read_npz(path, *, max_bytes: int | None = None):
                         raise ValueError(f"entry {info.filename!r}: shape {shape} of {dtype} is "
                                          f"{nbytes} bytes, the entry holds "
                                          f"{info.file_size - member.tell()}")
-                    chunks, got = [], 0
-                    while got < nbytes:
-                        chunk = member.read(min(1 << 22, nbytes - got))
-                        if not chunk:
-                            raise ValueError(f"entry {info.filename!r} is truncated")
-                        chunks.append(chunk)
-                        got += len(chunk)
+                    data = read_exact(member, nbytes, f"entry {info.filename!r}")
                     if member.read(1):  # reading to the end also makes zipfile check the CRC
                         raise ValueError(f"entry {info.filename!r} has bytes after its data")
                 order = "F" if fortran else "C"
-                arrays[info.filename[:-4]] = np.frombuffer(b"".join(chunks), dtype=dtype).reshape(
+                arrays[info.filename[:-4]] = np.frombuffer(data, dtype=dtype).reshape(
                     shape, order=order).copy()
     except FileNotFoundError:
         raise

@@ -14,7 +14,6 @@ import gzip
 import hashlib
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -22,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ._io import MAX_DEFLATE_RATIO, atomic_write, read_exact
 
 __all__ = ["DATASETS", "DatasetNotFoundError", "fetch", "find_dataset", "load_idx", "load_mnist"]
 
@@ -34,10 +35,6 @@ _IDX_DTYPES = {
     0x0D: np.dtype(">f4"),
     0x0E: np.dtype(">f8"),
 }
-# Deflate cannot expand data by more than about 1032:1; a gzip member whose IDX header claims
-# more than that is corrupt, and is rejected before anything that size is allocated.
-_MAX_DEFLATE_RATIO = 1032
-_CHUNK = 1 << 22
 SYSTEM_DATA_DIR = Path("/usr/share/datasets")  # where Debian's dataset packages install
 
 
@@ -115,17 +112,6 @@ def _parse_header(head: bytes, path) -> tuple:
     return _IDX_DTYPES[code], ndim
 
 
-def _read_exact(stream, n: int, path, what: str) -> bytes:
-    chunks, got = [], 0
-    while got < n:
-        chunk = stream.read(min(_CHUNK, n - got))
-        if not chunk:
-            raise ValueError(f"{path}: truncated: {what} needs {n} bytes, the file holds {got}")
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
-
-
 def load_idx(path) -> np.ndarray:
     """Read an IDX file (gzipped or raw) into a NumPy array in native byte order.
 
@@ -149,23 +135,30 @@ def load_idx(path) -> np.ndarray:
         compressed = raw.read(2) == b"\x1f\x8b"
         raw.seek(0)
         stream = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
+
+        def read(n: int, what: str) -> bytes:
+            try:
+                return read_exact(stream, n, what)
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}") from None
+
         try:
             dtype, ndim = _parse_header(stream.read(4), path)
-            dims = np.frombuffer(_read_exact(stream, 4 * ndim, path, "the dimension list"), ">u4")
+            dims = np.frombuffer(read(4 * ndim, "the dimension list"), ">u4")
             shape = tuple(int(d) for d in dims)
             count = 1
             for d in shape:
                 count *= d
             nbytes = count * dtype.itemsize
             header = 4 + 4 * ndim
-            limit = size * _MAX_DEFLATE_RATIO if compressed else size - header
+            limit = size * MAX_DEFLATE_RATIO if compressed else size - header
             if nbytes > limit:
                 kind = f"at most {limit} bytes uncompressed" if compressed else f"{limit} bytes"
                 raise ValueError(
                     f"{path}: header claims shape {shape} of {dtype.name} = {nbytes} bytes of data, "
                     f"but the file can hold {kind}: truncated or corrupt"
                 )
-            data = _read_exact(stream, nbytes, path, f"shape {shape} of {dtype.name}")
+            data = read(nbytes, f"shape {shape} of {dtype.name}")
             extra = stream.read(1)
             if extra:
                 raise ValueError(
@@ -174,6 +167,7 @@ def load_idx(path) -> np.ndarray:
                 )
         except (OSError, EOFError, zlib.error) as exc:
             raise ValueError(f"{path}: corrupt gzip stream: {exc}") from None
+
     return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -226,31 +220,31 @@ def _default_download_dir(name: str, data_dir) -> Path:
     return Path(env) / name if env else Path.home() / ".cache" / "xpnet" / name
 
 
+class _ChecksumMismatch(Exception):
+    pass
+
+
 def _fetch_verified(urls, sha256: str, dest: Path, timeout: float, quiet: bool) -> None:
-    """Download the first URL that answers with the right SHA-256, to ``dest``, atomically."""
+    """Download the first URL that answers with the right SHA-256 to ``dest``: the file
+    appears, complete and verified, or not at all (an atomic write that a mismatch aborts)."""
     errors = []
     for url in urls:
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
         try:
-            digest = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            with urllib.request.urlopen(url, timeout=timeout) as resp, atomic_write(dest) as out:
                 if not quiet:
                     print(f"downloading {url}", file=sys.stderr)
+                digest = hashlib.sha256()
                 while chunk := resp.read(1 << 20):
                     digest.update(chunk)
                     out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            if digest.hexdigest() != sha256:
-                errors.append(f"{url}: SHA-256 {digest.hexdigest()} does not match the pinned {sha256}")
-                continue
-            os.replace(tmp, dest)  # complete and verified: only now does dest appear
+                if digest.hexdigest() != sha256:
+                    raise _ChecksumMismatch(
+                        f"{url}: SHA-256 {digest.hexdigest()} does not match the pinned {sha256}")
             return
+        except _ChecksumMismatch as exc:
+            errors.append(str(exc))
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
             errors.append(f"{url}: {exc}")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     raise ValueError(f"could not download {dest.name}:\n  " + "\n  ".join(errors))
 
 
