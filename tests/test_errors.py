@@ -189,7 +189,7 @@ CASES = [
     Case("label count differs from the samples", lambda a: _fit(a["x"], a["t"][:3]), ValueError,
          "x_train has 4 samples but t_train has 3", std),
     Case("training labels out of range", lambda a: _fit(a["x"], a["t"] * 2), ValueError,
-         r"labels in \[0, 4\], outside \[0, 3\)", std),
+         r"t_train holds class labels outside \[0, 3\): 2 bad value\(s\), e.g. \[4, 4\]", std),
     Case("checkpoint_every without a path", lambda a: xpnet.Trainer(net(), xpnet.SGD(0.1),
          checkpoint_every=5), ValueError, "checkpoint_every needs a checkpoint path"),
     # --- gradient checker ---------------------------------------------------------------------

@@ -131,7 +131,7 @@ def test_trainer_rejects_bad_settings(kwargs, exc, match):
         (np.ones((4, 2), np.uint8), np.zeros(4, np.int64), TypeError, "dtype uint8.*x / 255"),
         (np.ones((4, 3), np.float32), np.zeros(4, np.int64), ValueError, "input size is 2"),
         (np.ones((4, 2), np.float32), np.zeros(5, np.int64), ValueError, "4 samples but t_train has 5"),
-        (np.ones((4, 2), np.float32), np.array([0, 1, 2, 3]), ValueError, r"outside \[0, 3\)"),
+        (np.ones((4, 2), np.float32), np.array([0, 1, 2, 3]), ValueError, r"t_train holds class labels outside \[0, 3\)"),
         (np.ones((4, 2), np.float32), np.zeros((4, 1), np.int64), ValueError, r"shape \(N,\)"),
         (np.ones((0, 2), np.float32), np.zeros(0, np.int64), ValueError, "non-empty"),
     ],

@@ -47,6 +47,7 @@ __all__ = [
     "dtype_name",
     "is_array",
     "is_dtype",
+    "is_scalar",
     "is_writable",
     "namespace",
     "resolve_device",
@@ -279,7 +280,8 @@ def device_of(x) -> Device:
     return Device(library, name, array_api_compat.array_namespace(x), array_api_compat.device(x))
 
 
-def _is_scalar(x) -> bool:
+def is_scalar(x) -> bool:
+    """True for a Python number (bool, int, float, complex), False for arrays and NumPy scalars."""
     return isinstance(x, (bool, numbers.Number)) and not isinstance(x, np.generic)
 
 
@@ -322,7 +324,7 @@ def _checked_namespace(arrays, named_arrays):
     first_name = first_lib = first_dev = None
     first = None
     for name, a in items:
-        if a is None or _is_scalar(a):
+        if a is None or is_scalar(a):
             continue
         library = _library_of(a)
         if library is None:
@@ -413,7 +415,7 @@ def to_numpy(x) -> np.ndarray:
         strict = _import("array_api_strict")
         host = x.to_device(strict.Device("CPU_DEVICE"))
         return np.array(np.asarray(host), copy=True)
-    if isinstance(x, np.generic) or _is_scalar(x) or isinstance(x, (list, tuple)):
+    if isinstance(x, np.generic) or is_scalar(x) or isinstance(x, (list, tuple)):
         return np.array(x)
     raise TypeError(
         "to_numpy() expects a NumPy, CuPy, torch or array_api_strict array, "

@@ -96,7 +96,8 @@ def softmax(x, axis: int = -1):
     return softmax_and_log_softmax(x, axis)[0]
 
 
-def _check_label_range(xp, t, num_classes: int, name: str) -> None:
+def check_label_range(xp, t, num_classes: int, name: str) -> None:
+    """Raise ValueError, naming ``name`` and some bad values, unless every label is in [0, C)."""
     # One reduction and one read back to the host; callers on a hot path check once, up front.
     if bool(xp.any((t < 0) | (t >= num_classes))):
         host = to_numpy(t)
@@ -134,7 +135,7 @@ def one_hot(t, num_classes: int, *, dtype=None, check_labels: bool = True):
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if check_labels:
-        _check_label_range(xp, t, num_classes, "t")
+        check_label_range(xp, t, num_classes, "t")
     if dtype is None:
         dtype = xp.__array_namespace_info__().default_dtypes(device=t.device)["real floating"]
     return xpx.one_hot(t, num_classes, dtype=dtype, xp=xp)

@@ -10,9 +10,8 @@ No layer writes into an argument: ``backward`` returns new arrays.
 from __future__ import annotations
 
 import math
-import numbers
 
-from .backend import dtype_name, is_writable, namespace
+from .backend import dtype_name, is_scalar, is_writable, namespace
 from .functional import (
     check_array,
     check_logits,
@@ -59,17 +58,13 @@ def _check_dout(xp, dout, out_shape, dtype, layer) -> None:
         )
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, numbers.Number) and not hasattr(v, "shape")
-
-
 def _sum_to(g, like):
     """Reduce gradient ``g`` to the shape of the forward operand ``like`` (undo broadcasting)."""
-    if _is_number(like):
-        if _is_number(g):
+    if is_scalar(like):
+        if is_scalar(g):
             return g
         return namespace(g=g).sum(g)
-    if _is_number(g) or tuple(g.shape) == tuple(like.shape):
+    if is_scalar(g) or tuple(g.shape) == tuple(like.shape):
         return g
     xp = namespace(g=g)
     lead = g.ndim - like.ndim
@@ -91,7 +86,7 @@ class Mul:
         self.y = None
 
     def forward(self, x, y):
-        if not (_is_number(x) and _is_number(y)):
+        if not (is_scalar(x) and is_scalar(y)):
             namespace(x=x, y=y)  # same library and device, or a clear error
         self.x, self.y = x, y
         return x * y
@@ -114,7 +109,7 @@ class Add:
         self.y = None
 
     def forward(self, x, y):
-        if not (_is_number(x) and _is_number(y)):
+        if not (is_scalar(x) and is_scalar(y)):
             namespace(x=x, y=y)
         # Only the operands' shapes matter for backward; keep a zero-size stand-in, not the data.
         self.x, self.y = _shape_of(x), _shape_of(y)
@@ -137,12 +132,12 @@ class _Shape:
 
 
 def _shape_of(v):
-    return v if _is_number(v) else _Shape(v.shape)
+    return v if is_scalar(v) else _Shape(v.shape)
 
 
 def _copy_grad(dout, like):
     g = _sum_to(dout, like)
-    if g is dout and not _is_number(g):
+    if g is dout and not is_scalar(g):
         g = namespace(dout=dout).asarray(g, copy=True)
     return g
 
@@ -357,7 +352,7 @@ class SoftmaxWithLoss:
     def backward(self, dout=1):
         _require_forward(self, self.y)
         y = self.y
-        if _is_number(dout):
+        if is_scalar(dout):
             scale = float(dout) / y.shape[0]
         else:
             xp = namespace(dout=dout, y=y)

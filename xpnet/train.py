@@ -27,6 +27,7 @@ import numpy as np
 
 from ._io import atomic_write, read_npz, remove_stale_temps, write_npz
 from .backend import dtype_name, is_dtype, namespace, to_device, to_numpy
+from .functional import check_label_range
 
 __all__ = ["DivergenceError", "History", "Trainer"]
 
@@ -220,11 +221,7 @@ class Trainer:
             if t.ndim != 1:
                 raise ValueError(f"{t_name} labels must have shape (N,), got {tuple(t.shape)}")
             if classes is not None:
-                lo, hi = int(xp.min(t)), int(xp.max(t))
-                if lo < 0 or hi >= classes:
-                    raise ValueError(
-                        f"{t_name} holds labels in [{lo}, {hi}], outside [0, {classes})"
-                    )
+                check_label_range(xp, t, classes, t_name)
             t_dev = to_device(t, self.net.device, dtype="int64")
         elif is_dtype(xp, t.dtype, "real floating"):
             if t.ndim != 2 or (classes is not None and t.shape[1] != classes):
