@@ -68,6 +68,17 @@ class Parameters(MutableMapping):
     def __delitem__(self, name):
         raise TypeError("a network's parameters cannot be removed")
 
+    def move(self, convert) -> None:
+        """Replace every array by ``convert(array)``, which may change its device and dtype.
+        All are converted before any is replaced: a failure leaves the net as it was."""
+        converted = {name: convert(self[name]) for name in self._slots}
+        for name, (owner, attr) in self._slots.items():
+            setattr(owner, attr, converted[name])
+
+    def gradients(self) -> dict:
+        """The owners' gradients from their last backward: ``{name: d<attribute>}``."""
+        return {name: getattr(owner, "d" + attr) for name, (owner, attr) in self._slots.items()}
+
     def __iter__(self):
         return iter(self._slots)
 
@@ -178,10 +189,7 @@ class MultiLayerNet:
         As with ``torch.nn.Module.to``, create the optimizer after moving the net.
         """
         dev = resolve_device(device)
-        moved = {k: to_device(v, dev, dtype=dtype) for k, v in self.params.items()}
-        for name, value in moved.items():
-            owner, attr = self.params._slots[name]
-            setattr(owner, attr, value)
+        self.params.move(lambda value: to_device(value, dev, dtype=dtype))
         self._reset_caches()
         return self
 
@@ -244,8 +252,7 @@ class MultiLayerNet:
         dout = self.last_layer.backward(1.0)
         for layer in reversed(self.layers.values()):
             dout = layer.backward(dout)
-        grads = {name: getattr(owner, "d" + attr) for name, (owner, attr) in self.params._slots.items()}
-        return loss, grads
+        return loss, self.params.gradients()
 
     def numerical_gradient(self, x, t) -> dict:
         """Centered-difference gradients, computed on a float64 host copy of the net
@@ -308,8 +315,7 @@ class MultiLayerNet:
                 raise ValueError(f"{path}: {name} has dtype {a.dtype}, expected a float dtype")
             if not np.all(np.isfinite(a)):
                 raise ValueError(f"{path}: {name} holds NaN or infinite values")
-            owner, attr = net.params._slots[name]
-            setattr(owner, attr, to_device(a, device, dtype=net.dtype, copy=True))
+            net.params[name] = to_device(a, device, dtype=net.dtype, copy=True)
         return net
 
 
