@@ -50,18 +50,18 @@ class Optimizer:
             raise ValueError(
                 f"grads must have the keys of params: missing {missing}, unexpected {extra}"
             )
+        spaces = {}  # every pair is checked before any parameter changes
         for name in params:
             p, g = params[name], grads[name]
-            namespace(**{f"params[{name!r}]": p, f"grads[{name!r}]": g})
+            spaces[name] = namespace(**{f"params[{name!r}]": p, f"grads[{name!r}]": g})
             if tuple(g.shape) != tuple(p.shape):
                 raise ValueError(
                     f"grads[{name!r}] has shape {tuple(g.shape)}, params[{name!r}] has "
                     f"{tuple(p.shape)}"
                 )
         self.steps += 1
-        for name in params:
+        for name, xp in spaces.items():
             p = params[name]
-            xp = namespace(p=p)
             delta = self._step(xp, name, p, grads[name])
             if is_writable(p):
                 p += delta
