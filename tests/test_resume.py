@@ -26,15 +26,16 @@ def _run(tmp_path, *, ckpt=None, every=None, resume=None, stop_at=None, seed_ini
     net = xpnet.MultiLayerNet([2, 32, 3], seed=seed_init)
     opt = optimizer(0.01)
     if stop_at is not None:  # a crash right after optimizer step `stop_at`
-        update, calls = opt.update, []
+        train_step, calls = net.train_step, []
 
-        def crashing(params, grads):
-            update(params, grads)
+        def crashing(x, t, optimizer):
+            loss = train_step(x, t, optimizer)
             calls.append(1)
             if len(calls) == stop_at:
                 raise RuntimeError("simulated crash")
+            return loss
 
-        opt.update = crashing
+        net.train_step = crashing
     trainer = xpnet.Trainer(net, opt, batch_size=32, epochs=epochs, seed=5, progress=False,
                             checkpoint=ckpt, checkpoint_every=every)
     return net, trainer.fit(x, t, x[:50], t[:50], resume=resume)

@@ -32,11 +32,14 @@ from __future__ import annotations
 
 import importlib
 import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import array_api_compat
 import numpy as np
+
+from . import _blas
 
 __all__ = [
     "BackendUnavailableError",
@@ -49,6 +52,7 @@ __all__ = [
     "is_dtype",
     "is_scalar",
     "is_writable",
+    "matmul_accumulate",
     "namespace",
     "resolve_device",
     "resolve_dtype",
@@ -250,6 +254,65 @@ def is_array(x) -> bool:
 def is_writable(x) -> bool:
     """Whether ``x`` can be updated in place (False for read-only NumPy arrays, JAX, ...)."""
     return bool(array_api_compat.is_writeable_array(x))
+
+
+def _fits_blas(x, dtype) -> bool:
+    flags = x.flags
+    return x.dtype == dtype and flags.c_contiguous and flags.aligned
+
+
+def matmul_accumulate(c, a, b, alpha: float, *, trans_a: bool = False, trans_b: bool = False):
+    """``c + alpha * op(a) @ op(b)``, written into ``c`` where ``c`` is writable.
+
+    ``op(a)`` is ``a.T`` when ``trans_a`` (likewise for b).  This is the plain SGD
+    step ``W -= lr * x^T dout`` without a gradient array: on NumPy built with
+    scipy-openblas it is one BLAS gemm with ``beta = 1`` (see :mod:`xpnet._blas`),
+    on torch ``addmm_``, elsewhere the product is added in place, or, for arrays
+    that cannot be written, a new array is returned.
+
+    Parameters
+    ----------
+    c : array (m, n), real floating
+    a : array (m, k), or (k, m) with ``trans_a``; c's dtype, library and device
+    b : array (k, n), or (n, k) with ``trans_b``; likewise
+    alpha : float
+
+    Returns
+    -------
+    The updated ``c`` itself, or a new array where ``c`` is read-only.
+    """
+    xp = namespace(c=c, a=a, b=b)
+    for name, x in (("c", c), ("a", a), ("b", b)):
+        if x.ndim != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
+        if x.dtype != c.dtype or not is_dtype(xp, x.dtype, "real floating"):
+            raise TypeError(f"c, a and b must share one real floating dtype, got "
+                            f"{dtype_name(c.dtype)}, {dtype_name(a.dtype)}, {dtype_name(b.dtype)}")
+    (m, k), (k2, n) = (a.shape[::-1] if trans_a else a.shape), (b.shape[::-1] if trans_b else b.shape)
+    if k != k2 or tuple(c.shape) != (m, n):
+        raise ValueError(f"op(a) @ op(b) is ({m}, {k}) @ ({k2}, {n}), which does not give c of "
+                         f"shape {tuple(c.shape)} (a {tuple(a.shape)}, trans_a={trans_a}; "
+                         f"b {tuple(b.shape)}, trans_b={trans_b})")
+    alpha = float(alpha)
+    if isinstance(c, np.ndarray):
+        gemm = _blas.gemm(c.dtype)
+        if (gemm is not None and m * n * k and c.flags.writeable and _fits_blas(c, c.dtype)
+                and _fits_blas(a, c.dtype) and _fits_blas(b, c.dtype)
+                and not np.may_share_memory(c, a) and not np.may_share_memory(c, b)):
+            gemm(c, a, trans_a, b, trans_b, alpha)
+            return c
+    op_a, op_b = (a.T if trans_a else a), (b.T if trans_b else b)
+    if _library_of(c) == "torch" and is_writable(c):
+        return c.addmm_(op_a, op_b, alpha=alpha)
+    product = op_a @ op_b
+    if not is_writable(c):
+        return c + alpha * product
+    if is_writable(product):
+        product *= alpha  # a new array of ours: scale it in place, no temporary
+        c += product
+    else:
+        c += alpha * product
+    return c
 
 
 def _device_name(library: str, x) -> str:
@@ -469,7 +532,8 @@ def available_backends() -> list[dict]:
 
     Returns a list of dicts with keys ``library``, ``version`` (None when not
     installed), ``devices`` (device strings usable here) and ``note`` (why a
-    library or its GPU is unavailable, or an empty string).  Never raises.
+    library or its GPU is unavailable; for NumPy, whether the BLAS fast path of
+    :func:`matmul_accumulate` is there).  Never raises.
     """
     report = []
     for library in ("numpy", "array_api_strict", "torch", "cupy"):
@@ -485,6 +549,9 @@ def available_backends() -> list[dict]:
         entry["version"] = getattr(module, "__version__", "unknown")
         if library == "numpy":
             entry["devices"] = ["cpu"]
+            blas = _blas.library()
+            entry["note"] = (f"fused SGD step through its BLAS, {os.path.basename(blas)}" if blas
+                             else "no BLAS fast path: the fused SGD step uses NumPy's matmul")
         elif library == "array_api_strict":
             entry["devices"] = [
                 f"array_api_strict:{d._device}"

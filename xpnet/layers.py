@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from .backend import dtype_name, is_scalar, is_writable, namespace
+from .backend import dtype_name, is_scalar, is_writable, matmul_accumulate, namespace
 from .functional import (
     check_array,
     check_logits,
@@ -296,18 +296,46 @@ class Affine:
             return out
         return out + self.b
 
-    def backward(self, dout):
+    def _check_backward(self, dout):
         _require_forward(self, self.x)
-        W = self.W
-        xp = namespace(dout=dout, W=W)
-        _check_dout(xp, dout, (self.x.shape[0], W.shape[1]), W.dtype, self)
+        xp = namespace(dout=dout, W=self.W)
+        _check_dout(xp, dout, (self.x.shape[0], self.W.shape[1]), self.W.dtype, self)
+        return xp
+
+    def _dx(self, xp, dout):
+        if not self.input_grad:
+            return None
+        dx = dout @ self.W.T
+        return dx if len(self.x_shape) == 2 else xp.reshape(dx, self.x_shape)
+
+    def backward(self, dout):
+        xp = self._check_backward(dout)
         # out = x W + b  =>  dx = dout W^T,  dW = x^T dout,  db = sum_n dout
         self.dW = self.x.T @ dout
         self.db = xp.sum(dout, axis=0)
-        if not self.input_grad:
-            return None
-        dx = dout @ W.T
-        return dx if len(self.x_shape) == 2 else xp.reshape(dx, self.x_shape)
+        return self._dx(xp, dout)
+
+    def backward_sgd(self, dout, lr: float):
+        """:meth:`backward` fused with the plain SGD step ``W -= lr dW``, ``b -= lr db``.
+
+        Returns dx, computed with the weights before the step.  ``W`` and ``b``
+        are updated in place where they are writable (rebound otherwise), and dW
+        is never materialized: ``W += -lr x^T dout`` is one accumulating matrix
+        product (:func:`xpnet.backend.matmul_accumulate`), which spares the
+        passes over W that a separate update costs.  ``dW`` and ``db`` are left
+        as None.
+        """
+        xp = self._check_backward(dout)
+        lr = float(lr)
+        dx = self._dx(xp, dout)  # before W changes
+        self.W = matmul_accumulate(self.W, self.x, dout, -lr, trans_a=True)
+        step = lr * xp.sum(dout, axis=0)
+        if is_writable(self.b):
+            self.b -= step
+        else:
+            self.b = self.b - step
+        self.dW = self.db = None
+        return dx
 
 
 class SoftmaxWithLoss:

@@ -254,6 +254,29 @@ class MultiLayerNet:
             dout = layer.backward(dout)
         return loss, self.params.gradients()
 
+    def train_step(self, x, t, optimizer):
+        """One optimizer step on the batch ``(x, t)``; returns its loss (before the step).
+
+        The same as ``loss, grads = loss_and_gradient(x, t)`` followed by
+        ``optimizer.update(params, grads)``, except with plain SGD, whose step is
+        fused into the backward pass (:meth:`Affine.backward_sgd`): every dx is
+        computed with the weights before the step, and then ``W -= lr x^T dout``
+        is one accumulating matrix product, with no gradient array.  The
+        weights then differ from the unfused update by rounding only (a few
+        units in the last place per step).
+        """
+        lr = optimizer.sgd_lr() if hasattr(optimizer, "sgd_lr") else None
+        if lr is None:
+            loss, grads = self.loss_and_gradient(x, t)
+            optimizer.update(self.params, grads)
+            return loss
+        loss = self.loss(x, t)
+        dout = self.last_layer.backward(1.0)
+        for layer in reversed(self.layers.values()):
+            dout = layer.backward_sgd(dout, lr) if isinstance(layer, Affine) else layer.backward(dout)
+        optimizer.steps += 1
+        return loss
+
     def numerical_gradient(self, x, t) -> dict:
         """Centered-difference gradients, computed on a float64 host copy of the net
         (see :func:`xpnet.gradcheck.numerical_gradients`); returned like :meth:`gradient`,

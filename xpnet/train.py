@@ -313,11 +313,13 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def _loss_and_gradient(self, xb, tb):
-        net = self.net
-        if hasattr(net, "loss_and_gradient"):
-            return net.loss_and_gradient(xb, tb)
-        return net.loss(xb, tb), net.gradient(xb, tb)
+    def _train_step(self, xb, tb):
+        net, opt = self.net, self.optimizer
+        if hasattr(net, "train_step"):
+            return net.train_step(xb, tb, opt)
+        loss, grads = net.loss(xb, tb), net.gradient(xb, tb)
+        opt.update(net.params, grads)
+        return loss
 
     @staticmethod
     def _drain(xp, pending: list, epoch: int, first_step: int) -> float:
@@ -401,9 +403,8 @@ class Trainer:
                     for step in range(position.step, steps):
                         ids = order[step * b:min((step + 1) * b, n)]  # in-bounds stop: standard
                         xb, tb = xp.take(x, ids, axis=0), xp.take(t, ids, axis=0)
-                        loss, grads = self._loss_and_gradient(xb, tb)
+                        loss = self._train_step(xb, tb)
                         pending.append(loss * ids.shape[0])
-                        opt.update(net.params, grads)
                         position.global_step += 1
                         due = self.checkpoint_every and position.global_step % self.checkpoint_every == 0
                         if due or interrupt.requested or (shown and (step + 1) % self.log_every == 0):
