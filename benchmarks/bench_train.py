@@ -3,7 +3,8 @@
 One SGD epoch on 60,000 samples of 784 features, 10 classes (seeded random data; the
 values do not change the work), for each configuration:
 
-* xpnet through its Trainer, on every backend asked for (``--backends``);
+* xpnet through its Trainer, on every backend asked for (``--backends``), and on NumPy
+  once more with its BLAS fast path off (what the fused SGD step gains from it);
 * the seeds' NumPy implementation (``seeds_numpy.py``: layer classes as in the notes);
 * PyTorch eager with autograd (``nn.Linear`` layers, ``F.cross_entropy``, ``torch.optim.SGD``);
 * the floor: only the five matrix products a step cannot avoid (x W1, h W2, dW2 = h^T dout,
@@ -36,6 +37,7 @@ import seeds_numpy  # noqa: E402
 from machine import describe  # noqa: E402
 
 import xpnet  # noqa: E402
+from xpnet import _blas  # noqa: E402
 from xpnet.backend import BackendUnavailableError, resolve_device, to_device  # noqa: E402
 
 N, D, C = 60_000, 784, 10
@@ -56,13 +58,22 @@ def make_data(seed: int = 0):
 # -- contenders: each returns a function that runs one epoch and returns its seconds ----------
 
 
-def xpnet_epoch(sizes, batch, device, x, t):
+def xpnet_epoch(sizes, batch, device, x, t, *, blas_fast_path=True):
+    """xpnet's Trainer; ``blas_fast_path=False`` runs it with the BLAS gemm of
+    ``backend.matmul_accumulate`` turned off (NumPy's matmul, then an in-place add)."""
     net = xpnet.MultiLayerNet(sizes, weight_init="he", device=device, dtype="float32")
     trainer = xpnet.Trainer(net, xpnet.SGD(LR), batch_size=batch, epochs=1, progress=False)
     x_dev, t_dev = to_device(x, device), to_device(t, device)
 
     def run():
-        return trainer.fit(x_dev, t_dev).seconds[0]
+        _blas.library()
+        calls = _blas._state["calls"]
+        if not blas_fast_path:
+            _blas._state["calls"] = {}
+        try:
+            return trainer.fit(x_dev, t_dev).seconds[0]
+        finally:
+            _blas._state["calls"] = calls
 
     return run
 
@@ -205,6 +216,9 @@ def main() -> None:
         contenders = {}
         for dev in backends:
             contenders[f"xpnet {dev}"] = (xpnet_epoch(sizes, batch, dev, x, t), dev)
+            if dev == "cpu" and _blas.library() is not None:
+                contenders["xpnet cpu, no BLAS fast path"] = (
+                    xpnet_epoch(sizes, batch, dev, x, t, blas_fast_path=False), dev)
         seeds = seeds_epoch(sizes, batch, x, t)
         if seeds is not None:
             contenders["seeds-style NumPy"] = (seeds, "cpu")
