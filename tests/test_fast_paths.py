@@ -12,7 +12,13 @@ from conftest import Case, assert_close
 
 import xpnet
 from xpnet import _blas
-from xpnet.backend import DeviceMismatchError, matmul_accumulate, resolve_device, to_numpy
+from xpnet.backend import (
+    DeviceMismatchError,
+    matmul_accumulate,
+    matmul_add,
+    resolve_device,
+    to_numpy,
+)
 from xpnet.optim import make_optimizer
 
 TRANSPOSES = [(False, False), (True, False), (False, True), (True, True)]
@@ -146,6 +152,48 @@ def test_matmul_accumulate_refuses_mixed_devices():
     a = d2.xp.ones((2, 2), device=d2.native)
     with pytest.raises(DeviceMismatchError, match="device1.*device2|device2.*device1"):
         matmul_accumulate(c, a, c, 1.0)
+
+
+def test_matmul_add_matches_float64(case, rng):
+    a, b, bias = rng.standard_normal((7, 9)), rng.standard_normal((9, 5)), rng.standard_normal(5)
+    args = [case.asarray(v) for v in (a, b, bias)]
+    before = [to_numpy(v) for v in args]
+    out = matmul_add(*args)
+    assert_close(out, a @ b + bias, case.dtype_name)
+    for arg, host in zip(args, before):
+        np.testing.assert_array_equal(to_numpy(arg), host)  # nothing written into an argument
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_matmul_add_fast_path_gives_the_portable_result(rng, dtype, monkeypatch):
+    _needs_blas()
+    calls = []
+    real = _blas._state["calls"][np.dtype(dtype)]
+    monkeypatch.setitem(_blas._state["calls"], np.dtype(dtype),
+                        lambda *args: (calls.append(1), real(*args)))
+    a, b = rng.standard_normal((256, 300)).astype(dtype), rng.standard_normal((300, 70)).astype(dtype)
+    bias = rng.standard_normal(70).astype(dtype)
+    fast = matmul_add(a, b, bias)
+    assert calls == [1]
+    monkeypatch.setitem(_blas._state, "calls", {})
+    slow = matmul_add(a, b, bias)
+    eps = np.finfo(dtype).eps
+    np.testing.assert_allclose(fast, slow, rtol=0, atol=8 * eps * np.max(np.abs(slow)))
+    assert fast.dtype == slow.dtype == np.dtype(dtype)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "dtypes", "exc", "match"),
+    [
+        (((3, 4), (5, 2), (2,)), ("float32",) * 3, ValueError, r"\(3, 4\), \(5, 2\) and \(2,\)"),
+        (((3, 4), (4, 2), (3,)), ("float32",) * 3, ValueError, r"bias \(n,\)"),
+        (((3, 4), (4, 2), (2,)), ("float32", "float32", "float64"), TypeError,
+         "float32, float32 and float64"),
+    ],
+)
+def test_matmul_add_errors(shapes, dtypes, exc, match):
+    with pytest.raises(exc, match=match):
+        matmul_add(*(np.ones(s, dtype=d) for s, d in zip(shapes, dtypes)))
 
 
 # -- the fused SGD step -------------------------------------------------------------------------

@@ -7,10 +7,13 @@ into a new array, then needs two more passes over C.  For a plain SGD step
 product and the update: the gradient is never materialized, and W is read and
 written once, while it is in cache (see ``benchmarks/bench_train.py``).
 
+The same call fuses an affine layer's bias: broadcast b into the output, then
+accumulate ``x W`` onto it, instead of a second pass ``out += b``.
+
 Only :mod:`xpnet.backend` uses this module, through
-:func:`xpnet.backend.matmul_accumulate`, which checks everything the BLAS call
-relies on (dtypes, shapes, contiguity, alignment, no overlap) and falls back to
-plain NumPy wherever :func:`gemm` is None.
+:func:`xpnet.backend.matmul_accumulate` and :func:`xpnet.backend.matmul_add`,
+which check everything the BLAS call relies on (dtypes, shapes, contiguity,
+alignment, no overlap) and fall back to plain NumPy wherever :func:`gemm` is None.
 
 Which library
 -------------

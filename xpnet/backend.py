@@ -53,6 +53,7 @@ __all__ = [
     "is_scalar",
     "is_writable",
     "matmul_accumulate",
+    "matmul_add",
     "namespace",
     "resolve_device",
     "resolve_dtype",
@@ -313,6 +314,49 @@ def matmul_accumulate(c, a, b, alpha: float, *, trans_a: bool = False, trans_b: 
     else:
         c += alpha * product
     return c
+
+
+def matmul_add(a, b, bias):
+    """``a @ b + bias``, with ``bias`` of shape (n,) added to every row: an affine layer.
+
+    Fused where the backend can: on NumPy with the BLAS fast path (see
+    :func:`matmul_accumulate`) the bias is broadcast into the output and the
+    product accumulated onto it by one gemm (no second pass over the output);
+    on torch ``addmm``; elsewhere the bias is added in place to the new product.
+
+    Parameters
+    ----------
+    a : array (m, k), real floating
+    b : array (k, n), a's dtype, library and device
+    bias : array (n,), likewise
+
+    Returns
+    -------
+    A new array (m, n).
+    """
+    namespace(a=a, b=b, bias=bias)
+    if a.ndim != 2 or b.ndim != 2 or bias.ndim != 1 or a.shape[1] != b.shape[0] \
+            or bias.shape[0] != b.shape[1]:
+        raise ValueError(f"a @ b + bias needs a (m, k), b (k, n) and bias (n,), got shapes "
+                         f"{tuple(a.shape)}, {tuple(b.shape)} and {tuple(bias.shape)}")
+    if not (a.dtype == b.dtype == bias.dtype):
+        raise TypeError(f"a, b and bias must share a dtype, got {dtype_name(a.dtype)}, "
+                        f"{dtype_name(b.dtype)} and {dtype_name(bias.dtype)}")
+    if isinstance(a, np.ndarray):
+        gemm = _blas.gemm(a.dtype)
+        if gemm is not None and a.size and b.size and _fits_blas(a, a.dtype) \
+                and _fits_blas(b, a.dtype):
+            out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
+            out[...] = bias
+            gemm(out, a, False, b, False, 1.0)
+            return out
+    elif _library_of(a) == "torch":
+        return bias.addmm(a, b)
+    out = a @ b
+    if is_writable(out):  # a fresh array of ours: add in place, one pass and no temporary
+        out += bias
+        return out
+    return out + bias
 
 
 def _device_name(library: str, x) -> str:

@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import math
 
-from .backend import dtype_name, is_scalar, is_writable, matmul_accumulate, namespace
+from .backend import (
+    dtype_name,
+    is_scalar,
+    is_writable,
+    matmul_accumulate,
+    matmul_add,
+    namespace,
+)
 from .functional import (
     check_array,
     check_logits,
@@ -290,11 +297,7 @@ class Affine:
             )
         x2 = x if x.ndim == 2 else xp.reshape(x, (n, d))
         self.x, self.x_shape = x2, tuple(x.shape)
-        out = x2 @ W
-        if is_writable(out):  # a fresh array of ours: add in place, one pass and no temporary
-            out += self.b
-            return out
-        return out + self.b
+        return matmul_add(x2, W, self.b)  # x W + b, the bias fused in where the backend can
 
     def _check_backward(self, dout):
         _require_forward(self, self.x)

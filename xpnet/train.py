@@ -146,7 +146,9 @@ class Trainer:
     Parameters
     ----------
     net : MultiLayerNet, TwoLayerNet, or an object with ``params``, ``gradient(x, t)``,
-        ``loss(x, t)``, ``accuracy(x, t)`` and a ``device`` / ``dtype``
+        ``loss(x, t)``, ``accuracy(x, t)`` and a ``device`` / ``dtype``.  Each step
+        calls its ``train_step(x, t, optimizer)`` where it has one (the nets' fuses
+        plain SGD into backprop), else ``loss``, ``gradient`` and ``optimizer.update``.
     optimizer : an :mod:`xpnet.optim` optimizer
     batch_size : int, default 100
     epochs : int, default 10
