@@ -594,8 +594,9 @@ def available_backends() -> list[dict]:
         if library == "numpy":
             entry["devices"] = ["cpu"]
             blas = _blas.library()
-            entry["note"] = (f"fused SGD step through its BLAS, {os.path.basename(blas)}" if blas
-                             else "no BLAS fast path: the fused SGD step uses NumPy's matmul")
+            entry["note"] = (f"BLAS fast path for the fused SGD step and bias: "
+                             f"{os.path.basename(blas)}" if blas
+                             else "no BLAS fast path: the fused SGD step and bias use NumPy's matmul")
         elif library == "array_api_strict":
             entry["devices"] = [
                 f"array_api_strict:{d._device}"
