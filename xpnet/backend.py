@@ -257,9 +257,9 @@ def is_writable(x) -> bool:
     return bool(array_api_compat.is_writeable_array(x))
 
 
-def _fits_blas(x, dtype) -> bool:
-    flags = x.flags
-    return x.dtype == dtype and flags.c_contiguous and flags.aligned
+def _fits_blas(x) -> bool:
+    # The layout xpnet._blas passes on (the dtypes were checked by the caller).
+    return x.flags.c_contiguous and x.flags.aligned
 
 
 def matmul_accumulate(c, a, b, alpha: float, *, trans_a: bool = False, trans_b: bool = False):
@@ -297,8 +297,8 @@ def matmul_accumulate(c, a, b, alpha: float, *, trans_a: bool = False, trans_b: 
     alpha = float(alpha)
     if isinstance(c, np.ndarray):
         gemm = _blas.gemm(c.dtype)
-        if (gemm is not None and m * n * k and c.flags.writeable and _fits_blas(c, c.dtype)
-                and _fits_blas(a, c.dtype) and _fits_blas(b, c.dtype)
+        if (gemm is not None and m * n * k and c.flags.writeable and _fits_blas(c)
+                and _fits_blas(a) and _fits_blas(b)
                 and not np.may_share_memory(c, a) and not np.may_share_memory(c, b)):
             gemm(c, a, trans_a, b, trans_b, alpha)
             return c
@@ -344,8 +344,7 @@ def matmul_add(a, b, bias):
                         f"{dtype_name(b.dtype)} and {dtype_name(bias.dtype)}")
     if isinstance(a, np.ndarray):
         gemm = _blas.gemm(a.dtype)
-        if gemm is not None and a.size and b.size and _fits_blas(a, a.dtype) \
-                and _fits_blas(b, a.dtype):
+        if gemm is not None and a.size and b.size and _fits_blas(a) and _fits_blas(b):
             out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
             out[...] = bias
             gemm(out, a, False, b, False, 1.0)
