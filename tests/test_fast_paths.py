@@ -13,6 +13,7 @@ from conftest import Case, assert_close
 import xpnet
 from xpnet import _blas
 from xpnet.backend import (
+    BLAS_MIN_OUTPUT,
     DeviceMismatchError,
     matmul_accumulate,
     matmul_add,
@@ -52,6 +53,15 @@ def test_matmul_accumulate_matches_float64(case, rng, trans_a, trans_b):
     assert_close(out, _reference(a, b, c, -0.3, trans_a, trans_b), case.dtype_name)
 
 
+def _count_blas_calls(monkeypatch, dtype):
+    """Record the fast path's gemm calls for ``dtype`` (they still run): returns the list."""
+    calls = []
+    real = _blas._state["calls"][np.dtype(dtype)]
+    monkeypatch.setitem(_blas._state["calls"], np.dtype(dtype),
+                        lambda *args: (calls.append(1), real(*args)))
+    return calls
+
+
 def _needs_blas():
     if _blas.library() is None:
         pytest.skip("this NumPy is not built with an ILP64 scipy-openblas: no BLAS fast path")
@@ -61,10 +71,7 @@ def _needs_blas():
 @pytest.mark.parametrize(("trans_a", "trans_b"), TRANSPOSES)
 def test_blas_fast_path_gives_the_portable_result(rng, dtype, trans_a, trans_b, monkeypatch):
     _needs_blas()
-    calls = []
-    real = _blas._state["calls"][np.dtype(dtype)]
-    monkeypatch.setitem(_blas._state["calls"], np.dtype(dtype),
-                        lambda *args: (calls.append(1), real(*args)))
+    calls = _count_blas_calls(monkeypatch, dtype)
     a, b, c = (v.astype(dtype) for v in _operands(rng, 300, 70, 129, trans_a, trans_b))
     fast = matmul_accumulate(c.copy(), a, b, -0.1, trans_a=trans_a, trans_b=trans_b)
     assert calls == [1]
@@ -91,13 +98,18 @@ def test_fast_path_can_be_turned_off_by_environment():
     assert out.stdout.strip() == "None"
 
 
-@pytest.mark.parametrize("layout", ["strided a", "fortran c", "c is a", "b views c"])
-def test_operands_blas_cannot_take_fall_back_to_numpy(rng, layout):
-    c = rng.standard_normal((6, 6)).astype(np.float32)
-    a = rng.standard_normal((6, 12)).astype(np.float32)[:, ::2]  # not contiguous
-    b = rng.standard_normal((6, 6)).astype(np.float32)
+@pytest.mark.parametrize("layout", ["fits", "strided a", "fortran c", "c is a", "b views c"])
+def test_operands_blas_cannot_take_fall_back_to_numpy(rng, layout, monkeypatch):
+    calls = _count_blas_calls(monkeypatch, "float32") if _blas.library() else None
+    n = 128  # c has n * n = BLAS_MIN_OUTPUT elements: only the layout can rule BLAS out
+    assert n * n == BLAS_MIN_OUTPUT
+    c = rng.standard_normal((n, n)).astype(np.float32)
+    a = rng.standard_normal((n, 2 * n)).astype(np.float32)[:, ::2]  # not contiguous
+    b = rng.standard_normal((n, n)).astype(np.float32)
+    if layout in ("fits", "fortran c"):
+        a = np.ascontiguousarray(a)
     if layout == "fortran c":
-        c, a = np.asfortranarray(c), np.ascontiguousarray(a)
+        c = np.asfortranarray(c)
     elif layout == "c is a":
         a = c
     elif layout == "b views c":
@@ -105,7 +117,22 @@ def test_operands_blas_cannot_take_fall_back_to_numpy(rng, layout):
     expected = c.astype(np.float64) + 0.5 * (a.astype(np.float64) @ b.astype(np.float64))
     out = matmul_accumulate(c, a, b, 0.5)
     assert out is c
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    if calls is not None:
+        assert calls == ([1] if layout == "fits" else [])
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("m", [BLAS_MIN_OUTPUT // 64 - 1, BLAS_MIN_OUTPUT // 64])
+def test_blas_fast_path_only_from_its_minimum_output_size(rng, m, monkeypatch):
+    # Below BLAS_MIN_OUTPUT elements of output NumPy's matmul is faster than the ctypes call.
+    _needs_blas()
+    calls = _count_blas_calls(monkeypatch, "float64")
+    a, b = rng.standard_normal((m, 30)), rng.standard_normal((30, 64))
+    c, bias = rng.standard_normal((m, 64)), rng.standard_normal(64)
+    expected_acc, expected_add = c - 2.0 * (a @ b), a @ b + bias
+    assert_close(matmul_accumulate(c, a, b, -2.0), expected_acc, "float64")
+    assert_close(matmul_add(a, b, bias), expected_add, "float64")
+    assert calls == ([] if m * 64 < BLAS_MIN_OUTPUT else [1, 1])
 
 
 def test_read_only_c_gives_a_new_array_and_stays_as_it_was(rng):
@@ -167,10 +194,7 @@ def test_matmul_add_matches_float64(case, rng):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_matmul_add_fast_path_gives_the_portable_result(rng, dtype, monkeypatch):
     _needs_blas()
-    calls = []
-    real = _blas._state["calls"][np.dtype(dtype)]
-    monkeypatch.setitem(_blas._state["calls"], np.dtype(dtype),
-                        lambda *args: (calls.append(1), real(*args)))
+    calls = _count_blas_calls(monkeypatch, dtype)
     a, b = rng.standard_normal((256, 300)).astype(dtype), rng.standard_normal((300, 70)).astype(dtype)
     bias = rng.standard_normal(70).astype(dtype)
     fast = matmul_add(a, b, bias)

@@ -262,14 +262,21 @@ def _fits_blas(x) -> bool:
     return x.flags.c_contiguous and x.flags.aligned
 
 
+# Outputs (elements) from which the BLAS call pays: calling it through ctypes costs ~6 us
+# more than NumPy's matmul, which the passes it saves over the output repay only from about
+# 16K elements on (benchmarks/bench_gemm.py measures the crossover).
+BLAS_MIN_OUTPUT = 1 << 14
+
+
 def matmul_accumulate(c, a, b, alpha: float, *, trans_a: bool = False, trans_b: bool = False):
     """``c + alpha * op(a) @ op(b)``, written into ``c`` where ``c`` is writable.
 
     ``op(a)`` is ``a.T`` when ``trans_a`` (likewise for b).  This is the plain SGD
     step ``W -= lr * x^T dout`` without a gradient array: on NumPy built with
-    scipy-openblas it is one BLAS gemm with ``beta = 1`` (see :mod:`xpnet._blas`),
-    on torch ``addmm_``, elsewhere the product is added in place, or, for arrays
-    that cannot be written, a new array is returned.
+    scipy-openblas it is one BLAS gemm with ``beta = 1`` (see :mod:`xpnet._blas`)
+    where c has at least ``BLAS_MIN_OUTPUT`` elements (below that, NumPy's matmul
+    and an in-place add are faster), on torch ``addmm_``, elsewhere the product is
+    added in place, or, for arrays that cannot be written, a new array is returned.
 
     Parameters
     ----------
@@ -297,8 +304,8 @@ def matmul_accumulate(c, a, b, alpha: float, *, trans_a: bool = False, trans_b: 
     alpha = float(alpha)
     if isinstance(c, np.ndarray):
         gemm = _blas.gemm(c.dtype)
-        if (gemm is not None and m * n * k and c.flags.writeable and _fits_blas(c)
-                and _fits_blas(a) and _fits_blas(b)
+        if (gemm is not None and m * n >= BLAS_MIN_OUTPUT and k and c.flags.writeable
+                and _fits_blas(c) and _fits_blas(a) and _fits_blas(b)
                 and not np.may_share_memory(c, a) and not np.may_share_memory(c, b)):
             gemm(c, a, trans_a, b, trans_b, alpha)
             return c
@@ -320,9 +327,10 @@ def matmul_add(a, b, bias):
     """``a @ b + bias``, with ``bias`` of shape (n,) added to every row: an affine layer.
 
     Fused where the backend can: on NumPy with the BLAS fast path (see
-    :func:`matmul_accumulate`) the bias is broadcast into the output and the
-    product accumulated onto it by one gemm (no second pass over the output);
-    on torch ``addmm``; elsewhere the bias is added in place to the new product.
+    :func:`matmul_accumulate`; outputs of ``BLAS_MIN_OUTPUT`` elements and more)
+    the bias is broadcast into the output and the product accumulated onto it by
+    one gemm (no second pass over the output); on torch ``addmm``; elsewhere the
+    bias is added in place to the new product.
 
     Parameters
     ----------
@@ -344,7 +352,8 @@ def matmul_add(a, b, bias):
                         f"{dtype_name(b.dtype)} and {dtype_name(bias.dtype)}")
     if isinstance(a, np.ndarray):
         gemm = _blas.gemm(a.dtype)
-        if gemm is not None and a.size and b.size and _fits_blas(a) and _fits_blas(b):
+        if (gemm is not None and a.shape[0] * b.shape[1] >= BLAS_MIN_OUTPUT and a.shape[1]
+                and _fits_blas(a) and _fits_blas(b)):
             out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
             out[...] = bias
             gemm(out, a, False, b, False, 1.0)
