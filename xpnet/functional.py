@@ -64,6 +64,17 @@ def sigmoid(x):
     return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
+def _shifted_exp(xp, x, axis: int):
+    """``(z, e, s)``: ``z = x - max(x)``, ``e = exp(z)``, ``s = sum(e)`` along ``axis`` (kept).
+
+    Shifting by the max means exp() cannot overflow (logits of 1000 stay finite),
+    and s >= 1, so log-sum-exp needs no epsilon inside the log.
+    """
+    z = x - xp.max(x, axis=axis, keepdims=True)
+    e = xp.exp(z)
+    return z, e, xp.sum(e, axis=axis, keepdims=True)
+
+
 def softmax_and_log_softmax(x, axis: int = -1):
     """``(softmax(x), log_softmax(x))`` along ``axis`` from a single ``exp``.
 
@@ -78,12 +89,23 @@ def softmax_and_log_softmax(x, axis: int = -1):
     """
     xp = namespace(x=x)
     check_array(xp, x, "x")
-    # Shift by the max so exp() cannot overflow (logits of 1000 stay finite);
-    # log-sum-exp then needs no epsilon inside the log.
-    z = x - xp.max(x, axis=axis, keepdims=True)
-    e = xp.exp(z)
-    s = xp.sum(e, axis=axis, keepdims=True)
+    z, e, s = _shifted_exp(xp, x, axis)
     return e / s, z - xp.log(s)
+
+
+def softmax_cross_entropy(xp, x, rows, row_sums=None):
+    """``(softmax(x), -sum(rows * log_softmax(x)) / N)`` for scores x (N, C) and target rows (N, C).
+
+    ``row_sums`` is ``sum(rows, axis=1)`` kept as (N, 1), or None for one-hot rows (each
+    sums to 1).  The loss is a 0-d array.  It is computed as
+    ``(sum(row_sums * log s) - sum(rows * z)) / N`` (see :func:`_shifted_exp`), which
+    needs no (N, C) log-softmax array; for one-hot or probability rows the two terms
+    are >= 0 and <= 0 (log s >= 0, z <= 0), so the subtraction cannot cancel digits.
+    """
+    z, e, s = _shifted_exp(xp, x, 1)
+    log_s = xp.log(s)
+    nll = xp.sum(log_s if row_sums is None else row_sums * log_s) - xp.sum(rows * z)
+    return e / s, xp.asarray(nll / x.shape[0])  # NumPy's sums are scalars; asarray undoes it
 
 
 def log_softmax(x, axis: int = -1):
@@ -185,8 +207,8 @@ def check_logits(xp, x, name: str = "x") -> None:
 def cross_entropy(logits, t, *, check_labels: bool = True):
     """Mean softmax cross-entropy over the batch.
 
-    ``-mean_n sum_c t[n, c] * log_softmax(logits)[n, c]``, computed through
-    :func:`log_softmax`, with no epsilon inside a log.
+    ``-mean_n sum_c t[n, c] * log_softmax(logits)[n, c]``, computed from the
+    max-shifted logits (see :func:`softmax_cross_entropy`), with no epsilon inside a log.
 
     Parameters
     ----------
@@ -202,10 +224,6 @@ def cross_entropy(logits, t, *, check_labels: bool = True):
     """
     xp = namespace(logits=logits, t=t)
     check_logits(xp, logits, "logits")
-    rows, _ = targets_as_rows(xp, logits, t, check_labels=check_labels)
-    return mean_cross_entropy(xp, rows, log_softmax(logits))
-
-
-def mean_cross_entropy(xp, rows, logp):
-    """``-sum(rows * logp) / N`` as a 0-d array (NumPy reductions return scalars; asarray undoes it)."""
-    return xp.asarray(-xp.sum(rows * logp) / rows.shape[0])
+    rows, from_labels = targets_as_rows(xp, logits, t, check_labels=check_labels)
+    row_sums = None if from_labels else xp.sum(rows, axis=1, keepdims=True)
+    return softmax_cross_entropy(xp, logits, rows, row_sums)[1]

@@ -22,9 +22,8 @@ from .backend import (
 from .functional import (
     check_array,
     check_logits,
-    mean_cross_entropy,
     sigmoid,
-    softmax_and_log_softmax,
+    softmax_cross_entropy,
     targets_as_rows,
 )
 
@@ -373,11 +372,10 @@ class SoftmaxWithLoss:
         xp = namespace(x=x, t=t)
         check_logits(xp, x)
         rows, from_labels = targets_as_rows(xp, x, t, check_labels=self.check_labels)
-        self.y, log_probs = softmax_and_log_softmax(x, axis=1)
-        self.t = rows
         # For probability rows, dL/dx = (y * sum_c t - t) / N; for labels each row sums to 1.
         self._row_sums = None if from_labels else xp.sum(rows, axis=1, keepdims=True)
-        self.loss = mean_cross_entropy(xp, rows, log_probs)
+        self.y, self.loss = softmax_cross_entropy(xp, x, rows, self._row_sums)
+        self.t = rows
         return self.loss
 
     def backward(self, dout=1):
