@@ -8,7 +8,9 @@ values do not change the work), for each configuration:
 * the seeds' NumPy implementation (``seeds_numpy.py``: layer classes as in the notes);
 * PyTorch eager with autograd (``nn.Linear`` layers, ``F.cross_entropy``, ``torch.optim.SGD``);
 * the floor: only the five matrix products a step cannot avoid (x W1, h W2, dW2 = h^T dout,
-  dh = dout W2^T, dW1 = x^T dh, and one more pair per extra layer), on the same backend.
+  dh = dout W2^T, dW1 = x^T dh, and one more pair per extra layer), on the same backend;
+* for scale, the batch gather alone: taking each shuffled batch of x and t out of the dataset
+  (what every contender but the floor does each step, as the Trainer does it), no math.
 
 The contenders run interleaved, one epoch each per round, after a warm-up round; each
 figure is the median over the rounds.  Also reported: the peak memory an xpnet NumPy
@@ -164,6 +166,27 @@ def floor_epoch(sizes, batch, device):
     return run
 
 
+def gather_epoch(batch, device, x, t):
+    """Only the batch gather of an epoch: ``xp.take`` of each shuffled batch of x and t."""
+    dev = resolve_device(device)
+    xp = dev.xp
+    x_dev, t_dev = to_device(x, dev), to_device(t, dev)
+    rng = np.random.default_rng(0)
+
+    def run():
+        start = time.perf_counter()
+        order = to_device(rng.permutation(N), dev)
+        for s in range(0, N, batch):
+            ids = order[s:min(s + batch, N)]
+            xb = xp.take(x_dev, ids, axis=0)
+            xp.take(t_dev, ids, axis=0)
+        if dev.library in ("cupy", "torch"):
+            float(xp.sum(xb[0, 0:1]))  # wait for the device
+        return time.perf_counter() - start
+
+    return run
+
+
 # -- memory ---------------------------------------------------------------------------------
 
 
@@ -226,9 +249,13 @@ def main() -> None:
             contenders["PyTorch eager cpu"] = (torch_epoch(sizes, batch, "cpu", x, t), "cpu")
             if gpu:
                 contenders["PyTorch eager cuda"] = (torch_epoch(sizes, batch, "cuda", x, t), "cuda")
-        floors = {dev: floor_epoch(sizes, batch, dev) for dev in {d for _, d in contenders.values()}}
-        runs = {**{k: f for k, (f, _) in contenders.items()},
-                **{f"floor {d} (matmuls only)": f for d, f in floors.items()}}
+        devices = sorted({d for _, d in contenders.values()})
+        floors = {dev: floor_epoch(sizes, batch, dev) for dev in devices}
+        gathers = {dev: gather_epoch(batch, dev, x, t) for dev in devices}
+        rows = {k: (f, d) for k, (f, d) in contenders.items()}
+        rows.update({f"floor {d} (matmuls only)": (f, d) for d, f in floors.items()})
+        rows.update({f"batch gather only, {d} (no math)": (f, d) for d, f in gathers.items()})
+        runs = {k: f for k, (f, _) in rows.items()}
         times = {k: [] for k in runs}
         for r in range(args.rounds + 1):  # round 0 is the warm-up
             for k, f in runs.items():
@@ -237,7 +264,7 @@ def main() -> None:
                     times[k].append(secs)
         med = {k: statistics.median(v) for k, v in times.items()}
         for k in runs:
-            dev = contenders[k][1] if k in contenders else k.split()[1]
+            dev = rows[k][1]
             floor = med[f"floor {dev} (matmuls only)"]
             ref = med.get(f"xpnet {dev}")
             vs_xpnet = f"{med[k] / ref:.2f}x" if ref else "-"
