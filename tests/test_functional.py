@@ -69,6 +69,9 @@ def test_cross_entropy_labels_onehot_and_probabilities(case, rng):
     probs /= probs.sum(axis=1, keepdims=True)
     c = F.cross_entropy(x, case.asarray(probs))
     assert_close(c, -(probs * _ref_log_softmax(host)).sum() / 5, case.dtype_name)
+    weights = 3 * rng.random((5, 4))  # rows that do not sum to 1 weigh each row's log-sum-exp
+    d = F.cross_entropy(x, case.asarray(weights))
+    assert_close(d, -(weights * _ref_log_softmax(host)).sum() / 5, case.dtype_name)
 
 
 def test_cross_entropy_has_no_epsilon_bias():
