@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -101,8 +102,7 @@ def test_fast_path_can_be_turned_off_by_environment():
 @pytest.mark.parametrize("layout", ["fits", "strided a", "fortran c", "c is a", "b views c"])
 def test_operands_blas_cannot_take_fall_back_to_numpy(rng, layout, monkeypatch):
     calls = _count_blas_calls(monkeypatch, "float32") if _blas.library() else None
-    n = 128  # c has n * n = BLAS_MIN_OUTPUT elements: only the layout can rule BLAS out
-    assert n * n == BLAS_MIN_OUTPUT
+    n = math.isqrt(BLAS_MIN_OUTPUT - 1) + 1  # c is big enough: only the layout can rule BLAS out
     c = rng.standard_normal((n, n)).astype(np.float32)
     a = rng.standard_normal((n, 2 * n)).astype(np.float32)[:, ::2]  # not contiguous
     b = rng.standard_normal((n, n)).astype(np.float32)
