@@ -1,11 +1,11 @@
 """Where the BLAS fast path of the fused SGD step and bias pays: ctypes gemm against NumPy.
 
-For each product shape, the time of ``backend.matmul_accumulate(W, x, dout, -lr,
-trans_a=True)`` (the fused ``W -= lr x^T dout``) and of ``backend.matmul_add(x, W, b)``
+For each product shape, the time of ``_fast.matmul_accumulate(W, x, dout, -lr,
+trans_a=True)`` (the fused ``W -= lr x^T dout``) and of ``_fast.matmul_add(x, W, b)``
 (``x W + b``), with the BLAS fast path on and off (NumPy's matmul, then in-place
 passes over the output), interleaved, median of several repeats.  The shapes are
 those of the benchmark networks and a sweep around the crossover, which
-``xpnet.backend.BLAS_MIN_OUTPUT`` (output elements; lowered to 1 here for the
+``xpnet._fast.BLAS_MIN_OUTPUT`` (output elements; lowered to 1 here for the
 BLAS column) is set from: calling BLAS
 through ctypes costs a few microseconds more than NumPy's matmul, and only the
 passes it saves over a large enough output repay that.
@@ -27,10 +27,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
 
-from xpnet import _blas, backend  # noqa: E402
-from xpnet.backend import matmul_accumulate, matmul_add  # noqa: E402
+from xpnet import _fast  # noqa: E402
+from xpnet._fast import matmul_accumulate, matmul_add  # noqa: E402
 
-THRESHOLD = backend.BLAS_MIN_OUTPUT
+THRESHOLD = _fast.BLAS_MIN_OUTPUT
 
 # (batch m, fan-in k, fan-out n): the products x W (output m x n) and x^T dout (output k x n)
 SHAPES = [
@@ -49,20 +49,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args()
-    if _blas.library() is None:
+    if _fast.library() is None:
         sys.exit("this NumPy has no BLAS fast path (see xpnet info): nothing to compare")
-    fast_calls = _blas._state["calls"]
+    fast_calls = _fast._state["calls"]
     rng = np.random.default_rng(0)
 
     def timed(f, fast: bool) -> float:
         # BLAS for every size (the threshold lowered), or never (no gemm to call).
-        _blas._state["calls"] = fast_calls if fast else {}
-        backend.BLAS_MIN_OUTPUT = 1
+        _fast._state["calls"] = fast_calls if fast else {}
+        _fast.BLAS_MIN_OUTPUT = 1
         try:
             return _seconds(f, args.repeats)
         finally:
-            _blas._state["calls"] = fast_calls
-            backend.BLAS_MIN_OUTPUT = THRESHOLD
+            _fast._state["calls"] = fast_calls
+            _fast.BLAS_MIN_OUTPUT = THRESHOLD
 
     print(f"float32, median of {args.repeats} repeats; xpnet calls BLAS from "
           f"BLAS_MIN_OUTPUT = {THRESHOLD:,} output elements on\n")

@@ -39,7 +39,7 @@ import seeds_numpy  # noqa: E402
 from machine import describe  # noqa: E402
 
 import xpnet  # noqa: E402
-from xpnet import _blas  # noqa: E402
+from xpnet import _fast  # noqa: E402
 from xpnet.backend import BackendUnavailableError, resolve_device, to_device  # noqa: E402
 
 N, D, C = 60_000, 784, 10
@@ -62,20 +62,20 @@ def make_data(seed: int = 0):
 
 def xpnet_epoch(sizes, batch, device, x, t, *, blas_fast_path=True):
     """xpnet's Trainer; ``blas_fast_path=False`` runs it with the BLAS gemm of
-    ``backend.matmul_accumulate`` turned off (NumPy's matmul, then an in-place add)."""
+    ``_fast.matmul_accumulate`` turned off (NumPy's matmul, then an in-place add)."""
     net = xpnet.MultiLayerNet(sizes, weight_init="he", device=device, dtype="float32")
     trainer = xpnet.Trainer(net, xpnet.SGD(LR), batch_size=batch, epochs=1, progress=False)
     x_dev, t_dev = to_device(x, device), to_device(t, device)
 
     def run():
-        _blas.library()
-        calls = _blas._state["calls"]
+        _fast.library()
+        calls = _fast._state["calls"]
         if not blas_fast_path:
-            _blas._state["calls"] = {}
+            _fast._state["calls"] = {}
         try:
             return trainer.fit(x_dev, t_dev).seconds[0]
         finally:
-            _blas._state["calls"] = calls
+            _fast._state["calls"] = calls
 
     return run
 
@@ -239,7 +239,7 @@ def main() -> None:
         contenders = {}
         for dev in backends:
             contenders[f"xpnet {dev}"] = (xpnet_epoch(sizes, batch, dev, x, t), dev)
-            if dev == "cpu" and _blas.library() is not None:
+            if dev == "cpu" and _fast.library() is not None:
                 contenders["xpnet cpu, no BLAS fast path"] = (
                     xpnet_epoch(sizes, batch, dev, x, t, blas_fast_path=False), dev)
         seeds = seeds_epoch(sizes, batch, x, t)

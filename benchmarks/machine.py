@@ -22,9 +22,9 @@ def describe() -> str:
         config = np.show_config(mode="dicts") if hasattr(np, "show_config") else {}
         blas = config.get("Build Dependencies", {}).get("blas", {}).get("name", "unknown")
         lines.append(f"- BLAS: {blas}")
-    from xpnet import _blas
+    from xpnet import _fast
 
-    lines.append(f"- xpnet's BLAS fast path (gemm with beta = 1): {_blas.library() or 'none'}")
+    lines.append(f"- xpnet's BLAS fast path (gemm with beta = 1): {_fast.library() or 'none'}")
     try:
         import torch
 

@@ -76,13 +76,13 @@ def no_cupy(call):
 
 def bad_checkpoint(tmp):
     """A model file whose header says TwoLayerNet(6, 5, 3) but whose W1 is (6, 4)."""
-    from xpnet._io import write_npz
+    from xpnet.checkpoint import save_model
 
     good = net()
     arrays = {k: to_numpy(v) for k, v in good.params.items()}
     arrays["W1"] = arrays["W1"][:, :4]
     path = tmp / "bad.npz"
-    write_npz(path, {"format": good.CHECKPOINT_FORMAT, **good.config()}, arrays)
+    save_model(path, good.config(), arrays)
     return path
 
 

@@ -12,15 +12,9 @@ import pytest
 from conftest import Case, assert_close
 
 import xpnet
-from xpnet import _blas
-from xpnet.backend import (
-    BLAS_MIN_OUTPUT,
-    DeviceMismatchError,
-    matmul_accumulate,
-    matmul_add,
-    resolve_device,
-    to_numpy,
-)
+from xpnet import _fast
+from xpnet._fast import BLAS_MIN_OUTPUT, matmul_accumulate, matmul_add
+from xpnet.backend import DeviceMismatchError, resolve_device, to_numpy
 from xpnet.optim import make_optimizer
 
 TRANSPOSES = [(False, False), (True, False), (False, True), (True, True)]
@@ -40,8 +34,8 @@ def _reference(a, b, c, alpha, trans_a, trans_b):
 @pytest.fixture
 def portable(monkeypatch):
     """Turn the BLAS fast path off for the test (NumPy then adds the product in place)."""
-    _blas.library()
-    monkeypatch.setitem(_blas._state, "calls", {})
+    _fast.library()
+    monkeypatch.setitem(_fast._state, "calls", {})
 
 
 @pytest.mark.parametrize(("trans_a", "trans_b"), TRANSPOSES)
@@ -57,14 +51,14 @@ def test_matmul_accumulate_matches_float64(case, rng, trans_a, trans_b):
 def _count_blas_calls(monkeypatch, dtype):
     """Record the fast path's gemm calls for ``dtype`` (they still run): returns the list."""
     calls = []
-    real = _blas._state["calls"][np.dtype(dtype)]
-    monkeypatch.setitem(_blas._state["calls"], np.dtype(dtype),
+    real = _fast._state["calls"][np.dtype(dtype)]
+    monkeypatch.setitem(_fast._state["calls"], np.dtype(dtype),
                         lambda *args: (calls.append(1), real(*args)))
     return calls
 
 
 def _needs_blas():
-    if _blas.library() is None:
+    if _fast.library() is None:
         pytest.skip("this NumPy is not built with an ILP64 scipy-openblas: no BLAS fast path")
 
 
@@ -76,7 +70,7 @@ def test_blas_fast_path_gives_the_portable_result(rng, dtype, trans_a, trans_b, 
     a, b, c = (v.astype(dtype) for v in _operands(rng, 300, 70, 129, trans_a, trans_b))
     fast = matmul_accumulate(c.copy(), a, b, -0.1, trans_a=trans_a, trans_b=trans_b)
     assert calls == [1]
-    monkeypatch.setitem(_blas._state, "calls", {})
+    monkeypatch.setitem(_fast._state, "calls", {})
     slow = matmul_accumulate(c.copy(), a, b, -0.1, trans_a=trans_a, trans_b=trans_b)
     # The same sums in BLAS's order; only the rounding of alpha * product + c may differ.
     eps = np.finfo(dtype).eps
@@ -88,11 +82,11 @@ def test_blas_library_is_the_one_numpy_loaded():
     if not os.path.exists("/proc/self/maps"):
         pytest.skip("no /proc/self/maps here to list the loaded libraries")
     with open("/proc/self/maps") as f:
-        assert os.path.realpath(_blas.library()) in f.read()
+        assert os.path.realpath(_fast.library()) in f.read()
 
 
 def test_fast_path_can_be_turned_off_by_environment():
-    code = "from xpnet import _blas; print(_blas.library())"
+    code = "from xpnet import _fast; print(_fast.library())"
     env = {**os.environ, "XPNET_NO_BLAS_FAST_PATH": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True)
@@ -101,7 +95,7 @@ def test_fast_path_can_be_turned_off_by_environment():
 
 @pytest.mark.parametrize("layout", ["fits", "strided a", "fortran c", "c is a", "b views c"])
 def test_operands_blas_cannot_take_fall_back_to_numpy(rng, layout, monkeypatch):
-    calls = _count_blas_calls(monkeypatch, "float32") if _blas.library() else None
+    calls = _count_blas_calls(monkeypatch, "float32") if _fast.library() else None
     n = math.isqrt(BLAS_MIN_OUTPUT - 1) + 1  # c is big enough: only the layout can rule BLAS out
     c = rng.standard_normal((n, n)).astype(np.float32)
     a = rng.standard_normal((n, 2 * n)).astype(np.float32)[:, ::2]  # not contiguous
@@ -199,7 +193,7 @@ def test_matmul_add_fast_path_gives_the_portable_result(rng, dtype, monkeypatch)
     bias = rng.standard_normal(70).astype(dtype)
     fast = matmul_add(a, b, bias)
     assert calls == [1]
-    monkeypatch.setitem(_blas._state, "calls", {})
+    monkeypatch.setitem(_fast._state, "calls", {})
     slow = matmul_add(a, b, bias)
     eps = np.finfo(dtype).eps
     np.testing.assert_allclose(fast, slow, rtol=0, atol=8 * eps * np.max(np.abs(slow)))
@@ -238,7 +232,7 @@ def test_affine_backward_sgd_is_backward_then_sgd(case, rng):
     layer.forward(case.asarray(x))
     W_array, b_array = layer.W, layer.b
     d = case.asarray(dout)
-    dx = layer.backward_sgd(d, 0.25)
+    dx = _fast._affine_backward_sgd(layer, d, 0.25)
     np.testing.assert_array_equal(to_numpy(dx), dx_ref)  # computed with the weights before the step
     assert layer.W is W_array and layer.b is b_array  # in place
     assert layer.dW is None and layer.db is None
@@ -254,7 +248,7 @@ def test_affine_backward_sgd_without_input_grad_and_with_read_only_weights(rng):
     layer = xpnet.Affine(W, b, input_grad=False)
     x, dout = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
     layer.forward(x)
-    assert layer.backward_sgd(dout, 0.5) is None
+    assert _fast._affine_backward_sgd(layer, dout, 0.5) is None
     assert layer.W is not W and layer.b is not b  # rebound, the caller's arrays untouched
     np.testing.assert_allclose(layer.W, W - 0.5 * x.T @ dout)
     np.testing.assert_allclose(layer.b, b - 0.5 * dout.sum(0))
@@ -263,7 +257,7 @@ def test_affine_backward_sgd_without_input_grad_and_with_read_only_weights(rng):
 def test_affine_backward_sgd_needs_a_forward():
     layer = xpnet.Affine(np.ones((2, 2)), np.zeros(2))
     with pytest.raises(xpnet.ForwardNotCalledError):
-        layer.backward_sgd(np.ones((1, 2)), 0.1)
+        _fast._affine_backward_sgd(layer, np.ones((1, 2)), 0.1)
 
 
 def _nets(case, rng):
@@ -309,6 +303,6 @@ def test_only_plain_sgd_is_fused():
         def update(self, params, grads):
             super().update(params, grads)
 
-    assert xpnet.SGD(0.3).sgd_lr() == 0.3
-    assert Clipped(0.3).sgd_lr() is None and Logged(0.3).sgd_lr() is None
-    assert xpnet.Momentum(0.3).sgd_lr() is None
+    assert _fast.fuses(xpnet.SGD(0.3))
+    assert not _fast.fuses(Clipped(0.3)) and not _fast.fuses(Logged(0.3))
+    assert not _fast.fuses(xpnet.Momentum(0.3))

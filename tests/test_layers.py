@@ -252,6 +252,7 @@ def test_softmax_rejects_bad_labels(case):
 
 def test_softmax_unchecked_labels_skip_the_host_read(case):
     # check_labels=False is the trainer's path: labels were validated once, up front.
-    layer = xpnet.SoftmaxWithLoss(check_labels=False)
-    loss = layer.forward(case.asarray(np.zeros((2, 3))), case.asarray(np.array([0, 2])))
+    layer = xpnet.SoftmaxWithLoss()
+    loss = layer.forward(case.asarray(np.zeros((2, 3))), case.asarray(np.array([0, 2])),
+                         check_labels=False)
     assert_close(loss, np.log(3.0), case.dtype_name)

@@ -4,7 +4,7 @@ Python Array API, so the same code runs on NumPy (CPU), CuPy (GPU), torch and ar
 
 __version__ = "0.1.0"
 
-from . import datasets, functional, optim
+from . import checkpoint, datasets, functional, optim
 from .backend import (
     BackendUnavailableError,
     DeviceMismatchError,
@@ -22,13 +22,23 @@ from .gradcheck import (
     check_layer,
     numerical_gradient,
 )
-from .layers import Add, Affine, ForwardNotCalledError, Mul, Relu, Sigmoid, SoftmaxWithLoss
-from .nets import MultiLayerNet, TwoLayerNet
+from .layers import (
+    Add,
+    Affine,
+    ForwardNotCalledError,
+    Layer,
+    Mul,
+    Relu,
+    Sigmoid,
+    SoftmaxWithLoss,
+)
+from .nets import MultiLayerNet, Sequential, TwoLayerNet
 from .optim import SGD, AdaGrad, Adam, Momentum
 from .train import DivergenceError, History, Trainer
 
 __all__ = [
     "SGD",
+    "Sequential",
     "AdaGrad",
     "Adam",
     "Add",
@@ -40,6 +50,7 @@ __all__ = [
     "GradientCheckError",
     "GradientCheckReport",
     "History",
+    "Layer",
     "Momentum",
     "Mul",
     "MultiLayerNet",
@@ -52,6 +63,7 @@ __all__ = [
     "available_backends",
     "check_gradients",
     "check_layer",
+    "checkpoint",
     "datasets",
     "device_of",
     "functional",

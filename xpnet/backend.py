@@ -1,5 +1,15 @@
 """Backends: the only module in xpnet that knows array libraries by name.
 
+Each array library is one small class here (:class:`NumPyBackend`,
+:class:`CuPyBackend`, :class:`TorchBackend`, :class:`StrictBackend`), registered
+in :data:`BACKENDS` with :func:`register`.  A backend knows its device strings,
+how to recognise its arrays, how to name the device of one, how to copy one to
+the host, which devices this machine has, and what to install when its library
+is missing.  The public functions below (:func:`resolve_device`,
+:func:`device_of`, :func:`namespace`, :func:`to_numpy`, :func:`to_device`,
+:func:`available_backends`) are loops over the registry: adding a library is
+adding one class.
+
 Rules (the rest of xpnet relies on them):
 
 * Layer and functional code never imports NumPy, CuPy or torch.  It gets its
@@ -8,8 +18,8 @@ Rules (the rest of xpnet relies on them):
 * Host <-> device moves happen here only: :func:`to_numpy` (a host NumPy copy
   of any supported array) and :func:`to_device` (any array or NumPy array onto
   a device named by a device string).
-* CuPy and torch are imported lazily, the first time a device string or an
-  array asks for them.  A missing library raises
+* Libraries other than NumPy are imported lazily, the first time a device
+  string or an array asks for them.  A missing library raises
   :class:`BackendUnavailableError`, which names what to install; a machine
   without a GPU says so.
 
@@ -32,29 +42,28 @@ from __future__ import annotations
 
 import importlib
 import numbers
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import array_api_compat
 import numpy as np
 
-from . import _blas
-
 __all__ = [
+    "BACKENDS",
+    "Backend",
     "BackendUnavailableError",
     "Device",
     "DeviceMismatchError",
     "available_backends",
+    "backend_of",
     "device_of",
     "dtype_name",
     "is_array",
     "is_dtype",
     "is_scalar",
     "is_writable",
-    "matmul_accumulate",
-    "matmul_add",
     "namespace",
+    "register",
     "resolve_device",
     "resolve_dtype",
     "to_device",
@@ -64,20 +73,6 @@ __all__ = [
 CUDA_EXTRA_HINT = (
     "install the GPU extra that matches your CUDA toolkit: "
     "pip install 'xpnet[cuda12]' (CUDA 12.x) or pip install 'xpnet[cuda13]' (CUDA 13.x)"
-)
-
-_INSTALL_HINTS = {
-    "cupy": "CuPy is not installed; " + CUDA_EXTRA_HINT,
-    "torch": "PyTorch is not installed; install it with: pip install torch",
-    "array_api_strict": (
-        "array_api_strict is not installed; install it with: pip install array-api-strict "
-        "(it comes with pip install 'xpnet[test]')"
-    ),
-}
-
-DEVICE_STRING_FORMS = (
-    "'cpu', 'cuda', 'cuda:N', 'torch:cpu', 'torch:cuda', 'torch:cuda:N', "
-    "'array_api_strict', 'array_api_strict:NAME' (e.g. 'array_api_strict:device1')"
 )
 
 _DTYPE_NAMES = (
@@ -124,37 +119,87 @@ class Device:
     def __str__(self) -> str:
         return self.name
 
-
-def _import(library: str):
-    try:
-        return importlib.import_module(library)
-    except ImportError as exc:
-        raise BackendUnavailableError(_INSTALL_HINTS[library]) from exc
+    @property
+    def backend(self) -> Backend:
+        return BACKENDS[self.library]
 
 
-def _compat_namespace(library: str):
-    """array-api-compat's namespace for ``library`` (imports the library)."""
-    if library == "array_api_strict":
-        return _import("array_api_strict")
-    _import(library)
-    return importlib.import_module(f"array_api_compat.{library}")
+# -- the backends --------------------------------------------------------------------------------
 
 
-def _cuda_device_count(library: str) -> int:
-    """Number of CUDA devices visible to CuPy or torch; 0 on a machine without a GPU."""
-    if library == "torch":
-        torch = _import("torch")
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    cupy = _import("cupy")
-    try:
-        return int(cupy.cuda.runtime.getDeviceCount())
-    except Exception:  # CUDARuntimeError / missing driver: no usable GPU
-        return 0
+class Backend:
+    """What xpnet needs to know of one array library; subclass it and :func:`register` it.
+
+    Class attributes: ``library`` (the name used everywhere, also the module to
+    import), ``prefixes`` (the heads of its device strings: ``"torch"`` for
+    ``"torch:cpu"``), ``forms`` (its device strings, for error messages) and
+    ``install_hint`` (what to do when the library is missing).
+    """
+
+    library: str = ""
+    prefixes: tuple = ()
+    forms: str = ""
+    install_hint: str = ""
+
+    def module(self):
+        """The library itself, imported on first use; BackendUnavailableError if missing."""
+        try:
+            return importlib.import_module(self.library)
+        except ImportError as exc:
+            raise BackendUnavailableError(self.install_hint) from exc
+
+    def namespace(self):
+        """The Array API namespace of the library (array-api-compat's wrapper)."""
+        self.module()
+        return importlib.import_module(f"array_api_compat.{self.library}")
+
+    def owns(self, x) -> bool:
+        """Whether ``x`` is an array of this library (never imports the library)."""
+        raise NotImplementedError
+
+    def device_name(self, x) -> str:
+        """The canonical device string of one of its arrays."""
+        raise NotImplementedError
+
+    def resolve(self, spec: str, rest: str) -> Device:
+        """The Device for device string ``spec``, whose part after the prefix is ``rest``."""
+        raise NotImplementedError
+
+    def to_numpy(self, x) -> np.ndarray:
+        """A host NumPy copy of one of its arrays."""
+        raise NotImplementedError
+
+    def devices(self) -> tuple[list, str]:
+        """``(device strings usable on this machine, a note)`` for ``xpnet info``."""
+        raise NotImplementedError
+
+    def device(self, name: str, native) -> Device:
+        return Device(self.library, name, self.namespace(), native)
 
 
-def _check_cuda_index(library: str, index: int, spec: str) -> None:
-    count = _cuda_device_count(library)
-    who = "CuPy" if library == "cupy" else "PyTorch"
+BACKENDS: dict[str, Backend] = {}  # library name -> its backend, in the order `xpnet info` lists
+
+
+def register(cls: type[Backend]) -> type[Backend]:
+    """Class decorator: add a :class:`Backend` to the registry."""
+    BACKENDS[cls.library] = cls()
+    _BACKEND_BY_TYPE.clear()
+    return cls
+
+
+_BACKEND_BY_TYPE: dict = {}  # array type -> its backend (None: not an array)
+
+
+def _parse_index(text: str, spec: str) -> int:
+    if not text.isdigit():
+        raise ValueError(
+            f"device {spec!r}: expected a GPU index such as 'cuda:0', got {text!r}; "
+            f"device strings are {device_string_forms()}"
+        )
+    return int(text)
+
+
+def _check_cuda_index(count: int, who: str, index: int, spec: str) -> None:
     if count == 0:
         raise BackendUnavailableError(
             f"device {spec!r}: {who} sees no CUDA GPU on this machine "
@@ -167,13 +212,152 @@ def _check_cuda_index(library: str, index: int, spec: str) -> None:
         )
 
 
-def _parse_index(text: str, spec: str) -> int:
-    if not text.isdigit():
-        raise ValueError(
-            f"device {spec!r}: expected a GPU index such as 'cuda:0', got {text!r}; "
-            f"device strings are {DEVICE_STRING_FORMS}"
-        )
-    return int(text)
+@register
+class NumPyBackend(Backend):
+    library = "numpy"
+    prefixes = ("cpu", "numpy")
+    forms = "'cpu'"
+    install_hint = "NumPy is not installed; install it with: pip install numpy"
+
+    def owns(self, x) -> bool:
+        return isinstance(x, np.ndarray)
+
+    def device_name(self, x) -> str:
+        return "cpu"
+
+    def resolve(self, spec, rest):
+        if rest:
+            raise ValueError(f"unknown device {spec!r}; device strings are {device_string_forms()}")
+        return self.device("cpu", "cpu")
+
+    def to_numpy(self, x):
+        return np.array(x, copy=True)
+
+    def devices(self):
+        return ["cpu"], ""
+
+
+@register
+class CuPyBackend(Backend):
+    library = "cupy"
+    prefixes = ("cuda",)
+    forms = "'cuda', 'cuda:N'"
+    install_hint = "CuPy is not installed; " + CUDA_EXTRA_HINT
+
+    def owns(self, x) -> bool:
+        return array_api_compat.is_cupy_array(x)
+
+    def device_name(self, x) -> str:
+        return f"cuda:{x.device.id}"
+
+    def gpu_count(self) -> int:
+        cupy = self.module()
+        try:
+            return int(cupy.cuda.runtime.getDeviceCount())
+        except Exception:  # CUDARuntimeError / missing driver: no usable GPU
+            return 0
+
+    def resolve(self, spec, rest):
+        cupy = self.module()
+        count = self.gpu_count()
+        if rest:
+            index = _parse_index(rest, spec)
+        else:
+            _check_cuda_index(count, "CuPy", 0, spec)
+            index = cupy.cuda.Device().id  # the current device
+        _check_cuda_index(count, "CuPy", index, spec)
+        return self.device(f"cuda:{index}", cupy.cuda.Device(index))
+
+    def to_numpy(self, x):
+        return x.get()
+
+    def devices(self):
+        count = self.gpu_count()
+        return [f"cuda:{i}" for i in range(count)], "" if count else "no CUDA GPU visible"
+
+
+@register
+class TorchBackend(Backend):
+    library = "torch"
+    prefixes = ("torch",)
+    forms = "'torch:cpu', 'torch:cuda', 'torch:cuda:N'"
+    install_hint = "PyTorch is not installed; install it with: pip install torch"
+
+    def owns(self, x) -> bool:
+        return array_api_compat.is_torch_array(x)
+
+    def device_name(self, x) -> str:
+        return f"torch:{x.device}"
+
+    def gpu_count(self) -> int:
+        torch = self.module()
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+    def resolve(self, spec, rest):
+        torch = self.module()
+        if rest in ("", "cpu"):
+            return self.device("torch:cpu", torch.device("cpu"))
+        kind, _, index_text = rest.partition(":")
+        if kind != "cuda":
+            raise ValueError(f"unknown device {spec!r}; device strings are {device_string_forms()}")
+        index = _parse_index(index_text, spec) if index_text else None
+        _check_cuda_index(self.gpu_count(), "PyTorch", index or 0, spec)
+        if index is None:
+            index = torch.cuda.current_device()
+        return self.device(f"torch:cuda:{index}", torch.device("cuda", index))
+
+    def to_numpy(self, x):
+        return x.detach().to("cpu", copy=True).numpy()
+
+    def devices(self):
+        count = self.gpu_count()
+        return ["torch:cpu"] + [f"torch:cuda:{i}" for i in range(count)], (
+            "" if count else "no CUDA GPU visible")
+
+
+@register
+class StrictBackend(Backend):
+    library = "array_api_strict"
+    prefixes = ("array_api_strict",)
+    forms = "'array_api_strict', 'array_api_strict:NAME' (e.g. 'array_api_strict:device1')"
+    install_hint = ("array_api_strict is not installed; install it with: pip install "
+                    "array-api-strict (it comes with pip install 'xpnet[test]')")
+
+    def namespace(self):
+        return self.module()  # the library is its own (strict) namespace
+
+    def owns(self, x) -> bool:
+        # Its Array class (not its dtypes or devices, which live in the same package).
+        return type(x).__module__.startswith("array_api_strict") and hasattr(x, "__array_namespace__")
+
+    def device_name(self, x) -> str:
+        return f"array_api_strict:{x.device._device}"
+
+    def _known(self) -> dict:
+        return {str(d._device): d for d in self.module().__array_namespace_info__().devices()}
+
+    def resolve(self, spec, rest):
+        name = rest or "CPU_DEVICE"
+        known = self._known()
+        if name not in known:
+            raise ValueError(f"device {spec!r}: array_api_strict has no device {name!r}; "
+                             f"its devices are {sorted(known)}")
+        return self.device(f"array_api_strict:{name}", known[name])
+
+    def to_numpy(self, x):
+        host = x.to_device(self.module().Device("CPU_DEVICE"))
+        return np.array(np.asarray(host), copy=True)
+
+    def devices(self):
+        return [f"array_api_strict:{name}" for name in self._known()], ""
+
+
+# -- device strings and arrays -------------------------------------------------------------------
+
+
+def device_string_forms() -> str:
+    """The device strings of every registered backend, for error messages."""
+    return ", ".join(b.forms for b in BACKENDS.values())
 
 
 def resolve_device(device: str | Device) -> Device:
@@ -192,64 +376,40 @@ def resolve_device(device: str | Device) -> Device:
         return device
     if not isinstance(device, str):
         raise TypeError(
-            f"device must be a device string ({DEVICE_STRING_FORMS}), "
+            f"device must be a device string ({device_string_forms()}), "
             f"got {type(device).__name__} {device!r}"
         )
     spec = device.strip()
     head, _, rest = spec.partition(":")
-    if spec in ("cpu", "numpy"):
-        return Device("numpy", "cpu", _compat_namespace("numpy"), "cpu")
-    if head == "cuda":
-        xp = _compat_namespace("cupy")
-        cupy = _import("cupy")
-        if rest:
-            index = _parse_index(rest, spec)
-        else:
-            _check_cuda_index("cupy", 0, spec)
-            index = cupy.cuda.Device().id  # the current device
-        _check_cuda_index("cupy", index, spec)
-        return Device("cupy", f"cuda:{index}", xp, cupy.cuda.Device(index))
-    if head == "torch":
-        xp = _compat_namespace("torch")
-        torch = _import("torch")
-        if rest in ("", "cpu"):
-            return Device("torch", "torch:cpu", xp, torch.device("cpu"))
-        kind, _, index_text = rest.partition(":")
-        if kind == "cuda":
-            index = _parse_index(index_text, spec) if index_text else None
-            _check_cuda_index("torch", index or 0, spec)
-            if index is None:
-                index = torch.cuda.current_device()
-            return Device("torch", f"torch:cuda:{index}", xp, torch.device("cuda", index))
-    if head == "array_api_strict":
-        xp = _compat_namespace("array_api_strict")
-        name = rest or "CPU_DEVICE"
-        known = {str(d._device): d for d in xp.__array_namespace_info__().devices()}
-        if name not in known:
-            raise ValueError(
-                f"device {spec!r}: array_api_strict has no device {name!r}; "
-                f"its devices are {sorted(known)}"
-            )
-        return Device("array_api_strict", f"array_api_strict:{name}", xp, known[name])
-    raise ValueError(f"unknown device {device!r}; device strings are {DEVICE_STRING_FORMS}")
+    for backend in BACKENDS.values():
+        if head in backend.prefixes:
+            return backend.resolve(spec, rest)
+    raise ValueError(f"unknown device {device!r}; device strings are {device_string_forms()}")
+
+
+def backend_of(x) -> Backend | None:
+    """The backend whose array ``x`` is, or None for anything else (numbers, lists, ...)."""
+    kind = type(x)
+    try:
+        return _BACKEND_BY_TYPE[kind]
+    except KeyError:
+        found = next((b for b in BACKENDS.values() if b.owns(x)), None)
+        _BACKEND_BY_TYPE[kind] = found
+        return found
 
 
 def _library_of(x) -> str | None:
-    """The library name of an array, or None for something that is not a supported array."""
-    if isinstance(x, np.ndarray):
-        return "numpy"
-    if array_api_compat.is_cupy_array(x):
-        return "cupy"
-    if array_api_compat.is_torch_array(x):
-        return "torch"
-    if type(x).__module__.startswith("array_api_strict") and hasattr(x, "__array_namespace__"):
-        return "array_api_strict"  # its Array class (not its dtypes or devices)
-    return None
+    backend = backend_of(x)
+    return None if backend is None else backend.library
+
+
+def _device_name(x) -> str:
+    return backend_of(x).device_name(x)
 
 
 def is_array(x) -> bool:
-    """True for a NumPy, CuPy, torch or array_api_strict array (not for Python or NumPy scalars)."""
-    return _library_of(x) is not None
+    """True for an array of a registered library (not for Python or NumPy scalars)."""
+    return backend_of(x) is not None
 
 
 def is_writable(x) -> bool:
@@ -257,124 +417,9 @@ def is_writable(x) -> bool:
     return bool(array_api_compat.is_writeable_array(x))
 
 
-def _fits_blas(x) -> bool:
-    # The layout xpnet._blas passes on (the dtypes were checked by the caller).
-    return x.flags.c_contiguous and x.flags.aligned
-
-
-# Outputs (elements) from which the BLAS call pays: calling it through ctypes costs ~6 us
-# more than NumPy's matmul, which the passes it saves over the output repay only from about
-# 16K elements on (benchmarks/bench_gemm.py measures the crossover).
-BLAS_MIN_OUTPUT = 1 << 14
-
-
-def matmul_accumulate(c, a, b, alpha: float, *, trans_a: bool = False, trans_b: bool = False):
-    """``c + alpha * op(a) @ op(b)``, written into ``c`` where ``c`` is writable.
-
-    ``op(a)`` is ``a.T`` when ``trans_a`` (likewise for b).  This is the plain SGD
-    step ``W -= lr * x^T dout`` without a gradient array: on NumPy built with
-    scipy-openblas it is one BLAS gemm with ``beta = 1`` (see :mod:`xpnet._blas`)
-    where c has at least ``BLAS_MIN_OUTPUT`` elements (below that, NumPy's matmul
-    and an in-place add are faster), on torch ``addmm_``, elsewhere the product is
-    added in place, or, for arrays that cannot be written, a new array is returned.
-
-    Parameters
-    ----------
-    c : array (m, n), real floating
-    a : array (m, k), or (k, m) with ``trans_a``; c's dtype, library and device
-    b : array (k, n), or (n, k) with ``trans_b``; likewise
-    alpha : float
-
-    Returns
-    -------
-    The updated ``c`` itself, or a new array where ``c`` is read-only.
-    """
-    xp = namespace(c=c, a=a, b=b)
-    for name, x in (("c", c), ("a", a), ("b", b)):
-        if x.ndim != 2:
-            raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
-        if x.dtype != c.dtype or not is_dtype(xp, x.dtype, "real floating"):
-            raise TypeError(f"c, a and b must share one real floating dtype, got "
-                            f"{dtype_name(c.dtype)}, {dtype_name(a.dtype)}, {dtype_name(b.dtype)}")
-    (m, k), (k2, n) = (a.shape[::-1] if trans_a else a.shape), (b.shape[::-1] if trans_b else b.shape)
-    if k != k2 or tuple(c.shape) != (m, n):
-        raise ValueError(f"op(a) @ op(b) is ({m}, {k}) @ ({k2}, {n}), which does not give c of "
-                         f"shape {tuple(c.shape)} (a {tuple(a.shape)}, trans_a={trans_a}; "
-                         f"b {tuple(b.shape)}, trans_b={trans_b})")
-    alpha = float(alpha)
-    if isinstance(c, np.ndarray):
-        gemm = _blas.gemm(c.dtype)
-        if (gemm is not None and m * n >= BLAS_MIN_OUTPUT and k and c.flags.writeable
-                and _fits_blas(c) and _fits_blas(a) and _fits_blas(b)
-                and not np.may_share_memory(c, a) and not np.may_share_memory(c, b)):
-            gemm(c, a, trans_a, b, trans_b, alpha)
-            return c
-    op_a, op_b = (a.T if trans_a else a), (b.T if trans_b else b)
-    if _library_of(c) == "torch" and is_writable(c):
-        return c.addmm_(op_a, op_b, alpha=alpha)
-    product = op_a @ op_b
-    if not is_writable(c):
-        return c + alpha * product
-    if is_writable(product):
-        product *= alpha  # a new array of ours: scale it in place, no temporary
-        c += product
-    else:
-        c += alpha * product
-    return c
-
-
-def matmul_add(a, b, bias):
-    """``a @ b + bias``, with ``bias`` of shape (n,) added to every row: an affine layer.
-
-    Fused where the backend can: on NumPy with the BLAS fast path (see
-    :func:`matmul_accumulate`; outputs of ``BLAS_MIN_OUTPUT`` elements and more)
-    the bias is broadcast into the output and the product accumulated onto it by
-    one gemm (no second pass over the output); on torch ``addmm``; elsewhere the
-    bias is added in place to the new product.
-
-    Parameters
-    ----------
-    a : array (m, k), real floating
-    b : array (k, n), a's dtype, library and device
-    bias : array (n,), likewise
-
-    Returns
-    -------
-    A new array (m, n).
-    """
-    namespace(a=a, b=b, bias=bias)
-    if a.ndim != 2 or b.ndim != 2 or bias.ndim != 1 or a.shape[1] != b.shape[0] \
-            or bias.shape[0] != b.shape[1]:
-        raise ValueError(f"a @ b + bias needs a (m, k), b (k, n) and bias (n,), got shapes "
-                         f"{tuple(a.shape)}, {tuple(b.shape)} and {tuple(bias.shape)}")
-    if not (a.dtype == b.dtype == bias.dtype):
-        raise TypeError(f"a, b and bias must share a dtype, got {dtype_name(a.dtype)}, "
-                        f"{dtype_name(b.dtype)} and {dtype_name(bias.dtype)}")
-    if isinstance(a, np.ndarray):
-        gemm = _blas.gemm(a.dtype)
-        if (gemm is not None and a.shape[0] * b.shape[1] >= BLAS_MIN_OUTPUT and a.shape[1]
-                and _fits_blas(a) and _fits_blas(b)):
-            out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
-            out[...] = bias
-            gemm(out, a, False, b, False, 1.0)
-            return out
-    elif _library_of(a) == "torch":
-        return bias.addmm(a, b)
-    out = a @ b
-    if is_writable(out):  # a fresh array of ours: add in place, one pass and no temporary
-        out += bias
-        return out
-    return out + bias
-
-
-def _device_name(library: str, x) -> str:
-    if library == "numpy":
-        return "cpu"
-    if library == "cupy":
-        return f"cuda:{x.device.id}"
-    if library == "torch":
-        return f"torch:{x.device}"
-    return f"array_api_strict:{x.device._device}"
+def _library_names() -> str:
+    names = {"numpy": "NumPy", "cupy": "CuPy", "torch": "torch"}
+    return ", ".join(names.get(lib, lib) for lib in BACKENDS)
 
 
 def device_of(x) -> Device:
@@ -383,16 +428,14 @@ def device_of(x) -> Device:
     Raises
     ------
     TypeError
-        If ``x`` is not a NumPy, CuPy, torch or array_api_strict array.
+        If ``x`` is not an array of a registered library.
     """
-    library = _library_of(x)
-    if library is None:
-        raise TypeError(
-            "expected a NumPy, CuPy, torch or array_api_strict array, "
-            f"got {type(x).__module__}.{type(x).__qualname__}"
-        )
-    name = _device_name(library, x)
-    return Device(library, name, array_api_compat.array_namespace(x), array_api_compat.device(x))
+    backend = backend_of(x)
+    if backend is None:
+        raise TypeError(f"expected a {_library_names()} array, "
+                        f"got {type(x).__module__}.{type(x).__qualname__}")
+    return Device(backend.library, backend.device_name(x), array_api_compat.array_namespace(x),
+                  array_api_compat.device(x))
 
 
 def is_scalar(x) -> bool:
@@ -434,38 +477,43 @@ def namespace(*arrays, **named_arrays):
     return _checked_namespace(arrays, named_arrays)
 
 
+def _mismatch(first_name, first, name, a) -> DeviceMismatchError | None:
+    """The error for combining array ``a`` with ``first`` (None if they combine)."""
+    first_backend, backend = backend_of(first), backend_of(a)
+    if backend is not first_backend:
+        return DeviceMismatchError(
+            f"cannot combine arrays from two array libraries: {first_name} is a "
+            f"{first_backend.library} array on {_device_name(first)!r}, {name} is a "
+            f"{backend.library} array on {_device_name(a)!r}; move one with "
+            "xpnet.to_device(array, device)"
+        )
+    if backend.library != "numpy":  # NumPy has one device
+        first_dev, dev = _device_name(first), _device_name(a)
+        if dev != first_dev:
+            return DeviceMismatchError(
+                f"cannot combine arrays on two devices: {first_name} is on {first_dev!r}, "
+                f"{name} is on {dev!r}; move one with xpnet.to_device(array, device)"
+            )
+    return None
+
+
 def _checked_namespace(arrays, named_arrays):
     items = [(f"argument {i}", a) for i, a in enumerate(arrays)] + list(named_arrays.items())
-    first_name = first_lib = first_dev = None
-    first = None
+    first_name = first = None
     for name, a in items:
         if a is None or is_scalar(a):
             continue
-        library = _library_of(a)
-        if library is None:
+        if backend_of(a) is None:
             raise TypeError(
-                f"{name} must be an array (NumPy, CuPy, torch or array_api_strict) or a "
+                f"{name} must be an array ({_library_names()}) or a "
                 f"Python number, got {type(a).__module__}.{type(a).__qualname__}"
             )
         if first is None:
-            first, first_name, first_lib = a, name, library
+            first, first_name = a, name
             continue
-        if library != first_lib:
-            raise DeviceMismatchError(
-                f"cannot combine arrays from two array libraries: {first_name} is a "
-                f"{first_lib} array on {_device_name(first_lib, first)!r}, {name} is a "
-                f"{library} array on {_device_name(library, a)!r}; move one with "
-                "xpnet.to_device(array, device)"
-            )
-        if library != "numpy":
-            if first_dev is None:
-                first_dev = _device_name(first_lib, first)
-            dev = _device_name(library, a)
-            if dev != first_dev:
-                raise DeviceMismatchError(
-                    f"cannot combine arrays on two devices: {first_name} is on {first_dev!r}, "
-                    f"{name} is on {dev!r}; move one with xpnet.to_device(array, device)"
-                )
+        error = _mismatch(first_name, first, name, a)
+        if error is not None:
+            raise error
     if first is None:
         raise TypeError("namespace() needs at least one array")
     xp = _NAMESPACE_BY_TYPE.get(type(first))
@@ -473,6 +521,8 @@ def _checked_namespace(arrays, named_arrays):
         xp = _NAMESPACE_BY_TYPE[type(first)] = array_api_compat.array_namespace(first)
     return xp
 
+
+# -- dtypes --------------------------------------------------------------------------------------
 
 _DTYPE_KIND_CACHE: dict = {}
 
@@ -513,29 +563,22 @@ def _is_numpy_dtype(dtype) -> bool:
     return isinstance(dtype, np.dtype) or (isinstance(dtype, type) and issubclass(dtype, np.generic))
 
 
+# -- moving arrays -------------------------------------------------------------------------------
+
+
 def to_numpy(x) -> np.ndarray:
     """A host NumPy copy of ``x`` (an array of any supported library and device).
 
     Python numbers and sequences are accepted too.  The result never shares
     memory with ``x``.
     """
-    library = _library_of(x)
-    if library == "numpy":
-        return np.array(x, copy=True)
-    if library == "cupy":
-        return x.get()
-    if library == "torch":
-        return x.detach().to("cpu", copy=True).numpy()
-    if library == "array_api_strict":
-        strict = _import("array_api_strict")
-        host = x.to_device(strict.Device("CPU_DEVICE"))
-        return np.array(np.asarray(host), copy=True)
+    backend = backend_of(x)
+    if backend is not None:
+        return backend.to_numpy(x)
     if isinstance(x, np.generic) or is_scalar(x) or isinstance(x, (list, tuple)):
         return np.array(x)
-    raise TypeError(
-        "to_numpy() expects a NumPy, CuPy, torch or array_api_strict array, "
-        f"got {type(x).__module__}.{type(x).__qualname__}"
-    )
+    raise TypeError(f"to_numpy() expects a {_library_names()} array, "
+                    f"got {type(x).__module__}.{type(x).__qualname__}")
 
 
 def to_device(x, device: str | Device, *, dtype=None, copy: bool = False):
@@ -558,7 +601,7 @@ def to_device(x, device: str | Device, *, dtype=None, copy: bool = False):
     xp = target.xp
     library = _library_of(x)
     if library == target.library:
-        if library != "numpy" and _device_name(library, x) != target.name:
+        if library != "numpy" and _device_name(x) != target.name:
             out = array_api_compat.to_device(x, target.native)
             copy = False  # the move made a new array
         else:
@@ -580,43 +623,22 @@ def to_device(x, device: str | Device, *, dtype=None, copy: bool = False):
 
 
 def available_backends() -> list[dict]:
-    """What each known library offers on this machine, for ``xpnet info``.
+    """What each registered library offers on this machine, for ``xpnet info``.
 
     Returns a list of dicts with keys ``library``, ``version`` (None when not
     installed), ``devices`` (device strings usable here) and ``note`` (why a
-    library or its GPU is unavailable; for NumPy, whether the BLAS fast path of
-    :func:`matmul_accumulate` is there).  Never raises.
+    library or its GPU is unavailable).  Never raises.
     """
     report = []
-    for library in ("numpy", "array_api_strict", "torch", "cupy"):
-        entry = {"library": library, "version": None, "devices": [], "note": ""}
+    for backend in BACKENDS.values():
+        entry = {"library": backend.library, "version": None, "devices": [], "note": ""}
         try:
-            module = importlib.import_module(library)
-        except Exception as exc:  # ImportError, or a broken install
-            entry["note"] = _INSTALL_HINTS.get(library, str(exc)) if isinstance(
-                exc, ImportError
-            ) else f"import failed: {exc}"
-            report.append(entry)
-            continue
-        entry["version"] = getattr(module, "__version__", "unknown")
-        if library == "numpy":
-            entry["devices"] = ["cpu"]
-            blas = _blas.library()
-            entry["note"] = (f"BLAS fast path for the fused SGD step and bias: "
-                             f"{os.path.basename(blas)}" if blas
-                             else "no BLAS fast path: the fused SGD step and bias use NumPy's matmul")
-        elif library == "array_api_strict":
-            entry["devices"] = [
-                f"array_api_strict:{d._device}"
-                for d in module.__array_namespace_info__().devices()
-            ]
-        else:
-            count = _cuda_device_count(library)
-            prefix = "torch:cuda" if library == "torch" else "cuda"
-            entry["devices"] = (["torch:cpu"] if library == "torch" else []) + [
-                f"{prefix}:{i}" for i in range(count)
-            ]
-            if count == 0:
-                entry["note"] = "no CUDA GPU visible"
+            module = importlib.import_module(backend.library)
+            entry["version"] = getattr(module, "__version__", "unknown")
+            entry["devices"], entry["note"] = backend.devices()
+        except ImportError:
+            entry["note"] = backend.install_hint
+        except Exception as exc:  # noqa: BLE001 - a broken install is reported, never raised
+            entry["note"] = f"import failed: {exc}"
         report.append(entry)
     return report

@@ -22,7 +22,23 @@ def _info(args: argparse.Namespace) -> int:
         if entry["note"]:
             line += f"  ({entry['note']})"
         print(line)
+    print(f"fast paths: {_fast_paths()}")
     return 0
+
+
+def _fast_paths() -> str:
+    """What xpnet._fast (everything that exists only for speed) offers on this machine."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("xpnet._fast") is None:
+        return "none (xpnet/_fast.py is not installed): the portable Array API code runs"
+    from . import _fast
+
+    blas = _fast.library()
+    return ("fused SGD step; BLAS for the fused SGD step and bias: " + os.path.basename(blas)
+            if blas else "fused SGD step; no BLAS fast path: the fused SGD step and bias use "
+            "NumPy's matmul")
 
 
 def _book_batch(dataset: str, n: int, seed: int, data_dir):

@@ -1,4 +1,4 @@
-"""Stateless math on any Array API namespace: sigmoid, softmax, log_softmax, one_hot,
+"""Stateless math on any Array API namespace: affine, sigmoid, softmax, log_softmax, one_hot,
 cross_entropy.
 
 Every function takes arrays of one library on one device and returns arrays of
@@ -15,6 +15,7 @@ import array_api_extra as xpx
 from .backend import dtype_name, is_dtype, namespace, to_numpy
 
 __all__ = [
+    "affine",
     "cross_entropy",
     "log_softmax",
     "one_hot",
@@ -44,6 +45,25 @@ def check_array(xp, x, name: str, ndim: int | None = None) -> None:
     check_floating(xp, x, name)
     if ndim is not None and x.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got {_describe(x)}")
+
+
+# name -> a faster implementation of that function, or None; filled in by xpnet._fast (the
+# module of everything that exists only for speed) when it is importable.  A kernel returns
+# NotImplemented for arguments it does not take, and the portable code below runs instead.
+KERNELS: dict = {"affine": None}
+
+
+def affine(x, W, b):
+    """``x @ W + b`` for x (N, D), W (D, M) and b (M,): an affine layer's output (N, M).
+
+    The arrays are not checked here (:class:`xpnet.Affine` does that); the result is new.
+    """
+    fast = KERNELS["affine"]
+    if fast is not None:
+        out = fast(x, W, b)
+        if out is not NotImplemented:
+            return out
+    return x @ W + b
 
 
 def sigmoid(x):

@@ -45,11 +45,12 @@ import copy
 import inspect
 import math
 import types
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from .backend import device_of, dtype_name, is_array, to_device, to_numpy
+from .layers import find_params
+from .reports import GradientCheckError, GradientCheckReport, GradientRow
 
 __all__ = [
     "GradientCheckError",
@@ -63,10 +64,6 @@ __all__ = [
 
 EPS64 = float(np.finfo(np.float64).eps)
 MODES = ("full", "sampled", "directional")
-
-
-class GradientCheckError(AssertionError):
-    """A gradient check failed; the message is the report's table."""
 
 
 # -- numerical differentiation ---------------------------------------------------------------
@@ -196,133 +193,6 @@ def _same_place_copy(a):
     return to_device(a, device_of(a), copy=True)
 
 
-# -- the report ------------------------------------------------------------------------------
-
-
-@dataclass
-class GradientRow:
-    """The check of one gradient: a parameter of the model or an input of a layer.
-
-    Attributes
-    ----------
-    name : str
-    kind : ``"param"`` or ``"input"``
-    checked : int
-        Elements (full, sampled) or directions (directional) compared.
-    max_abs_error, max_rel_error : float
-        Over the checked elements; relative error is ``|a - n| / max(|a| + |n|, tiny)``.
-    mean_abs_error : float
-        The mean of ``|a - n|`` (what the book's check prints).
-    worst : tuple or str
-        Where the worst element is (an index, or ``"direction k"``).
-    analytic, numerical : float
-        The two values there.
-    device_error, device_tol : float or None
-        ``max |device - host| / max |host|`` of the analytic gradient computed
-        on the model's own device and dtype, and the tolerance it was held to.
-    problem : str
-        Why the row failed outright (a missing gradient, a wrong shape), if it did.
-    ok : bool
-    """
-
-    name: str
-    kind: str
-    checked: int = 0
-    max_abs_error: float = 0.0
-    max_rel_error: float = 0.0
-    mean_abs_error: float = 0.0
-    worst: object = None
-    analytic: float = math.nan
-    numerical: float = math.nan
-    device_error: float | None = None
-    device_tol: float | None = None
-    problem: str = ""
-    ok: bool = True
-
-
-@dataclass(repr=False)
-class GradientCheckReport:
-    """What a gradient check found; ``str(report)`` is a table of it.
-
-    Attributes
-    ----------
-    ok : bool
-        Every row passed and no probe found anything.
-    rows : list of GradientRow
-    findings : list of str
-        Probe failures: an ignored ``dout``, an argument written into.
-    """
-
-    target: str
-    mode: str
-    device: str
-    dtype: str
-    h: float
-    rtol: float
-    atol: float
-    rows: list = field(default_factory=list)
-    findings: list = field(default_factory=list)
-    constants: list = field(default_factory=list)  # inputs passed through, not differentiated
-
-    @property
-    def ok(self) -> bool:
-        return not self.findings and all(r.ok for r in self.rows)
-
-    @property
-    def failed(self) -> list:
-        """Names of the failed rows."""
-        return [r.name for r in self.rows if not r.ok]
-
-    def __getitem__(self, name: str) -> GradientRow:
-        for r in self.rows:
-            if r.name == name:
-                return r
-        raise KeyError(f"no gradient named {name!r}; the report has {[r.name for r in self.rows]}")
-
-    def note(self, finding: str) -> None:
-        """Record a probe finding (once)."""
-        if finding not in self.findings:
-            self.findings.append(finding)
-
-    def __repr__(self) -> str:
-        return str(self)
-
-    def raise_if_failed(self) -> GradientCheckReport:
-        """Raise :class:`GradientCheckError` (an AssertionError) showing the table if not ok."""
-        if not self.ok:
-            raise GradientCheckError(str(self))
-        return self
-
-    def __str__(self) -> str:
-        head = (
-            f"gradient check of {self.target} on {self.device} {self.dtype} "
-            f"(mode={self.mode}, h={self.h:g}, rtol={self.rtol:g}, atol={self.atol:.2g}): "
-            + ("ok" if self.ok else f"FAILED ({', '.join(self.failed + (['probes'] if self.findings else []))})")
-        )
-        cols = ("name", "checked", "mean abs err", "max abs err", "max rel err", "worst at",
-                "analytic", "numerical", "device err", "status")
-        table = [cols]
-        for r in self.rows:
-            dev = "-" if r.device_error is None else f"{r.device_error:.1e}"
-            if r.problem and not r.checked:
-                table.append((r.name, "-", "-", "-", "-", "-", "-", "-", dev, "FAIL: " + r.problem))
-                continue
-            status = "ok" if r.ok else "FAIL" + (f": {r.problem}" if r.problem else "")
-            table.append((r.name, str(r.checked), f"{r.mean_abs_error:.2e}",
-                          f"{r.max_abs_error:.2e}", f"{r.max_rel_error:.2e}",
-                          str(r.worst), f"{r.analytic:.6e}", f"{r.numerical:.6e}", dev, status))
-        widths = [max(len(row[i]) for row in table) for i in range(len(cols) - 1)]
-        lines = [head]
-        for row in table:
-            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
-        if self.constants:
-            lines.append(f"not differentiated: {', '.join(self.constants)}")
-        if self.findings:
-            lines.append("probes:")
-            lines.extend(f"  - {f}" for f in self.findings)
-        return "\n".join(lines)
-
-
 # -- comparing one array's gradient ----------------------------------------------------------
 
 
@@ -429,24 +299,81 @@ def _resolve_atol(atol, f0: float, h: float) -> float:
     return float(atol) if atol is not None else 100.0 * EPS64 * max(abs(f0), 1.0) / h
 
 
+# -- the pipeline: what a layer check and a net check share ----------------------------------
+
+
+class _Subject:
+    """A layer or a net under check, reduced to what :func:`_run_check` needs.
+
+    ``prepare`` makes the float64 host clone and returns the objective there;
+    ``gradients(on_host, report)`` runs backprop on the host clone or on a clone on
+    the model's own device (noting any argument it writes into) and returns
+    ``{row name: gradient}``; ``targets()`` gives ``{row name: (kind, host array)}``,
+    the arrays to perturb; ``probe(report, grads)`` adds the subject's own probes.
+    """
+
+    target = ""
+    where = None  # the model's Device, or None for Python numbers only
+    dtype = "float64"
+    constants: list = []
+
+    def prepare(self):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def gradients(self, on_host: bool, report: GradientCheckReport) -> dict:  # pragma: no cover
+        raise NotImplementedError
+
+    def targets(self) -> dict:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def probe(self, report: GradientCheckReport, grads: dict) -> None:
+        pass
+
+
+def _run_check(subject: _Subject, mode: str, seed: int, *, h, rtol, atol, samples, directions,
+               device_rtol, raise_on_failure) -> GradientCheckReport:
+    """The steps of every check: host analytic vs numerical, device vs host, probes."""
+    rng = np.random.default_rng(seed)
+    objective = subject.prepare()
+    report = GradientCheckReport(subject.target, mode, subject.where.name if subject.where
+                                 else "python", subject.dtype, h, rtol,
+                                 _resolve_atol(atol, objective(), h))
+    grads = subject.gradients(True, report)
+    subject.probe(report, grads)
+    report.constants = list(subject.constants)
+    for name, (kind, p) in subject.targets().items():
+        row = GradientRow(name, kind)
+        g = grads.get(name)
+        row.problem = _shape_problem(g, np.shape(p), name)
+        row.ok = not row.problem
+        if row.ok:
+            _numeric_row(row, objective, p, _host64(g), mode=mode, rng=rng, h=h, rtol=rtol,
+                         atol=report.atol, samples=samples, directions=directions)
+        report.rows.append(row)
+    if subject.where is not None:
+        on_device = subject.gradients(False, report)
+        for row in report.rows:
+            if not row.problem:
+                _device_compare(row, on_device.get(row.name), _host64(grads[row.name]),
+                                subject.dtype, device_rtol)
+    if raise_on_failure:
+        report.raise_if_failed()
+    return report
+
+
+def _watched(report: GradientCheckReport, call, values: list, names: list, what: str):
+    """``call()``, noting in ``report`` any of ``values`` (named ``names``) it wrote into."""
+    before = _snapshot(values)
+    result = call()
+    for name in _mutated(before, values, names):
+        report.note(what(name))
+    return result
+
+
 # -- layers ----------------------------------------------------------------------------------
 
 
-def _layer_params(layer) -> dict:
-    """``{name: (array, gradient attribute)}``: the ``params``/``grads`` protocol, else the
-    book's convention of an array attribute ``X`` with a gradient attribute ``dX``."""
-    if isinstance(getattr(type(layer), "params", None), property) or isinstance(
-        getattr(layer, "params", None), dict
-    ):
-        return {k: (v, None) for k, v in dict(layer.params).items()}
-    found = {}
-    for name, v in vars(layer).items():
-        if is_array(v) and hasattr(layer, "d" + name) and not name.startswith("_"):
-            found[name] = (v, "d" + name)
-    return found
-
-
-def _layer_param_grad(layer, name, attr):
+def _param_gradient(layer, name, attr):
     return getattr(layer, attr) if attr is not None else layer.grads.get(name)
 
 
@@ -471,6 +398,100 @@ def _is_float_input(v) -> bool:
     return is_array(v) and np.issubdtype(np.dtype(dtype_name(v.dtype)), np.floating)
 
 
+class _LayerSubject(_Subject):
+    """A layer: the objective is ``sum(forward(*inputs) * dout)`` for a random dout."""
+
+    def __init__(self, layer, inputs, dout, wrt, rng):
+        self.layer, self.inputs, self.dout, self.rng = layer, list(inputs), dout, rng
+        self.target = type(layer).__name__
+        arrays = [v for v in inputs if is_array(v)] + [
+            getattr(layer, name) for name in find_params(layer)]
+        arrays = [a for a in arrays if is_array(a)]
+        self.where = device_of(arrays[0]) if arrays else None
+        self.dtype = next((dtype_name(a.dtype) for a in arrays if _is_float_input(a)), "float64")
+        self.names = _input_names(layer, len(inputs))
+        self.floating = [i for i, v in enumerate(inputs) if _is_float_input(v)]
+        if wrt is not None:
+            unknown = sorted(set(wrt) - set(self.names))
+            if unknown:
+                raise ValueError(f"wrt names {unknown} are not inputs of forward{tuple(self.names)}")
+        self.wrt = wrt
+
+    def prepare(self):
+        self.host = _clone(self.layer, _host64)
+        self.host_inputs = [_host64(v) if _is_float_input(v) or is_array(v) else v
+                            for v in self.inputs]
+        _require_finite({**dict(zip(self.names, self.host_inputs)),
+                       **{k: getattr(self.host, k) for k in find_params(self.host)}})
+        out_shape = np.shape(_host64(self.host.forward(*self.host_inputs)))
+        self.scalar_out = out_shape == ()
+        dout = self.dout
+        if dout is None:
+            dout = self.rng.uniform(0.5, 2.0) if self.scalar_out else self.rng.standard_normal(
+                out_shape)
+        self.dout = float(dout) if self.scalar_out else np.array(dout, dtype=np.float64)
+        return lambda: float(np.sum(_host64(self.host.forward(*self.host_inputs)) * self.dout))
+
+    def _backprop(self, layer, inputs, dout, report) -> list:
+        """forward then backward(dout), watched for writes into the inputs and dout."""
+        def run():
+            layer.forward(*inputs)
+            return layer.backward(dout)
+
+        returned = _watched(report, run, [*inputs, dout], [*self.names, "dout"],
+                            lambda n: f"{'backward' if n == 'dout' else 'forward/backward'} "
+                                      f"wrote into its argument {n}")
+        self.returned_tuple = isinstance(returned, (tuple, list))
+        return _as_list(returned)
+
+    def gradients(self, on_host, report):
+        if on_host:
+            layer, inputs = self.host, self.host_inputs
+            dout = self.dout if self.scalar_out else self.dout.copy()
+        else:
+            layer = _clone(self.layer, _same_place_copy)
+            inputs = [_same_place_copy(v) if is_array(v) else v for v in self.inputs]
+            y = layer.forward(*inputs)
+            dout = self.dout if self.scalar_out else to_device(self.dout, self.where,
+                                                                   dtype=y.dtype)
+        returned = self._backprop(layer, inputs, dout, report)
+        if on_host:
+            self._choose_differentiable(returned, report)
+        grads = {self.names[i]: returned[k] for k, i in enumerate(self.diff) if k < len(returned)}
+        grads.update({k: _param_gradient(layer, k, attr) for k, attr in find_params(layer).items()})
+        return grads
+
+    def _choose_differentiable(self, returned: list, report) -> None:
+        # Those asked for; else every floating input when backward returns a tuple, and the
+        # first one when it returns a single gradient.
+        if self.wrt is not None:
+            self.diff = [i for i in self.floating if self.names[i] in self.wrt]
+        else:
+            self.diff = self.floating if self.returned_tuple else self.floating[:1]
+        if len(returned) != len(self.diff):
+            report.note(f"backward returned {len(returned)} gradient(s) for the {len(self.diff)} "
+                        f"differentiable input(s) {[self.names[i] for i in self.diff]}")
+        self.constants = [self.names[i] for i in range(len(self.inputs)) if i not in self.diff]
+
+    def targets(self):
+        rows = {self.names[i]: ("input", self.host_inputs[i]) for i in self.diff}
+        rows.update({k: ("param", getattr(self.host, k)) for k in find_params(self.host)})
+        return rows
+
+    def probe(self, report, grads):
+        """Doubling dout must double every input gradient."""
+        doubled = self._backprop(self.host, self.host_inputs, 2.0 * self.dout, report)
+        for k, i in enumerate(self.diff[:len(doubled)]):
+            a, b = grads.get(self.names[i]), doubled[k]
+            if a is None or b is None:
+                continue
+            a, b = _host64(a), _host64(b)
+            if a.shape == b.shape and np.any(a != 0) and not np.allclose(b, 2.0 * a, rtol=1e-10,
+                                                                         atol=0):
+                report.note(f"backward ignores dout: doubling dout scaled the gradient of "
+                            f"{self.names[i]} by {float(np.sum(a * b) / np.sum(a * a)):.4g}, not 2")
+
+
 def check_layer(layer, *inputs, mode: str = "full", seed: int = 0, dout=None, wrt=None,
                 h: float = 1e-5, rtol: float = 1e-6, atol: float | None = None, samples: int = 10,
                 directions: int = 3, device_rtol: float | None = None,
@@ -480,8 +501,8 @@ def check_layer(layer, *inputs, mode: str = "full", seed: int = 0, dout=None, wr
     Like Chainer's ``check_backward``: a random upstream gradient ``dout`` is
     drawn, and the gradient of ``sum(forward(*inputs) * dout)`` is compared
     with what ``backward(dout)`` returns for every floating input, and with the
-    layer's parameter gradients (``params``/``grads`` dicts, or the book's
-    ``W``/``dW`` attribute convention).  A ``backward`` that returns a tuple
+    layer's parameter gradients (an :class:`xpnet.Layer`'s ``params``/``grads``, or
+    the book's ``W``/``dW`` attribute convention).  A ``backward`` that returns a tuple
     gives one gradient per floating input; one that returns a single array
     gives the first input's, and the inputs after it (labels, one-hot targets)
     are passed through and not differentiated.
@@ -517,101 +538,10 @@ def check_layer(layer, *inputs, mode: str = "full", seed: int = 0, dout=None, wr
     GradientCheckReport
     """
     h = _check_options(mode, h, rtol, atol, samples, directions)
-    rng = np.random.default_rng(seed)
-    arrays = [v for v in inputs if is_array(v)] + [v for v, _ in _layer_params(layer).values()]
-    where = device_of(arrays[0]) if arrays else None
-    dtype = next((dtype_name(a.dtype) for a in arrays if _is_float_input(a)), "float64")
-    names = _input_names(layer, len(inputs))
-    floating = [i for i, v in enumerate(inputs) if _is_float_input(v)]
-    if wrt is not None:
-        unknown = sorted(set(wrt) - set(names))
-        if unknown:
-            raise ValueError(f"wrt names {unknown} are not inputs of forward{tuple(names)}")
-
-    # 1. A float64 host clone, and the objective sum(forward(*inputs) * dout).
-    host = _clone(layer, _host64)
-    host_inputs = [_host64(v) if _is_float_input(v) or is_array(v) else v for v in inputs]
-    _require_finite({**dict(zip(names, host_inputs)),
-                     **{k: p for k, (p, _) in _layer_params(host).items()}})
-    out_shape = np.shape(_host64(host.forward(*host_inputs)))
-    scalar_out = out_shape == ()
-    if dout is None:
-        dout = rng.uniform(0.5, 2.0) if scalar_out else rng.standard_normal(out_shape)
-    dout = float(dout) if scalar_out else np.array(dout, dtype=np.float64)
-
-    def objective():
-        return float(np.sum(_host64(host.forward(*host_inputs)) * dout))
-
-    report = GradientCheckReport(type(layer).__name__, mode, where.name if where else "python",
-                                 dtype, h, rtol, _resolve_atol(atol, objective(), h))
-
-    # 2. Analytic gradients on the host; backward gets a copy of dout, watched for writes.
-    returned = []  # what backward returned, as is
-
-    def run(lay, xs, g):
-        before = _snapshot([*xs, g])
-        lay.forward(*xs)
-        returned.append(lay.backward(g))
-        grads = _as_list(returned[-1])
-        for name in _mutated(before, [*xs, g], [*names, "dout"]):
-            report.note(f"{'backward' if name == 'dout' else 'forward/backward'} wrote into its "
-                        f"argument {name}")
-        return grads
-
-    host_grads = run(host, host_inputs, dout if scalar_out else dout.copy())
-    host_params = _layer_params(host)
-    param_grads = {k: _layer_param_grad(host, k, attr) for k, (_, attr) in host_params.items()}
-    # The differentiable inputs: those asked for; else every floating input when backward
-    # returns a tuple, and the first one when it returns a single gradient.
-    if wrt is not None:
-        diff = [i for i in floating if names[i] in wrt]
-    else:
-        diff = floating if isinstance(returned[0], (tuple, list)) else floating[:1]
-    if len(host_grads) != len(diff):
-        report.note(f"backward returned {len(host_grads)} gradient(s) for the {len(diff)} "
-                    f"differentiable input(s) {[names[i] for i in diff]}")
-    report.constants = [names[i] for i in range(len(inputs)) if i not in diff]
-
-    # 3. The dout probe: doubling dout must double every input gradient.
-    doubled = run(host, host_inputs, 2.0 * dout)
-    for k, i in enumerate(diff[: min(len(host_grads), len(doubled))]):
-        if host_grads[k] is None or doubled[k] is None:
-            continue
-        a, b = _host64(host_grads[k]), _host64(doubled[k])
-        if a.shape == b.shape and np.any(a != 0) and not np.allclose(b, 2.0 * a, rtol=1e-10, atol=0):
-            report.note(f"backward ignores dout: doubling dout scaled the gradient of {names[i]} "
-                        f"by {float(np.sum(a * b) / np.sum(a * a)):.4g}, not 2")
-
-    # 4. Numerical comparison, input by input, then parameter by parameter.
-    expected = {}  # row name -> host float64 analytic gradient
-    for k, i in enumerate(diff):
-        g = host_grads[k] if k < len(host_grads) else None
-        expected[names[i]] = (GradientRow(names[i], "input"), host_inputs[i], g)
-    for name, (p, _) in host_params.items():
-        expected[name] = (GradientRow(name, "param"), p, param_grads[name])
-    for name, (row, p, g) in expected.items():
-        row.problem = _shape_problem(g, np.shape(p), name)
-        row.ok = not row.problem
-        if row.ok:
-            _numeric_row(row, objective, p, _host64(g), mode=mode, rng=rng, h=h, rtol=rtol,
-                         atol=report.atol, samples=samples, directions=directions)
-        report.rows.append(row)
-
-    # 5. The same layer on its own device and dtype, on copies of the caller's arrays.
-    if where is not None:
-        dev = _clone(layer, _same_place_copy)
-        dev_inputs = [_same_place_copy(v) if is_array(v) else v for v in inputs]
-        y = dev.forward(*dev_inputs)
-        dev_grads = run(dev, dev_inputs, dout if scalar_out else to_device(dout, where, dtype=y.dtype))
-        dev_params = _layer_params(dev)
-        got = {names[i]: dev_grads[k] for k, i in enumerate(diff) if k < len(dev_grads)}
-        got.update({k: _layer_param_grad(dev, k, attr) for k, (_, attr) in dev_params.items()})
-        for name, (row, _, g) in expected.items():
-            if not row.problem:
-                _device_compare(row, got.get(name), _host64(g), dtype, device_rtol)
-    if raise_on_failure:
-        report.raise_if_failed()
-    return report
+    subject = _LayerSubject(layer, inputs, dout, wrt, np.random.default_rng(seed))
+    return _run_check(subject, mode, seed, h=h, rtol=rtol, atol=atol, samples=samples,
+                      directions=directions, device_rtol=device_rtol,
+                      raise_on_failure=raise_on_failure)
 
 
 # -- networks --------------------------------------------------------------------------------
@@ -630,6 +560,42 @@ def _net_params(net) -> dict:
     return params
 
 
+class _NetSubject(_Subject):
+    """A network: the objective is ``loss(x, t)``, the rows are its parameters."""
+
+    def __init__(self, net, x, t):
+        params = _net_params(net)
+        self.net, self.x, self.t = net, x, t
+        self.names = list(params.keys())
+        first = params[self.names[0]]
+        self.target, self.where, self.dtype = (type(net).__name__, device_of(first),
+                                               dtype_name(first.dtype))
+
+    def prepare(self):
+        self.host = _clone(self.net, _host64)
+        self.x64, self.t64 = _host64(self.x), _host64(self.t)
+        _require_finite({"x": self.x64, "t": self.t64,
+                       **{f"params[{k!r}]": v for k, v in self.host.params.items()}})
+        return lambda: float(self.host.loss(self.x64, self.t64))
+
+    def gradients(self, on_host, report):
+        if on_host:
+            net, x, t = self.host, self.x64, self.t64
+        else:
+            net = _clone(self.net, _same_place_copy)
+            x, t = (_same_place_copy(v) if is_array(v) else v for v in (self.x, self.t))
+        grads = _watched(report, lambda: dict(net.gradient(x, t)), [x, t], ["x", "t"],
+                         lambda n: f"gradient() wrote into its argument {n}")
+        if on_host:
+            extra = sorted(set(grads) - set(self.names))
+            if extra:
+                report.note(f"gradient() returned keys {extra} that are not parameters")
+        return {k: v for k, v in grads.items() if k in self.names}
+
+    def targets(self):
+        return {name: ("param", self.host.params[name]) for name in self.names}
+
+
 def numerical_gradients(net, x, t, h: float = 1e-5) -> dict:
     """Centered-difference gradients of ``net.loss(x, t)`` for every element of every
     parameter, computed on a float64 host clone of ``net``; ``{name: float64 NumPy array}``.
@@ -638,12 +604,9 @@ def numerical_gradients(net, x, t, h: float = 1e-5) -> dict:
     _net_params(net)
     host = _clone(net, _host64)
     x64, t64 = _host64(x), _host64(t)
-    out = {}
-    for name, p in host.params.items():
-        out[name] = np.zeros(p.shape)
-        for idx in np.ndindex(p.shape):
-            out[name][idx] = _central_difference(lambda: float(host.loss(x64, t64)), p, idx, h)
-    return out
+    # Each host parameter is float64 NumPy: numerical_gradient perturbs it in place.
+    return {name: numerical_gradient(lambda _: host.loss(x64, t64), p, h)
+            for name, p in host.params.items()}
 
 
 def check_gradients(net, x, t, mode: str = "full", seed: int = 0, *, h: float = 1e-5,
@@ -664,55 +627,6 @@ def check_gradients(net, x, t, mode: str = "full", seed: int = 0, *, h: float = 
         One row per parameter, e.g. ``report["b1"].max_rel_error``.
     """
     h = _check_options(mode, h, rtol, atol, samples, directions)
-    params = _net_params(net)
-    names = list(params.keys())
-    first = params[names[0]]
-    where = device_of(first)
-    dtype = dtype_name(first.dtype)
-    rng = np.random.default_rng(seed)
-
-    host = _clone(net, _host64)
-    x64, t64 = _host64(x), _host64(t)
-    _require_finite({"x": x64, "t": t64, **{f"params[{k!r}]": v for k, v in host.params.items()}})
-
-    def objective():
-        return float(host.loss(x64, t64))
-
-    f0 = objective()
-    report = GradientCheckReport(type(net).__name__, mode, where.name, dtype, h, rtol,
-                                 _resolve_atol(atol, f0, h))
-    before = _snapshot([x64, t64])
-    grads = host.gradient(x64, t64)
-    for name in _mutated(before, [x64, t64], ["x", "t"]):
-        report.note(f"gradient() wrote into its argument {name}")
-    grads = {k: (None if v is None else _host64(v) if is_array(v) else v)
-             for k, v in dict(grads).items()}
-    extra = sorted(set(grads) - set(names))
-    if extra:
-        report.note(f"gradient() returned keys {extra} that are not parameters")
-    host_params = host.params
-    for name in names:
-        row = GradientRow(name, "param")
-        g = grads.get(name)
-        row.problem = _shape_problem(g, host_params[name].shape, name)
-        if row.problem:
-            row.ok = False
-        else:
-            _numeric_row(row, objective, host_params[name], g, mode=mode, rng=rng, h=h, rtol=rtol,
-                         atol=report.atol, samples=samples, directions=directions)
-        report.rows.append(row)
-
-    # The same net on its own device and dtype, fed copies of the caller's x and t.
-    dev_net = _clone(net, _same_place_copy)
-    xd = _same_place_copy(x) if is_array(x) else x
-    td = _same_place_copy(t) if is_array(t) else t
-    dev_before = _snapshot([xd, td])
-    dev_grads = dict(dev_net.gradient(xd, td))
-    for name in _mutated(dev_before, [xd, td], ["x", "t"]):
-        report.note(f"gradient() wrote into its argument {name}")
-    for row in report.rows:
-        if grads.get(row.name) is not None:
-            _device_compare(row, dev_grads.get(row.name), grads[row.name], dtype, device_rtol)
-    if raise_on_failure:
-        report.raise_if_failed()
-    return report
+    return _run_check(_NetSubject(net, x, t), mode, seed, h=h, rtol=rtol, atol=atol,
+                      samples=samples, directions=directions, device_rtol=device_rtol,
+                      raise_on_failure=raise_on_failure)

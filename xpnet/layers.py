@@ -1,25 +1,37 @@
-"""Layers with explicit ``forward()`` / ``backward()``: Mul, Add, Relu, Sigmoid, Affine,
-SoftmaxWithLoss.
+"""Layers with explicit ``forward()`` / ``backward()``: the :class:`Layer` protocol, and Mul,
+Add, Relu, Sigmoid, Affine, SoftmaxWithLoss.
 
 Each backward sits next to the forward math it differentiates.  The layers are
 written against the Python Array API: they run unchanged on NumPy, CuPy, torch
 and array_api_strict arrays, on the device of their inputs, in their dtype.
 No layer writes into an argument: ``backward`` returns new arrays.
+
+A layer of your own is a subclass of :class:`Layer` that names its parameters
+and writes ``forward`` and ``backward``::
+
+    class Scale(xpnet.Layer):
+        param_names = ("w",)          # params == {"w": self.w}, grads == {"w": self.dw}
+
+        def __init__(self, w):
+            self.w = w
+
+        def forward(self, x):
+            self.x = x
+            return x * self.w
+
+        def backward(self, dout):
+            self.dw = xp.sum(dout * self.x, axis=0)   # xp = xpnet.namespace(dout=dout)
+            return dout * self.w
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
-from .backend import (
-    dtype_name,
-    is_scalar,
-    is_writable,
-    matmul_accumulate,
-    matmul_add,
-    namespace,
-)
+from .backend import DeviceMismatchError, backend_of, dtype_name, is_array, is_scalar, namespace
 from .functional import (
+    affine,
     check_array,
     check_logits,
     sigmoid,
@@ -27,7 +39,18 @@ from .functional import (
     targets_as_rows,
 )
 
-__all__ = ["Add", "Affine", "ForwardNotCalledError", "Mul", "Relu", "Sigmoid", "SoftmaxWithLoss"]
+__all__ = [
+    "Add",
+    "Affine",
+    "ForwardNotCalledError",
+    "Layer",
+    "Mul",
+    "Relu",
+    "Sigmoid",
+    "SoftmaxWithLoss",
+    "find_params",
+    "grad_name",
+]
 
 
 class ForwardNotCalledError(RuntimeError, ValueError):
@@ -38,30 +61,200 @@ class ForwardNotCalledError(RuntimeError, ValueError):
     """
 
 
-def _require_forward(layer, cached) -> None:
-    if cached is None:
-        name = type(layer).__name__
-        raise ForwardNotCalledError(
-            f"{name}.backward() was called before {name}.forward(): "
-            "run forward on a batch first, then backward with the gradient of its output"
-        )
+def grad_name(param: str) -> str:
+    """The attribute that holds the gradient of parameter ``param``: the book's ``dW`` for ``W``."""
+    return "d" + param
 
 
-def _check_dout(xp, dout, out_shape, dtype, layer) -> None:
-    """dout must be an array of the forward output's shape and dtype."""
-    where = f"{type(layer).__name__}.backward"
-    if not hasattr(dout, "shape"):
-        raise TypeError(f"{where}: dout must be an array, got {type(dout).__name__}")
-    if tuple(dout.shape) != tuple(out_shape):
-        raise ValueError(
-            f"{where}: dout has shape {tuple(dout.shape)}, but forward's output had shape "
-            f"{tuple(out_shape)}"
+# -- the protocol --------------------------------------------------------------------------------
+
+
+class _NotRun:
+    """What a layer remembers of its output before any forward (or after reset)."""
+
+    def __repr__(self):
+        return "<forward not run>"
+
+
+_NOT_RUN = _NotRun()
+_CLASSES: dict = {}  # class name -> the Layer subclasses of that name (for loading nets)
+
+
+def _recorded(forward):
+    """Wrap a subclass's forward: after it succeeds, remember its output's shape, dtype, device."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        backend = backend_of(out)
+        self._output = None if backend is None else (
+            backend.library, tuple(out.shape), out.dtype, out.device)
+        return out
+
+    wrapper._xpnet_wrapped = True
+    return wrapper
+
+
+def _checked(backward):
+    """Wrap a subclass's backward: raise unless forward ran and dout fits its output."""
+
+    @functools.wraps(backward)
+    def wrapper(self, *args, **kwargs):
+        if args:
+            self.check_dout(args[0])
+        elif "dout" in kwargs:
+            self.check_dout(kwargs["dout"])
+        else:  # backward() with its default dout (a loss layer's 1)
+            self.check_dout(None)
+        return backward(self, *args, **kwargs)
+
+    wrapper._xpnet_wrapped = True
+    return wrapper
+
+
+class Layer:
+    """The base class of every layer: ours, and yours.
+
+    A subclass names its parameters once, in the class attribute
+    ``param_names`` (e.g. ``("W", "b")``), keeps each as an attribute of that
+    name, and sets the gradient of each in ``d<name>`` (``dW``, ``db``) in
+    ``backward``, as in the book.  From that alone come:
+
+    * ``params`` and ``grads``: dicts ``{name: array}`` (empty for a layer
+      without parameters, like Relu), which networks and the gradient checker use;
+    * the "backward before forward" error (:class:`ForwardNotCalledError`);
+    * the ``dout`` check: ``backward(dout)`` raises a clear error unless dout is
+      an array of the last forward output's shape, dtype, library and device
+      (a Python number is accepted where the output was a number or a 0-d loss);
+    * :meth:`reset`, which forgets the last forward;
+    * saving and loading inside a :class:`xpnet.Sequential` net, which rebuilds the
+      layer as ``Cls(**params, **layer.config())``: a layer whose constructor takes more
+      than its parameters returns those options (JSON values) from :meth:`config`.
+
+    ``forward`` and ``backward`` are written as in the book; layers with a
+    train/inference difference take ``forward(x, train=True)`` and set the
+    class attribute ``has_train_mode = True`` so that networks pass it on.
+    """
+
+    param_names: tuple = ()
+    has_train_mode: bool = False
+    _output = _NOT_RUN  # (library, shape, dtype, device) of the last forward's output
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _CLASSES.setdefault(cls.__name__, []).append(cls)
+        for name, wrap in (("forward", _recorded), ("backward", _checked)):
+            method = cls.__dict__.get(name)
+            if callable(method) and not getattr(method, "_xpnet_wrapped", False):
+                setattr(cls, name, wrap(method))
+
+    def forward(self, *inputs):  # pragma: no cover - every layer defines its own
+        raise NotImplementedError(f"{type(self).__name__} must define forward()")
+
+    def backward(self, dout):  # pragma: no cover - every layer defines its own
+        raise NotImplementedError(f"{type(self).__name__} must define backward()")
+
+    @property
+    def params(self) -> dict:
+        """``{name: array}`` for every name in ``param_names``."""
+        return {name: getattr(self, name) for name in self.param_names}
+
+    @property
+    def grads(self) -> dict:
+        """``{name: gradient from the last backward, or None}``, keyed like :attr:`params`."""
+        return {name: getattr(self, grad_name(name), None) for name in self.param_names}
+
+    def reset(self) -> None:
+        """Forget the last forward: ``backward`` raises until ``forward`` runs again, the
+        gradients become None, and every other array the layer holds besides its parameters
+        (the forward's cache) is dropped."""
+        keep = set(self.param_names)
+        for name, value in list(vars(self).items()):
+            if name not in keep and is_array(value):
+                setattr(self, name, None)
+        for name in self.param_names:
+            setattr(self, grad_name(name), None)
+        self._output = _NOT_RUN
+
+    def config(self) -> dict:
+        """The constructor's options besides the parameters, as JSON values (none by default)."""
+        return {}
+
+    @staticmethod
+    def by_name(name: str) -> type:
+        """The Layer subclass called ``name`` (ValueError if there is none, or several)."""
+        found = _CLASSES.get(name, [])
+        if len(found) != 1:
+            raise ValueError(f"{'no' if not found else 'more than one'} xpnet.Layer subclass "
+                             f"is called {name!r}" + ("; define or import it first" if not found
+                                                      else ""))
+        return found[0]
+
+    def check_dout(self, dout) -> None:
+        """Raise unless forward has run and ``dout`` fits its output (see the class docstring)."""
+        out = self._output
+        name = type(self).__name__
+        if out is _NOT_RUN:
+            raise ForwardNotCalledError(
+                f"{name}.backward() was called before {name}.forward(): "
+                "run forward on a batch first, then backward with the gradient of its output"
+            )
+        if out is None:
+            return  # a number came out (Mul of two numbers): any number or array may go back
+        if out[1] == ():  # a scalar (a loss): a number, or a 0-d array of its library and device
+            if dout is None or is_scalar(dout):
+                return
+            if getattr(dout, "ndim", None) != 0:
+                raise ValueError(f"{name}.backward: dout is the gradient of a scalar output and "
+                                 "must be a number or a 0-d array, got shape "
+                                 f"{tuple(getattr(dout, 'shape', ()))}")
+            out = (*out[:2], dout.dtype, out[3])  # a loss layer casts a 0-d dout to its dtype
+        _check_dout_fits(f"{name}.backward", dout, *out)
+
+    def __repr__(self):
+        shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self.params.items()
+                           if hasattr(v, "shape"))
+        return f"{type(self).__name__}({shapes})"
+
+
+def _check_dout_fits(where: str, dout, library: str, shape: tuple, dtype, device) -> None:
+    if not hasattr(dout, "shape") or not hasattr(dout, "dtype"):
+        raise TypeError(f"{where}: dout must be an array like forward's output (shape {shape}), "
+                        f"got {type(dout).__name__}")
+    backend = backend_of(dout)
+    dout_library = None if backend is None else backend.library
+    if dout_library != library or dout.device != device:
+        raise DeviceMismatchError(
+            f"{where}: dout is a {dout_library} array on {getattr(dout, 'device', '?')!s}, but "
+            f"forward's output was a {library} array on {device!s}; move dout with "
+            "xpnet.to_device(dout, device)"
         )
+    if tuple(dout.shape) != shape:
+        raise ValueError(f"{where}: dout has shape {tuple(dout.shape)}, but forward's output "
+                         f"had shape {shape}")
     if dout.dtype != dtype:
-        raise TypeError(
-            f"{where}: dout has dtype {dtype_name(dout.dtype)}, but forward's output had "
-            f"{dtype_name(dtype)}"
-        )
+        raise TypeError(f"{where}: dout has dtype {dtype_name(dout.dtype)}, but forward's "
+                        f"output had {dtype_name(dtype)}")
+
+
+def find_params(layer) -> dict:
+    """``{name: gradient attribute}`` for the parameters of any layer-like object.
+
+    A :class:`Layer` names them in ``param_names``; an object with a ``params``
+    dict (and a ``grads`` dict) is taken at its word; a book-style class is
+    searched for array attributes ``X`` that have a gradient attribute ``dX``.
+    A gradient attribute of None means "look in ``layer.grads``".
+    """
+    if isinstance(layer, Layer):
+        return {name: grad_name(name) for name in layer.param_names}
+    if isinstance(getattr(type(layer), "params", None), property) or isinstance(
+            getattr(layer, "params", None), dict):
+        return dict.fromkeys(dict(layer.params))
+    return {name: grad_name(name) for name, v in vars(layer).items()
+            if is_array(v) and hasattr(layer, grad_name(name)) and not name.startswith("_")}
+
+
+# -- the layers ----------------------------------------------------------------------------------
 
 
 def _sum_to(g, like):
@@ -80,7 +273,7 @@ def _sum_to(g, like):
     return xp.reshape(xp.sum(g, axis=axes), tuple(like.shape))
 
 
-class Mul:
+class Mul(Layer):
     """Multiplication node ``out = x * y`` (Python numbers or arrays; broadcasting allowed).
 
     ``backward(dout)`` returns ``(dout * y, dout * x)``, each summed back to
@@ -98,33 +291,8 @@ class Mul:
         return x * y
 
     def backward(self, dout):
-        _require_forward(self, self.x)
         # d(xy)/dx = y, d(xy)/dy = x: each input's gradient is dout times the *other* input.
         return _sum_to(dout * self.y, self.x), _sum_to(dout * self.x, self.y)
-
-
-class Add:
-    """Addition node ``out = x + y`` (Python numbers or arrays; broadcasting allowed).
-
-    ``backward(dout)`` passes dout through to both inputs, summed back to the
-    shape of each; the two results never alias ``dout`` or each other.
-    """
-
-    def __init__(self):
-        self.x = None
-        self.y = None
-
-    def forward(self, x, y):
-        if not (is_scalar(x) and is_scalar(y)):
-            namespace(x=x, y=y)
-        # Only the operands' shapes matter for backward; keep a zero-size stand-in, not the data.
-        self.x, self.y = _shape_of(x), _shape_of(y)
-        return x + y
-
-    def backward(self, dout):
-        _require_forward(self, self.x)
-        # d(x+y)/dx = d(x+y)/dy = 1: dout flows unchanged to both sides.
-        return _copy_grad(dout, self.x), _copy_grad(dout, self.y)
 
 
 class _Shape:
@@ -148,7 +316,30 @@ def _copy_grad(dout, like):
     return g
 
 
-class Relu:
+class Add(Layer):
+    """Addition node ``out = x + y`` (Python numbers or arrays; broadcasting allowed).
+
+    ``backward(dout)`` passes dout through to both inputs, summed back to the
+    shape of each; the two results never alias ``dout`` or each other.
+    """
+
+    def __init__(self):
+        self.x = None
+        self.y = None
+
+    def forward(self, x, y):
+        if not (is_scalar(x) and is_scalar(y)):
+            namespace(x=x, y=y)
+        # Only the operands' shapes matter for backward; keep a zero-size stand-in, not the data.
+        self.x, self.y = _shape_of(x), _shape_of(y)
+        return x + y
+
+    def backward(self, dout):
+        # d(x+y)/dx = d(x+y)/dy = 1: dout flows unchanged to both sides.
+        return _copy_grad(dout, self.x), _copy_grad(dout, self.y)
+
+
+class Relu(Layer):
     """Rectified linear unit ``out = max(x, 0)``.
 
     The derivative is 1 where x > 0 and 0 where x <= 0 (0 at the kink, as in
@@ -174,22 +365,15 @@ class Relu:
         xp = namespace(x=x)
         check_array(xp, x, "x")
         self._keep = xp.astype(x > 0, x.dtype)
-        return xp.maximum(x, _zero(xp, x))
+        # A 0-d zero of x's dtype and device, so maximum never promotes float32.
+        return xp.maximum(x, xp.zeros((), dtype=x.dtype, device=x.device))
 
     def backward(self, dout):
-        _require_forward(self, self._keep)
-        xp = namespace(dout=dout, mask=self._keep)
-        _check_dout(xp, dout, self._keep.shape, self._keep.dtype, self)
         # Gradient flows only where the input was positive; a new array, dout is left as it was.
         return dout * self._keep
 
 
-def _zero(xp, like):
-    # A 0-d zero of like's dtype and device, so xp.where never promotes float32.
-    return xp.zeros((), dtype=like.dtype, device=like.device)
-
-
-class Sigmoid:
+class Sigmoid(Layer):
     """Logistic sigmoid ``out = 1 / (1 + exp(-x))``, stable for any x.
 
     Attributes
@@ -205,14 +389,11 @@ class Sigmoid:
         return self.out
 
     def backward(self, dout):
-        _require_forward(self, self.out)
-        xp = namespace(dout=dout, out=self.out)
-        _check_dout(xp, dout, self.out.shape, self.out.dtype, self)
         # d sigmoid(x)/dx = y * (1 - y)
         return dout * (1.0 - self.out) * self.out
 
 
-class Affine:
+class Affine(Layer):
     """Fully connected layer ``out = x W + b``.
 
     Parameters
@@ -234,10 +415,10 @@ class Affine:
     W, b : the parameters (the layer reads them at every call, so assigning a
         new array takes effect at the next forward).
     dW, db : gradients from the last backward.
-    x : the flattened (N, D) input of the last forward.
-    params, grads : dicts ``{"W": W, "b": b}`` and ``{"W": dW, "b": db}``
-        (the protocol the gradient checker uses to find a layer's parameters).
+    x : the flattened (N, D) input of the last forward; ``x_shape`` its original shape.
     """
+
+    param_names = ("W", "b")
 
     def __init__(self, W, b, *, input_grad: bool = True):
         xp = namespace(W=W, b=b)
@@ -252,107 +433,69 @@ class Affine:
             raise TypeError(
                 f"W and b must share a dtype, got W {dtype_name(W.dtype)} and b {dtype_name(b.dtype)}"
             )
-        self.W = W
-        self.b = b
+        self.W, self.b = W, b
         self.input_grad = bool(input_grad)
-        self.x = None
-        self.x_shape = None
-        self.dW = None
-        self.db = None
-
-    @property
-    def params(self) -> dict:
-        return {"W": self.W, "b": self.b}
-
-    @property
-    def grads(self) -> dict:
-        return {"W": self.dW, "b": self.db}
+        self.x = self.x_shape = self.dW = self.db = None
 
     def __repr__(self):
         return f"Affine(W: {tuple(self.W.shape)} {dtype_name(self.W.dtype)}, b: {tuple(self.b.shape)})"
 
+    def config(self) -> dict:
+        return {"input_grad": self.input_grad}
+
     def forward(self, x):
-        W = self.W
-        xp = namespace(x=x, W=W, b=self.b)
-        check_array(xp, x, "x")
-        if x.ndim < 2:
-            raise ValueError(
-                f"x must have a batch axis, shape (N, D) or (N, d1, ..., dk), got shape "
-                f"{tuple(x.shape)}; for a single sample use xp.reshape(x, (1, -1))"
-            )
-        n = x.shape[0]
-        if n == 0:
-            raise ValueError(f"x is an empty batch, shape {tuple(x.shape)}")
-        d = math.prod(x.shape[1:])
-        if d != W.shape[0]:
-            raise ValueError(
-                f"x of shape {tuple(x.shape)} has {d} features per sample, but W of shape "
-                f"{tuple(W.shape)} expects {W.shape[0]}"
-            )
-        if x.dtype != W.dtype:
-            raise TypeError(
-                f"x has dtype {dtype_name(x.dtype)} but W has {dtype_name(W.dtype)}; "
-                "convert x with xp.astype(x, W.dtype)"
-            )
-        x2 = x if x.ndim == 2 else xp.reshape(x, (n, d))
-        self.x, self.x_shape = x2, tuple(x.shape)
-        return matmul_add(x2, W, self.b)  # x W + b, the bias fused in where the backend can
-
-    def _check_backward(self, dout):
-        _require_forward(self, self.x)
-        xp = namespace(dout=dout, W=self.W)
-        _check_dout(xp, dout, (self.x.shape[0], self.W.shape[1]), self.W.dtype, self)
-        return xp
-
-    def _dx(self, xp, dout):
-        if not self.input_grad:
-            return None
-        dx = dout @ self.W.T
-        return dx if len(self.x_shape) == 2 else xp.reshape(dx, self.x_shape)
+        xp = namespace(x=x, W=self.W, b=self.b)
+        self.x, self.x_shape = _flatten_batch(xp, x, self.W), tuple(x.shape)
+        return affine(self.x, self.W, self.b)  # x W + b
 
     def backward(self, dout):
-        xp = self._check_backward(dout)
-        # out = x W + b  =>  dx = dout W^T,  dW = x^T dout,  db = sum_n dout
-        self.dW = self.x.T @ dout
+        xp = namespace(dout=dout, W=self.W)
+        # out = x W + b  =>  dW = x^T dout,  db = sum_n dout,  dx = dout W^T
+        self.dW = xp.matrix_transpose(self.x) @ dout
         self.db = xp.sum(dout, axis=0)
-        return self._dx(xp, dout)
+        return self.input_gradient(xp, dout)
 
-    def backward_sgd(self, dout, lr: float):
-        """:meth:`backward` fused with the plain SGD step ``W -= lr dW``, ``b -= lr db``.
-
-        Returns dx, computed with the weights before the step.  ``W`` and ``b``
-        are updated in place where they are writable (rebound otherwise), and dW
-        is never materialized: ``W += -lr x^T dout`` is one accumulating matrix
-        product (:func:`xpnet.backend.matmul_accumulate`), which spares the
-        passes over W that a separate update costs.  ``dW`` and ``db`` are left
-        as None.
-        """
-        xp = self._check_backward(dout)
-        lr = float(lr)
-        dx = self._dx(xp, dout)  # before W changes
-        self.W = matmul_accumulate(self.W, self.x, dout, -lr, trans_a=True)
-        step = lr * xp.sum(dout, axis=0)
-        if is_writable(self.b):
-            self.b -= step
-        else:
-            self.b = self.b - step
-        self.dW = self.db = None
-        return dx
+    def input_gradient(self, xp, dout):
+        """dx = dout W^T in the shape of forward's x (None when ``input_grad`` is False)."""
+        if not self.input_grad:
+            return None
+        dx = dout @ xp.matrix_transpose(self.W)
+        return dx if len(self.x_shape) == 2 else xp.reshape(dx, self.x_shape)
 
 
-class SoftmaxWithLoss:
+def _flatten_batch(xp, x, W):
+    """Validate an Affine input against W and flatten it to (N, D)."""
+    check_array(xp, x, "x")
+    if x.ndim < 2:
+        raise ValueError(
+            f"x must have a batch axis, shape (N, D) or (N, d1, ..., dk), got shape "
+            f"{tuple(x.shape)}; for a single sample use xp.reshape(x, (1, -1))"
+        )
+    n, d = x.shape[0], math.prod(x.shape[1:])
+    if n == 0:
+        raise ValueError(f"x is an empty batch, shape {tuple(x.shape)}")
+    if d != W.shape[0]:
+        raise ValueError(
+            f"x of shape {tuple(x.shape)} has {d} features per sample, but W of shape "
+            f"{tuple(W.shape)} expects {W.shape[0]}"
+        )
+    if x.dtype != W.dtype:
+        raise TypeError(
+            f"x has dtype {dtype_name(x.dtype)} but W has {dtype_name(W.dtype)}; "
+            "convert x with xp.astype(x, W.dtype)"
+        )
+    return x if x.ndim == 2 else xp.reshape(x, (n, d))
+
+
+class SoftmaxWithLoss(Layer):
     """Softmax followed by the mean cross-entropy loss over the batch.
 
-    ``forward(x, t)`` takes scores x of shape (N, C) and targets t, either
-    integer class labels of shape (N,) in [0, C) or one-hot / probability rows
-    of shape (N, C); it returns the loss as a 0-d array on x's device in x's
-    dtype.  ``backward(dout=1)`` returns dL/dx times ``dout``.
-
-    Parameters
-    ----------
-    check_labels : bool, default True
-        Check integer labels lie in [0, C) at every forward (one device-to-host
-        read); a trainer that checked its labels once may turn it off.
+    ``forward(x, t, *, check_labels=True)`` takes scores x of shape (N, C) and
+    targets t, either integer class labels of shape (N,) in [0, C) or one-hot /
+    probability rows of shape (N, C); it returns the loss as a 0-d array on x's
+    device in x's dtype.  ``check_labels=False`` skips the label range check
+    (one device-to-host read) for labels the caller has already checked, as the
+    Trainer does once per dataset.  ``backward(dout=1)`` returns dL/dx times ``dout``.
 
     Attributes
     ----------
@@ -361,17 +504,16 @@ class SoftmaxWithLoss:
     loss : the last loss.
     """
 
-    def __init__(self, *, check_labels: bool = True):
-        self.check_labels = check_labels
+    def __init__(self):
         self.loss = None
         self.y = None
         self.t = None
         self._row_sums = None
 
-    def forward(self, x, t):
+    def forward(self, x, t, *, check_labels: bool = True):
         xp = namespace(x=x, t=t)
         check_logits(xp, x)
-        rows, from_labels = targets_as_rows(xp, x, t, check_labels=self.check_labels)
+        rows, from_labels = targets_as_rows(xp, x, t, check_labels=check_labels)
         # For probability rows, dL/dx = (y * sum_c t - t) / N; for labels each row sums to 1.
         self._row_sums = None if from_labels else xp.sum(rows, axis=1, keepdims=True)
         self.y, self.loss = softmax_cross_entropy(xp, x, rows, self._row_sums)
@@ -379,17 +521,11 @@ class SoftmaxWithLoss:
         return self.loss
 
     def backward(self, dout=1):
-        _require_forward(self, self.y)
         y = self.y
-        if is_scalar(dout):
-            scale = float(dout) / y.shape[0]
+        if dout is None or is_scalar(dout):
+            scale = float(1 if dout is None else dout) / y.shape[0]
         else:
             xp = namespace(dout=dout, y=y)
-            if getattr(dout, "ndim", None) != 0:
-                raise ValueError(
-                    "SoftmaxWithLoss.backward: dout is the gradient of the scalar loss and must be "
-                    f"a number or a 0-d array, got shape {tuple(getattr(dout, 'shape', ()))}"
-                )
             scale = (dout if dout.dtype == y.dtype else xp.astype(dout, y.dtype)) / y.shape[0]
         if self._row_sums is not None:
             y = y * self._row_sums

@@ -1,7 +1,8 @@
-"""Networks built from the layers: MultiLayerNet and its two-layer case, TwoLayerNet.
+"""Networks: :class:`Sequential` (any list of layers and a loss layer), and the book's nets
+as thin constructors of it, :class:`MultiLayerNet` and :class:`TwoLayerNet`.
 
-Every parameter array has one owner, the Affine layer that uses it; ``net.params``
-is a live view onto those layers.  Reading ``net.params["W1"]`` gives the layer's
+Every parameter array has one owner, the layer that uses it; ``net.params`` is a
+live view onto those layers.  Reading ``net.params["W1"]`` gives the layer's
 array, writing into it in place changes the layer's array, and assigning
 ``net.params["W1"] = new`` rebinds the layer's attribute, so an optimizer's update
 is always what the next forward uses, however the namespace lets it update.
@@ -9,13 +10,15 @@ is always what the next forward uses, however the namespace lets it update.
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import math
 import numbers
 from collections.abc import MutableMapping
 
 import numpy as np
 
-from ._io import read_npz, write_npz
+from . import checkpoint
 from .backend import (
     device_of,
     dtype_name,
@@ -26,31 +29,36 @@ from .backend import (
     to_numpy,
 )
 from .gradcheck import numerical_gradients
-from .layers import Affine, Relu, Sigmoid, SoftmaxWithLoss
+from .layers import Affine, Layer, Relu, Sigmoid, SoftmaxWithLoss
 
-__all__ = ["MultiLayerNet", "Parameters", "TwoLayerNet"]
+# Everything that exists only for speed; the library is correct (and slower) without it.
+_fast = (importlib.import_module("._fast", __package__)
+         if importlib.util.find_spec("._fast", __package__) else None)
+
+__all__ = ["MultiLayerNet", "Parameters", "Sequential", "TwoLayerNet"]
 
 _ACTIVATIONS = {"relu": Relu, "sigmoid": Sigmoid}
+_FLOAT_DTYPES = ("float32", "float64")
 
 
 class Parameters(MutableMapping):
-    """A live ``{name: array}`` view onto the attributes of the layers that own them.
+    """A live ``{name: array}`` view onto the parameters of the layers that own them.
 
     Assignment replaces the layer's array and must keep its shape, dtype and
     device (a ValueError/TypeError says which differs); names cannot be added
     or removed.
     """
 
-    def __init__(self, slots: dict):
-        self._slots = dict(slots)  # name -> (owner object, attribute name)
+    def __init__(self, owners: dict):
+        self._owners = dict(owners)  # name -> (layer, its parameter name)
 
     def __getitem__(self, name):
-        owner, attr = self._slots[name]
-        return getattr(owner, attr)
+        layer, attr = self._owners[name]
+        return getattr(layer, attr)
 
     def __setitem__(self, name, value):
-        if name not in self._slots:
-            raise KeyError(f"unknown parameter {name!r}; the parameters are {list(self._slots)}")
+        if name not in self._owners:
+            raise KeyError(f"unknown parameter {name!r}; the parameters are {list(self._owners)}")
         old = self[name]
         namespace(**{name: value, "current value": old})
         if tuple(value.shape) != tuple(old.shape):
@@ -62,8 +70,8 @@ class Parameters(MutableMapping):
                 f"params[{name!r}] must keep its dtype {dtype_name(old.dtype)}, "
                 f"got {dtype_name(value.dtype)}"
             )
-        owner, attr = self._slots[name]
-        setattr(owner, attr, value)
+        layer, attr = self._owners[name]
+        setattr(layer, attr, value)
 
     def __delitem__(self, name):
         raise TypeError("a network's parameters cannot be removed")
@@ -71,23 +79,266 @@ class Parameters(MutableMapping):
     def move(self, convert) -> None:
         """Replace every array by ``convert(array)``, which may change its device and dtype.
         All are converted before any is replaced: a failure leaves the net as it was."""
-        converted = {name: convert(self[name]) for name in self._slots}
-        for name, (owner, attr) in self._slots.items():
-            setattr(owner, attr, converted[name])
+        converted = {name: convert(self[name]) for name in self._owners}
+        for name, (layer, attr) in self._owners.items():
+            setattr(layer, attr, converted[name])
 
     def gradients(self) -> dict:
-        """The owners' gradients from their last backward: ``{name: d<attribute>}``."""
-        return {name: getattr(owner, "d" + attr) for name, (owner, attr) in self._slots.items()}
+        """The owners' gradients from their last backward, keyed like the parameters."""
+        return {name: layer.grads[attr] for name, (layer, attr) in self._owners.items()}
 
     def __iter__(self):
-        return iter(self._slots)
+        return iter(self._owners)
 
     def __len__(self):
-        return len(self._slots)
+        return len(self._owners)
 
     def __repr__(self):
         shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self.items())
         return f"Parameters({shapes})"
+
+
+def _name_layers(layers) -> dict:
+    """``{"Affine1": ..., "Relu1": ..., "Affine2": ...}``: each layer named by its class and
+    its rank among the layers of that class (a dict of layers keeps its own names)."""
+    if isinstance(layers, dict):
+        named = dict(layers)
+    else:
+        named, seen = {}, {}
+        for layer in layers:
+            kind = type(layer).__name__
+            seen[kind] = seen.get(kind, 0) + 1
+            named[f"{kind}{seen[kind]}"] = layer
+    if not named:
+        raise ValueError("a Sequential net needs at least one layer")
+    for name, layer in named.items():
+        if not isinstance(layer, Layer):
+            raise TypeError(f"layer {name!r} is a {type(layer).__name__}, not an xpnet.Layer: "
+                            "subclass xpnet.Layer and name its parameters in param_names")
+    return named
+
+
+def _own_parameters(layers: dict) -> dict:
+    """``{"W1": (layer, "W"), "b1": (layer, "b"), "W2": ...}``: the k-th layer that has a
+    parameter named W owns W<k>, as in the book (W1 b1 for the first Affine or Convolution,
+    gamma1 beta1 for the first BatchNormalization)."""
+    owners, seen = {}, {}
+    for layer in layers.values():
+        for attr in layer.param_names:
+            seen[attr] = seen.get(attr, 0) + 1
+            owners[f"{attr}{seen[attr]}"] = (layer, attr)
+    return owners
+
+
+class Sequential:
+    """A network made of a list of layers and a loss layer, with the whole net protocol.
+
+    Parameters
+    ----------
+    layers : list of :class:`xpnet.Layer` (or a dict ``{name: layer}``)
+        Applied in order by :meth:`predict`.  Layers are named ``Affine1``, ``Relu1``,
+        ``Affine2``, ... (by class, then rank) in :attr:`layers`.
+    loss : Layer, default ``SoftmaxWithLoss()``
+        ``forward(scores, t) -> loss`` and ``backward() -> dscores``.
+
+    Attributes
+    ----------
+    layers : dict
+        The layers, in order.
+    last_layer : the loss layer.
+    params : Parameters
+        A live view ``{"W1": ..., "b1": ..., "W2": ...}`` onto the layers' parameters:
+        the k-th layer with a parameter named W owns W<k>.
+
+    With plain :class:`xpnet.SGD`, :meth:`train_step` updates every parameter inside the
+    backward pass (``xpnet._fast``); any other optimizer gets the gradients, then
+    ``update``.  ``predict(x, train=...)`` is passed on to the layers whose class sets
+    ``has_train_mode``; :meth:`gradient` and :meth:`train_step` run in training mode.
+    """
+
+    def __init__(self, layers, loss=None):
+        self.layers = _name_layers(layers)
+        self.last_layer = SoftmaxWithLoss() if loss is None else loss
+        if not callable(getattr(self.last_layer, "forward", None)) or not callable(
+                getattr(self.last_layer, "backward", None)):
+            raise TypeError(f"loss must be a layer with forward(scores, t) and backward(), got "
+                            f"{type(self.last_layer).__name__}")
+        self.params = Parameters(_own_parameters(self.layers))
+        try:
+            checks = "check_labels" in inspect.signature(self.last_layer.forward).parameters
+        except (TypeError, ValueError):
+            checks = False
+        self._loss_checks_labels = checks
+
+    # -- where the net lives -------------------------------------------------------------------
+
+    def _first_param(self):
+        if not len(self.params):
+            raise ValueError(f"{type(self).__name__} has no parameters, so no device or dtype")
+        return next(iter(self.params.values()))
+
+    @property
+    def device(self) -> str:
+        """The device string of the parameters."""
+        return device_of(self._first_param()).name
+
+    @property
+    def dtype(self) -> str:
+        """The parameters' dtype name, ``"float32"`` or ``"float64"``."""
+        return dtype_name(self._first_param().dtype)
+
+    def to(self, device: str, dtype: str | None = None):
+        """Move the parameters to ``device`` (and ``dtype``), in place; returns ``self``.
+
+        As with ``torch.nn.Module.to``, create the optimizer after moving the net.
+        """
+        dev = resolve_device(device)
+        self.params.move(lambda value: to_device(value, dev, dtype=dtype))
+        for layer in (*self.layers.values(), self.last_layer):  # caches live on the old device
+            if isinstance(layer, Layer):
+                layer.reset()
+        return self
+
+    def __repr__(self):
+        return f"{type(self).__name__}([{', '.join(map(repr, self.layers.values()))}])"
+
+    # -- the math --------------------------------------------------------------------------------
+
+    def predict(self, x, *, train: bool = False):
+        """Scores (N, C) for inputs x (N, ...) on the net's device; ``train`` selects the
+        training behaviour of the layers that have one (dropout, batch normalization)."""
+        for layer in self.layers.values():
+            x = layer.forward(x, train=train) if layer.has_train_mode else layer.forward(x)
+        return x
+
+    def loss(self, x, t, *, train: bool = False, check_labels: bool = True):
+        """The loss, a 0-d array on the net's device.  ``check_labels=False`` skips the
+        label range check, for labels the caller has already checked (the Trainer does)."""
+        scores = self.predict(x, train=train)
+        if self._loss_checks_labels:
+            return self.last_layer.forward(scores, t, check_labels=check_labels)
+        return self.last_layer.forward(scores, t)
+
+    def accuracy(self, x, t, *, batch_size: int | None = None) -> float:
+        """Fraction of samples whose highest score is the label, as a Python float.
+
+        ``t`` holds labels (N,) or one-hot rows (N, C).  ``batch_size`` bounds
+        the memory of the forward pass on large inputs.
+        """
+        n = x.shape[0]
+        if t.shape[0] != n:
+            raise ValueError(f"x has {n} samples but t has {t.shape[0]}")
+        if n == 0:
+            raise ValueError("accuracy of an empty batch is undefined")
+        step = n if batch_size is None else int(batch_size)
+        correct = 0
+        for start in range(0, n, step):
+            stop = min(start + step, n)  # the standard leaves out-of-bounds stops unspecified
+            xb, tb = x[start:stop, ...], t[start:stop, ...]
+            xp = namespace(x=xb, t=tb)
+            pred = xp.argmax(self.predict(xb), axis=1)
+            labels = tb if tb.ndim == 1 else xp.argmax(tb, axis=1)
+            correct += int(xp.count_nonzero(pred == labels))
+        return correct / n
+
+    def gradient(self, x, t) -> dict:
+        """Backprop gradients of the loss, ``{name: array}`` keyed and shaped like ``params``."""
+        return self.loss_and_gradient(x, t)[1]
+
+    def loss_and_gradient(self, x, t, *, check_labels: bool = True):
+        """``(loss, gradient)`` from one forward and one backward pass, in training mode."""
+        loss = self.loss(x, t, train=True, check_labels=check_labels)
+        dout = self.last_layer.backward()
+        for layer in reversed(self.layers.values()):
+            dout = layer.backward(dout)
+        return loss, self.params.gradients()
+
+    def train_step(self, x, t, optimizer, *, check_labels: bool = True):
+        """One optimizer step on the batch ``(x, t)``; returns its loss (before the step).
+
+        ``loss, grads = loss_and_gradient(x, t)`` then ``optimizer.update(params, grads)``;
+        with plain SGD the update is fused into the backward pass instead (equal up to
+        rounding; see :func:`xpnet._fast.sgd_train_step`).
+        """
+        if _fast is not None and _fast.fuses(optimizer):
+            return _fast.sgd_train_step(self, x, t, optimizer, check_labels=check_labels)
+        loss, grads = self.loss_and_gradient(x, t, check_labels=check_labels)
+        optimizer.update(self.params, grads)
+        return loss
+
+    def numerical_gradient(self, x, t) -> dict:
+        """Centered-difference gradients, computed on a float64 host copy of the net
+        (see :func:`xpnet.gradcheck.numerical_gradients`); returned like :meth:`gradient`,
+        on the net's device in its dtype.  Slow: two loss evaluations per parameter element.
+        """
+        host = numerical_gradients(self, x, t)
+        return {k: to_device(v, self.device, dtype=self.dtype) for k, v in host.items()}
+
+    # -- files -----------------------------------------------------------------------------------
+
+    def config(self) -> dict:
+        """What it takes to rebuild this net around its parameters: each layer's class
+        and :meth:`Layer.config`, and the loss layer's."""
+        def describe(layer):
+            return {"type": type(layer).__name__, **layer.config()}
+
+        return {"class": "Sequential", "dtype": self.dtype,
+                "layers": [describe(layer) for layer in self.layers.values()],
+                "loss": describe(self.last_layer)}
+
+    def save(self, path) -> None:
+        """Write the parameters and the config to ``path`` as ``.npz``, atomically (no pickle).
+
+        A model on any device is saved from a host copy and loads on any device.
+        """
+        checkpoint.save_model(path, self.config(),
+                              {name: to_numpy(value) for name, value in self.params.items()})
+
+    @classmethod
+    def load(cls, path, device: str = "cpu", dtype: str | None = None):
+        """Load a net written by :meth:`save` onto ``device`` (in its saved dtype unless ``dtype``).
+
+        Raises ``ValueError`` for anything that is not such a checkpoint: an
+        unreadable file, a missing or foreign header, wrong parameter names or
+        shapes, non-float arrays.  Never unpickles.
+        """
+        config, arrays = checkpoint.read_model(path)
+        kind = _NET_CLASSES.get(config.get("class"))
+        if kind is None or not issubclass(kind, cls):
+            raise ValueError(f"{path}: holds a {config.get('class')!r}, which {cls.__name__}.load "
+                             "cannot build; load it with its own class")
+        if dtype is not None and dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {_FLOAT_DTYPES} or None, got {dtype!r}")
+        try:
+            net = kind._from_config(config, arrays, device, dtype or config["dtype"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: its config {config} does not build a net: {exc}") from None
+        checkpoint.check_param_arrays(path, arrays, {k: tuple(v.shape)
+                                                     for k, v in net.params.items()})
+        for name in net.params:
+            net.params[name] = to_device(arrays[name], device, dtype=net.dtype, copy=True)
+        return net
+
+    @classmethod
+    def _from_config(cls, config: dict, arrays: dict, device: str, dtype: str):
+        """A net of ``config``'s architecture on ``device`` (its parameters are set after)."""
+        if dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {_FLOAT_DTYPES}, got {dtype!r}")
+        layers, seen = [], {}
+        for spec in config["layers"]:
+            kind = Layer.by_name(spec["type"])
+            params = {}
+            for attr in kind.param_names:
+                seen[attr] = seen.get(attr, 0) + 1
+                key = f"{attr}{seen[attr]}"
+                if key not in arrays:
+                    raise ValueError(f"no array {key!r} for a {spec['type']} layer")
+                params[attr] = to_device(arrays[key], device, dtype=dtype, copy=True)
+            options = {k: v for k, v in spec.items() if k != "type"}
+            layers.append(kind(**params, **options))
+        loss = config["loss"]
+        return cls(layers, Layer.by_name(loss["type"])(**{k: v for k, v in loss.items()
+                                                         if k != "type"}))
 
 
 def _init_std(weight_init, fan_in: int) -> float:
@@ -116,7 +367,26 @@ def _check_sizes(sizes) -> list[int]:
     return [int(s) for s in sizes]
 
 
-class MultiLayerNet:
+def _fully_connected(sizes, activation, weight_init, seed, device, dtype) -> list:
+    """(Affine, activation) * (L - 1), Affine, with normal weights from a seeded host generator."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dev.xp, dtype)
+    if not dev.xp.isdtype(dt, "real floating"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    rng = np.random.default_rng(seed)
+    layers = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        std = _init_std(weight_init, fan_in)
+        W = to_device(std * rng.standard_normal((fan_in, fan_out)), dev, dtype=dtype)
+        b = to_device(np.zeros(fan_out), dev, dtype=dtype)
+        # The first layer's input is the data: its gradient is never needed.
+        layers.append(Affine(W, b, input_grad=i > 0))
+        if i < len(sizes) - 2:
+            layers.append(_ACTIVATIONS[activation]())
+    return layers
+
+
+class MultiLayerNet(Sequential):
     """A fully connected network: (Affine, activation) * (L - 1), Affine, SoftmaxWithLoss.
 
     Parameters
@@ -145,62 +415,11 @@ class MultiLayerNet:
 
     def __init__(self, sizes, *, activation: str = "relu", weight_init="he", seed: int = 0,
                  device: str = "cpu", dtype: str = "float32"):
-        self.sizes = _check_sizes(sizes)
+        sizes = _check_sizes(sizes)
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
-        self.activation = activation
-        self.weight_init = weight_init
-        dev = resolve_device(device)
-        dt = resolve_dtype(dev.xp, dtype)
-        if not dev.xp.isdtype(dt, "real floating"):
-            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-        rng = np.random.default_rng(seed)
-        self.layers = {}
-        slots = {}
-        n_layers = len(self.sizes) - 1
-        for i, (fan_in, fan_out) in enumerate(zip(self.sizes[:-1], self.sizes[1:]), start=1):
-            std = _init_std(weight_init, fan_in)
-            W = to_device(std * rng.standard_normal((fan_in, fan_out)), dev, dtype=dtype)
-            b = to_device(np.zeros(fan_out), dev, dtype=dtype)
-            # The first layer's input is the data: its gradient is never needed.
-            affine = Affine(W, b, input_grad=i > 1)
-            self.layers[f"Affine{i}"] = affine
-            slots[f"W{i}"], slots[f"b{i}"] = (affine, "W"), (affine, "b")
-            if i < n_layers:
-                self.layers[f"{activation.capitalize()}{i}"] = _ACTIVATIONS[activation]()
-        self.last_layer = SoftmaxWithLoss()
-        self.params = Parameters(slots)
-
-    # -- where the net lives -------------------------------------------------------------------
-
-    @property
-    def device(self) -> str:
-        """The device string of the parameters."""
-        return device_of(self.params["W1"]).name
-
-    @property
-    def dtype(self) -> str:
-        """The parameters' dtype name, ``"float32"`` or ``"float64"``."""
-        return dtype_name(self.params["W1"].dtype)
-
-    def to(self, device: str, dtype: str | None = None):
-        """Move the parameters to ``device`` (and ``dtype``), in place; returns ``self``.
-
-        As with ``torch.nn.Module.to``, create the optimizer after moving the net.
-        """
-        dev = resolve_device(device)
-        self.params.move(lambda value: to_device(value, dev, dtype=dtype))
-        self._reset_caches()
-        return self
-
-    def _reset_caches(self) -> None:
-        # Forward caches live on the old device; drop them so nothing stale is reused.
-        for name, layer in self.layers.items():
-            if isinstance(layer, Affine):
-                layer.x = layer.x_shape = layer.dW = layer.db = None
-            else:
-                self.layers[name] = type(layer)()
-        self.last_layer = SoftmaxWithLoss(check_labels=self.last_layer.check_labels)
+        super().__init__(_fully_connected(sizes, activation, weight_init, seed, device, dtype))
+        self.sizes, self.activation, self.weight_init = sizes, activation, weight_init
 
     def __repr__(self):
         return (
@@ -208,146 +427,15 @@ class MultiLayerNet:
             f"device={self.device!r}, dtype={self.dtype!r})"
         )
 
-    # -- the math --------------------------------------------------------------------------------
-
-    def predict(self, x):
-        """Scores (N, C) for inputs x of shape (N, D) (or (N, d1, ..., dk)) on the net's device."""
-        for layer in self.layers.values():
-            x = layer.forward(x)
-        return x
-
-    def loss(self, x, t):
-        """Mean cross-entropy loss, a 0-d array on the net's device."""
-        return self.last_layer.forward(self.predict(x), t)
-
-    def accuracy(self, x, t, *, batch_size: int | None = None) -> float:
-        """Fraction of samples whose highest score is the label, as a Python float.
-
-        ``t`` holds labels (N,) or one-hot rows (N, C).  ``batch_size`` bounds
-        the memory of the forward pass on large inputs.
-        """
-        n = x.shape[0]
-        if t.shape[0] != n:
-            raise ValueError(f"x has {n} samples but t has {t.shape[0]}")
-        if n == 0:
-            raise ValueError("accuracy of an empty batch is undefined")
-        step = n if batch_size is None else int(batch_size)
-        correct = 0
-        for start in range(0, n, step):
-            stop = min(start + step, n)  # the standard leaves out-of-bounds stops unspecified
-            xb, tb = x[start:stop, ...], t[start:stop, ...]
-            xp = namespace(x=xb, t=tb)
-            pred = xp.argmax(self.predict(xb), axis=1)
-            labels = tb if tb.ndim == 1 else xp.argmax(tb, axis=1)
-            correct += int(xp.count_nonzero(pred == labels))
-        return correct / n
-
-    def gradient(self, x, t) -> dict:
-        """Backprop gradients of the loss, ``{name: array}`` keyed and shaped like ``params``."""
-        return self.loss_and_gradient(x, t)[1]
-
-    def loss_and_gradient(self, x, t):
-        """``(loss, gradient)`` from one forward and one backward pass."""
-        loss = self.loss(x, t)
-        dout = self.last_layer.backward(1.0)
-        for layer in reversed(self.layers.values()):
-            dout = layer.backward(dout)
-        return loss, self.params.gradients()
-
-    def train_step(self, x, t, optimizer):
-        """One optimizer step on the batch ``(x, t)``; returns its loss (before the step).
-
-        The same as ``loss, grads = loss_and_gradient(x, t)`` followed by
-        ``optimizer.update(params, grads)``, except with plain SGD, whose step is
-        fused into the backward pass (:meth:`Affine.backward_sgd`): every dx is
-        computed with the weights before the step, and then ``W -= lr x^T dout``
-        is one accumulating matrix product, with no gradient array.  The
-        weights then differ from the unfused update by rounding only (a few
-        units in the last place per step).
-        """
-        lr = optimizer.sgd_lr() if hasattr(optimizer, "sgd_lr") else None
-        if lr is None:
-            loss, grads = self.loss_and_gradient(x, t)
-            optimizer.update(self.params, grads)
-            return loss
-        loss = self.loss(x, t)
-        dout = self.last_layer.backward(1.0)
-        for layer in reversed(self.layers.values()):
-            dout = layer.backward_sgd(dout, lr) if isinstance(layer, Affine) else layer.backward(dout)
-        optimizer.steps += 1
-        return loss
-
-    def numerical_gradient(self, x, t) -> dict:
-        """Centered-difference gradients, computed on a float64 host copy of the net
-        (see :func:`xpnet.gradcheck.numerical_gradients`); returned like :meth:`gradient`,
-        on the net's device in its dtype.  Slow: two loss evaluations per parameter element.
-        """
-        host = numerical_gradients(self, x, t)
-        return {k: to_device(v, self.device, dtype=self.dtype) for k, v in host.items()}
-
-
-    # -- checkpoints -----------------------------------------------------------------------
-
-    CHECKPOINT_FORMAT = "xpnet-net-1"
-
     def config(self) -> dict:
         """What it takes to rebuild this net (without its weights)."""
         return {"class": type(self).__name__, "sizes": self.sizes, "activation": self.activation,
                 "weight_init": self.weight_init, "dtype": self.dtype}
 
-    def save(self, path) -> None:
-        """Write the parameters and the config to ``path`` as ``.npz``, atomically (no pickle).
-
-        A model on any device is saved from a host copy and loads on any device.
-        """
-        arrays = {name: to_numpy(value) for name, value in self.params.items()}
-        write_npz(path, {"format": self.CHECKPOINT_FORMAT, **self.config()}, arrays)
-
     @classmethod
-    def _from_config(cls, config: dict, device: str, dtype: str):
+    def _from_config(cls, config: dict, arrays: dict, device: str, dtype: str):
         return cls(config["sizes"], activation=config["activation"],
                    weight_init=config["weight_init"], device=device, dtype=dtype)
-
-    @classmethod
-    def load(cls, path, device: str = "cpu", dtype: str | None = None):
-        """Load a net written by :meth:`save` onto ``device`` (in its saved dtype unless ``dtype``).
-
-        Raises ``ValueError`` for anything that is not such a checkpoint: an
-        unreadable file, a missing or foreign header, wrong parameter names or
-        shapes, non-float arrays.  Never unpickles.
-        """
-        arrays, config = _read_checkpoint(path)
-        kind = {"TwoLayerNet": TwoLayerNet, "MultiLayerNet": MultiLayerNet}.get(config.get("class"))
-        if kind is None or not issubclass(kind, cls):
-            raise ValueError(f"{path}: holds a {config.get('class')!r}, which {cls.__name__}.load "
-                             "cannot build; load it with its own class")
-        try:
-            net = kind._from_config(config, device, dtype or config["dtype"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: its config {config} does not build a net: {exc}") from None
-        missing = sorted(set(net.params) - set(arrays))
-        unexpected = sorted(set(arrays) - set(net.params))
-        if missing or unexpected:
-            raise ValueError(f"{path}: parameters missing {missing}, unexpected {unexpected}")
-        for name in net.params:
-            a = arrays[name]
-            expected = tuple(net.params[name].shape)
-            if a.shape != expected:
-                raise ValueError(f"{path}: {name} has shape {a.shape}, expected {expected}")
-            if not np.issubdtype(a.dtype, np.floating):
-                raise ValueError(f"{path}: {name} has dtype {a.dtype}, expected a float dtype")
-            if not np.all(np.isfinite(a)):
-                raise ValueError(f"{path}: {name} holds NaN or infinite values")
-            net.params[name] = to_device(a, device, dtype=net.dtype, copy=True)
-        return net
-
-
-def _read_checkpoint(path):
-    """The arrays and the config of an xpnet model checkpoint; ValueError if it is not one."""
-    config, arrays = read_npz(path)
-    if config.get("format") != MultiLayerNet.CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: unknown checkpoint format {config.get('format')!r}")
-    return arrays, config
 
 
 class TwoLayerNet(MultiLayerNet):
@@ -372,9 +460,12 @@ class TwoLayerNet(MultiLayerNet):
         return f"TwoLayerNet({d}, {h}, {c}, device={self.device!r}, dtype={self.dtype!r})"
 
     @classmethod
-    def _from_config(cls, config: dict, device: str, dtype: str):
+    def _from_config(cls, config: dict, arrays: dict, device: str, dtype: str):
         sizes = config["sizes"]
         if len(sizes) != 3 or config["activation"] != "relu":
             raise ValueError(f"a TwoLayerNet has 3 sizes and ReLU, got {sizes}, "
                              f"{config['activation']!r}")
         return cls(*sizes, weight_init_std=config["weight_init"], device=device, dtype=dtype)
+
+
+_NET_CLASSES = {c.__name__: c for c in (Sequential, MultiLayerNet, TwoLayerNet)}

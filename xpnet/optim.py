@@ -68,12 +68,6 @@ class Optimizer:
             else:
                 params[name] = p + delta
 
-    def sgd_lr(self) -> float | None:
-        """The learning rate where this optimizer's step is plain ``p -= lr * g`` (a net
-        may then fuse it into its backward pass: :meth:`MultiLayerNet.train_step`), else None.
-        """
-        return None
-
     def _state(self, xp, name: str, key: str, like):
         slot = self.state.setdefault(name, {})
         if key not in slot:
@@ -125,11 +119,6 @@ class SGD(Optimizer):
 
     def _step(self, xp, name, p, g):
         return -self.lr * g
-
-    def sgd_lr(self) -> float | None:
-        # A subclass with a step or an update of its own is not plain SGD.
-        plain = type(self)._step is SGD._step and type(self).update is Optimizer.update
-        return self.lr if plain else None
 
 
 class Momentum(Optimizer):

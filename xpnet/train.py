@@ -14,6 +14,7 @@ Rules of the loop (they keep a GPU busy):
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import numbers
@@ -25,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_write, read_npz, remove_stale_temps, write_npz
+from . import checkpoint as files
+from ._io import atomic_write, remove_stale_temps
 from .backend import dtype_name, is_dtype, namespace, to_device, to_numpy
 from .functional import check_label_range
 
@@ -100,7 +102,23 @@ def _all_finite(xp, a) -> bool:
     return math.isfinite(float(xp.max(a))) and math.isfinite(float(xp.min(a)))
 
 
-CHECKPOINT_FORMAT = "xpnet-train-1"
+@dataclass
+class _Run:
+    """What one call of :meth:`Trainer.fit` works with: the data on the net's device, the
+    permutation generator, the history and where the run is."""
+
+    x: object
+    t: object
+    test: tuple | None
+    xp: object
+    rng: np.random.Generator
+    history: History
+    position: _Position
+    interrupt: _DeferredInterrupt | None = None
+
+    @property
+    def n(self) -> int:
+        return self.x.shape[0]
 
 
 @dataclass
@@ -218,31 +236,34 @@ class Trainer:
             raise ValueError(f"{x_name} holds NaN or infinite values")
         if t.shape[0] != n:
             raise ValueError(f"{x_name} has {n} samples but {t_name} has {t.shape[0]}")
-        classes = sizes[-1] if sizes else None
+        t_dev = self._prepare_targets(xp, t, t_name, sizes[-1] if sizes else None)
+        return to_device(x, self.net.device, dtype=self.net.dtype), t_dev
+
+    def _prepare_targets(self, xp, t, t_name: str, classes: int | None):
+        """Check labels (their range, once) or target rows, and move them to the net."""
         if is_dtype(xp, t.dtype, "integral"):
             if t.ndim != 1:
                 raise ValueError(f"{t_name} labels must have shape (N,), got {tuple(t.shape)}")
             if classes is not None:
                 check_label_range(xp, t, classes, t_name)
-            t_dev = to_device(t, self.net.device, dtype="int64")
-        elif is_dtype(xp, t.dtype, "real floating"):
+            return to_device(t, self.net.device, dtype="int64")
+        if is_dtype(xp, t.dtype, "real floating"):
             if t.ndim != 2 or (classes is not None and t.shape[1] != classes):
                 raise ValueError(
                     f"{t_name} rows must have shape (N, {classes or 'C'}), got {tuple(t.shape)}"
                 )
             if not _all_finite(xp, t):
                 raise ValueError(f"{t_name} holds NaN or infinite values")
-            t_dev = to_device(t, self.net.device, dtype=self.net.dtype)
-        else:
-            raise TypeError(
-                f"{t_name} must hold integer labels or float rows, got {dtype_name(t.dtype)}"
-            )
-        return to_device(x, self.net.device, dtype=self.net.dtype), t_dev
+            return to_device(t, self.net.device, dtype=self.net.dtype)
+        raise TypeError(f"{t_name} must hold integer labels or float rows, got {dtype_name(t.dtype)}")
 
     # -- checkpoints -------------------------------------------------------------------------
 
     def _settings(self) -> dict:
         return {"batch_size": self.batch_size, "seed": self.seed}
+
+    def _net_config(self):
+        return self.net.config() if hasattr(self.net, "config") else repr(self.net)
 
     def save_checkpoint(self, path, position: _Position, history: History) -> None:
         """Write the training state atomically; refuses (DivergenceError) a non-finite one."""
@@ -254,74 +275,63 @@ class Trainer:
                     f"{position.step}: the learning rate is probably too high; the checkpoint "
                     "on disk is left as it was"
                 )
-        opt = self.optimizer.state_dict()
-        arrays = {f"param/{k}": v for k, v in params.items()}
-        arrays.update({f"opt/{n}/{k}": v for n, s in opt["state"].items() for k, v in s.items()})
-        header = {
-            "format": CHECKPOINT_FORMAT,
-            "net": self.net.config() if hasattr(self.net, "config") else repr(self.net),
-            "trainer": self._settings(),
-            "optimizer": {"type": opt["type"], "hyper": opt["hyper"], "steps": opt["steps"]},
-            "position": {"epoch": position.epoch, "step": position.step,
-                         "loss_sum": position.loss_sum, "rng_state": position.rng_state,
-                         "global_step": position.global_step},
-            "history": history.to_dict(),
-        }
-        write_npz(path, header, arrays)
+        files.save_training(path, files.TrainingState(
+            net=self._net_config(), trainer=self._settings(),
+            optimizer=self.optimizer.state_dict(), history=history.to_dict(), params=params,
+            position={"epoch": position.epoch, "step": position.step,
+                      "loss_sum": position.loss_sum, "rng_state": position.rng_state,
+                      "global_step": position.global_step}))
 
     def _restore(self, path, history: History) -> _Position:
-        header, arrays = read_npz(path)
-        if header.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path}: not a training checkpoint (format {header.get('format')!r}; "
-                             "a model saved with net.save loads with TwoLayerNet.load)")
+        """Load a checkpoint into the net, the optimizer and ``history``; where to go on from."""
+        state = files.read_training(path)
+        if state.net != self._net_config():
+            raise ValueError(f"{path}: the checkpoint is for the net {state.net}, "
+                             f"this trainer's net is {self._net_config()}")
+        if state.trainer != self._settings():
+            raise ValueError(f"{path}: the checkpoint was made with {state.trainer}, this "
+                             f"trainer has {self._settings()}; resume with the same settings")
         try:
-            mine = self.net.config() if hasattr(self.net, "config") else repr(self.net)
-            if header["net"] != mine:
-                raise ValueError(f"{path}: the checkpoint is for the net {header['net']}, "
-                                 f"this trainer's net is {mine}")
-            if header["trainer"] != self._settings():
-                raise ValueError(f"{path}: the checkpoint was made with {header['trainer']}, this "
-                                 f"trainer has {self._settings()}; resume with the same settings")
-            pos = header["position"]
+            pos = state.position
             position = _Position(int(pos["epoch"]), int(pos["step"]), float(pos["loss_sum"]),
                                  pos["rng_state"], int(pos["global_step"]))
-            opt = header["optimizer"]
-            state = {}
-            for key, value in arrays.items():
-                kind, _, rest = key.partition("/")
-                if kind == "opt":
-                    name, _, slot = rest.rpartition("/")
-                    state.setdefault(name, {})[slot] = value
-                elif kind != "param":
-                    raise ValueError(f"{path}: unexpected array {key!r}")
-            params = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
-            if set(params) != set(self.net.params):
-                raise ValueError(f"{path}: parameters {sorted(params)} are not the net's "
-                                 f"{sorted(self.net.params)}")
-            records = History(header["history"]["epochs"], header["history"]["config"])
+            records = History(state.history["epochs"], state.history["config"])
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"{path}: incomplete training checkpoint: {exc!r}") from None
+        if set(state.params) != set(self.net.params):
+            raise ValueError(f"{path}: parameters {sorted(state.params)} are not the net's "
+                             f"{sorted(self.net.params)}")
         if position.epoch > self.epochs + 1:
             raise ValueError(f"{path}: the checkpoint is at epoch {position.epoch}, past this "
                              f"trainer's {self.epochs} epochs")
-        for name, value in params.items():
+        for name, value in state.params.items():
             self.net.params[name] = to_device(value, self.net.device, dtype=self.net.dtype,
                                               copy=True)
-        self.optimizer.load_state_dict(
-            {"type": opt["type"], "hyper": opt["hyper"], "steps": opt["steps"], "state": state},
-            self.net.device)
+        self.optimizer.load_state_dict(state.optimizer, self.net.device)
         history.records = records.records
         return position
 
-    # -- the loop ----------------------------------------------------------------------------
+    # -- one step ----------------------------------------------------------------------------
 
-    def _train_step(self, xb, tb):
+    def _step_function(self):
+        """``f(xb, tb) -> loss``: the net's train_step, told that the labels were checked
+        (once, by :meth:`_prepare`) where it takes ``check_labels``; else loss, gradient
+        and the optimizer's update."""
         net, opt = self.net, self.optimizer
-        if hasattr(net, "train_step"):
-            return net.train_step(xb, tb, opt)
-        loss, grads = net.loss(xb, tb), net.gradient(xb, tb)
-        opt.update(net.params, grads)
-        return loss
+        step = getattr(net, "train_step", None)
+        if step is None:
+            def plain(xb, tb):
+                loss, grads = net.loss(xb, tb), net.gradient(xb, tb)
+                opt.update(net.params, grads)
+                return loss
+            return plain
+        try:
+            checked = "check_labels" in inspect.signature(step).parameters
+        except (TypeError, ValueError):
+            checked = False
+        if checked:
+            return lambda xb, tb: step(xb, tb, opt, check_labels=False)
+        return lambda xb, tb: step(xb, tb, opt)
 
     @staticmethod
     def _drain(xp, pending: list, epoch: int, first_step: int) -> float:
@@ -339,6 +349,8 @@ class Trainer:
             )
         pending.clear()
         return total
+
+    # -- the loop ----------------------------------------------------------------------------
 
     def fit(self, x_train, t_train, x_test=None, t_test=None, *, on_epoch=None,
             resume=None) -> History:
@@ -362,90 +374,101 @@ class Trainer:
         KeyboardInterrupt
             Ctrl-C; with a ``checkpoint`` path, after the checkpoint was saved.
         """
+        run = self._start(x_train, t_train, x_test, t_test, resume)
+        step = self._step_function()
+        with _DeferredInterrupt(self.checkpoint is not None) as run.interrupt:
+            for epoch in range(run.position.epoch, self.epochs + 1):
+                record = self._epoch(run, epoch, step)
+                run.history.records.append(record)
+                if self.checkpoint is not None:
+                    run.position = _Position(epoch + 1, 0, 0.0, run.rng.bit_generator.state,
+                                             run.position.global_step)
+                    self.save_checkpoint(self.checkpoint, run.position, run.history)
+                if on_epoch is not None:
+                    on_epoch(record)
+        return run.history
+
+    def _start(self, x_train, t_train, x_test, t_test, resume) -> _Run:
+        """Validate and move the data, set up the history, and restore ``resume`` if given."""
         if (x_test is None) != (t_test is None):
             raise ValueError("pass both x_test and t_test, or neither")
         x, t = self._prepare(x_train, t_train, "x_train", "t_train")
         test = None if x_test is None else self._prepare(x_test, t_test, "x_test", "t_test")
-        from tqdm.auto import tqdm
-
-        net, opt, b = self.net, self.optimizer, self.batch_size
-        xp = namespace(x=x)
-        n = x.shape[0]
-        steps = math.ceil(n / b)
-        rng = np.random.default_rng(self.seed)
+        net = self.net
         history = History(config={
-            "net": repr(net), "optimizer": repr(opt), "batch_size": b, "epochs": self.epochs,
-            "seed": self.seed, "device": net.device, "dtype": net.dtype, "train_samples": n,
+            "net": repr(net), "optimizer": repr(self.optimizer), "batch_size": self.batch_size,
+            "epochs": self.epochs, "seed": self.seed, "device": net.device, "dtype": net.dtype,
+            "train_samples": x.shape[0],
         })
-        position = _Position()
+        run = _Run(x, t, test, namespace(x=x), np.random.default_rng(self.seed), history,
+                   _Position())
         if resume is not None:
-            position = self._restore(resume, history)
+            run.position = self._restore(resume, history)
             history.config["resumed_from"] = str(resume)
-            rng.bit_generator.state = position.rng_state
+            run.rng.bit_generator.state = run.position.rng_state
         if self.checkpoint is not None:
             remove_stale_temps(self.checkpoint)
-        last = getattr(net, "last_layer", None)
-        checked = getattr(last, "check_labels", None)
-        if checked is not None:
-            last.check_labels = False  # the labels were checked once, above
-        bar = None
+        return run
+
+    def _epoch(self, run: _Run, epoch: int, step) -> dict:
+        """Train one epoch (from where the run is) and evaluate; returns the epoch's record."""
+        if epoch > run.position.epoch or run.position.rng_state is None:
+            run.position = _Position(epoch, 0, 0.0, run.rng.bit_generator.state,
+                                     run.position.global_step)
+        steps = math.ceil(run.n / self.batch_size)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=run.position.step, desc=f"epoch {epoch}/{self.epochs}",
+                   unit="batch", disable=None if self.progress else True, leave=True,
+                   dynamic_ncols=True)
         try:
-            with _DeferredInterrupt(self.checkpoint is not None) as interrupt:
-                for epoch in range(position.epoch, self.epochs + 1):
-                    if epoch > position.epoch or position.rng_state is None:
-                        position = _Position(epoch, 0, 0.0, rng.bit_generator.state,
-                                             position.global_step)
-                    order = to_device(rng.permutation(n), net.device, dtype="int64")
-                    bar = tqdm(total=steps, initial=position.step, desc=f"epoch {epoch}/{self.epochs}",
-                               unit="batch", disable=None if self.progress else True, leave=True,
-                               dynamic_ncols=True)
-                    shown = bar.disable is False
-                    start = time.perf_counter()
-                    pending = []
-                    for step in range(position.step, steps):
-                        ids = order[step * b:min((step + 1) * b, n)]  # in-bounds stop: standard
-                        xb, tb = xp.take(x, ids, axis=0), xp.take(t, ids, axis=0)
-                        loss = self._train_step(xb, tb)
-                        pending.append(loss * ids.shape[0])
-                        position.global_step += 1
-                        due = self.checkpoint_every and position.global_step % self.checkpoint_every == 0
-                        if due or interrupt.requested or (shown and (step + 1) % self.log_every == 0):
-                            position.loss_sum += self._drain(xp, pending, epoch, position.step)
-                            position.step = step + 1
-                            if due or interrupt.requested:
-                                self.save_checkpoint(self.checkpoint, position, history)
-                                if interrupt.requested:
-                                    raise KeyboardInterrupt
-                            bar.set_postfix(loss=f"{position.loss_sum / min(n, position.step * b):.4f}",
-                                            refresh=False)
-                        bar.update(1)
-                    position.loss_sum += self._drain(xp, pending, epoch, position.step)  # syncs
-                    position.step = steps
-                    seconds = time.perf_counter() - start
-                    record = {
-                        "epoch": epoch,
-                        "train_loss": position.loss_sum / n,
-                        "train_accuracy": net.accuracy(x, t, batch_size=self.eval_batch_size),
-                        "test_accuracy": None if test is None else net.accuracy(
-                            *test, batch_size=self.eval_batch_size),
-                        "seconds": seconds,
-                        "samples_per_second": n / seconds if seconds > 0 else math.inf,
-                    }
-                    bar.set_postfix(loss=f"{record['train_loss']:.4f}",
-                                    train_acc=f"{record['train_accuracy']:.4f}",
-                                    **({} if test is None else
-                                       {"test_acc": f"{record['test_accuracy']:.4f}"}))
-                    bar.close()
-                    history.records.append(record)
-                    if self.checkpoint is not None:
-                        position = _Position(epoch + 1, 0, 0.0, rng.bit_generator.state,
-                                             position.global_step)
-                        self.save_checkpoint(self.checkpoint, position, history)
-                    if on_epoch is not None:
-                        on_epoch(record)
+            start = time.perf_counter()
+            self._steps(run, epoch, step, bar)
+            seconds = time.perf_counter() - start
+            record = self._record(run, epoch, seconds)
+            bar.set_postfix(loss=f"{record['train_loss']:.4f}",
+                            train_acc=f"{record['train_accuracy']:.4f}",
+                            **({} if run.test is None else
+                               {"test_acc": f"{record['test_accuracy']:.4f}"}))
         finally:
-            if bar is not None:
-                bar.close()  # also on Ctrl-C or divergence (closing twice is harmless)
-            if checked is not None:
-                last.check_labels = checked
-        return history
+            bar.close()  # also on Ctrl-C or divergence
+        return record
+
+    def _steps(self, run: _Run, epoch: int, step, bar) -> None:
+        """The optimizer steps of one epoch, with the losses read back (and checked) once at
+        its end, at each checkpoint, and every ``log_every`` steps when a bar is shown."""
+        b, n, xp, position = self.batch_size, run.n, run.xp, run.position
+        steps = math.ceil(n / b)
+        order = to_device(run.rng.permutation(n), self.net.device, dtype="int64")
+        shown, pending = bar.disable is False, []
+        for i in range(position.step, steps):
+            ids = order[i * b:min((i + 1) * b, n)]  # an in-bounds stop: the standard's
+            loss = step(xp.take(run.x, ids, axis=0), xp.take(run.t, ids, axis=0))
+            pending.append(loss * ids.shape[0])
+            position.global_step += 1
+            due = self.checkpoint_every and position.global_step % self.checkpoint_every == 0
+            if due or run.interrupt.requested or (shown and (i + 1) % self.log_every == 0):
+                position.loss_sum += self._drain(xp, pending, epoch, position.step)
+                position.step = i + 1
+                if due or run.interrupt.requested:
+                    self.save_checkpoint(self.checkpoint, position, run.history)
+                    if run.interrupt.requested:
+                        raise KeyboardInterrupt
+                bar.set_postfix(loss=f"{position.loss_sum / min(n, position.step * b):.4f}",
+                                refresh=False)
+            bar.update(1)
+        position.loss_sum += self._drain(xp, pending, epoch, position.step)  # syncs
+        position.step = steps
+
+    def _record(self, run: _Run, epoch: int, seconds: float) -> dict:
+        """The epoch's record: its mean loss and the accuracies, evaluated in batches."""
+        accuracy = self.net.accuracy
+        return {
+            "epoch": epoch,
+            "train_loss": run.position.loss_sum / run.n,
+            "train_accuracy": accuracy(run.x, run.t, batch_size=self.eval_batch_size),
+            "test_accuracy": None if run.test is None else accuracy(
+                *run.test, batch_size=self.eval_batch_size),
+            "seconds": seconds,
+            "samples_per_second": run.n / seconds if seconds > 0 else math.inf,
+        }

@@ -1,0 +1,321 @@
+"""Everything in xpnet that exists only for speed; deleting this file leaves a correct, slower
+library (``tests/test_fast_paths.py`` checks that).
+
+What is here, and what it buys (``benchmarks/bench_train.py`` and ``benchmarks/bench_gemm.py``
+measure it):
+
+* **NumPy's own BLAS through ctypes** (:func:`gemm`), for the one product NumPy cannot ask of
+  it: ``C += alpha * op(A) @ op(B)`` in place, a single gemm with ``beta = 1``.
+* **The fused SGD step** (:func:`sgd_train_step`): with plain :class:`xpnet.SGD`, a
+  :class:`xpnet.Sequential` net updates every parameter inside its backward pass;
+  ``W -= lr x^T dout`` is one accumulating product (:func:`matmul_accumulate`) and the
+  gradient dW is never made.  About 15% of a small net's training step on a CPU.
+* **The fused bias** (:func:`matmul_add`, plugged into :func:`xpnet.functional.affine`):
+  the bias broadcast into the output, then ``x W`` accumulated onto it by the same gemm;
+  ``torch.addmm`` on torch.
+* **Thresholds**: :data:`BLAS_MIN_OUTPUT`.
+
+Which BLAS
+----------
+Only the BLAS that NumPy itself has already loaded: ``dlopen`` with
+``RTLD_NOLOAD`` refuses any other.  A second copy of OpenBLAS would bring a
+second thread pool, and two pools spinning on the same cores slow each other
+down tens of times.  Supported: NumPy wheels built with scipy-openblas in its
+64-bit-integer build (the NumPy 2 wheels for Linux, Windows and x86-64 macOS),
+whose symbols are ``scipy_cblas_sgemm64_`` / ``scipy_cblas_dgemm64_``.  NumPy
+built against anything else (MKL, Accelerate, a distribution's BLAS) gets the
+NumPy fallback.  ``XPNET_NO_BLAS_FAST_PATH=1`` turns the ctypes path off.
+
+The library knowledge here (NumPy's BLAS, torch's ``addmm``) is for speed only; which
+library an array belongs to is still asked of :mod:`xpnet.backend`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import functional
+from .backend import backend_of, dtype_name, is_dtype, is_writable, namespace
+from .layers import Affine
+from .optim import SGD
+
+__all__ = [
+    "BLAS_MIN_OUTPUT",
+    "fuses",
+    "gemm",
+    "library",
+    "matmul_accumulate",
+    "matmul_add",
+    "sgd_train_step",
+]
+
+# -- NumPy's BLAS through ctypes ---------------------------------------------------------------
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enum values
+_SYMBOLS = {np.dtype(np.float32): ("scipy_cblas_sgemm64_", ctypes.c_float),
+            np.dtype(np.float64): ("scipy_cblas_dgemm64_", ctypes.c_double)}
+
+_state: dict = {}  # filled on first use: "library" (path or None), "calls" {dtype: call}
+
+
+def _numpy_blas_is_ilp64_scipy_openblas() -> bool:
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    except Exception:  # noqa: BLE001 - an unknown NumPy build: no fast path
+        return False
+    return (blas.get("name") == "scipy-openblas"
+            and "USE64BITINT" in str(blas.get("openblas configuration", "")))
+
+
+def _load():
+    """The loaded scipy-openblas of NumPy and its gemm functions, or (None, {})."""
+    if os.environ.get("XPNET_NO_BLAS_FAST_PATH", "") not in ("", "0"):
+        return None, {}
+    if not hasattr(os, "RTLD_NOLOAD") or not _numpy_blas_is_ilp64_scipy_openblas():
+        return None, {}
+    root = Path(np.__file__).resolve().parent
+    candidates = sorted(glob.glob(str(root.parent / "numpy.libs" / "*scipy_openblas64*"))
+                        + glob.glob(str(root / ".dylibs" / "*scipy_openblas64*")))
+    for path in candidates:
+        try:  # RTLD_NOLOAD: a handle to the copy NumPy loaded, or an error; never a new copy
+            lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        except OSError:
+            continue
+        functions = {}
+        for dtype, (symbol, scalar) in _SYMBOLS.items():
+            f = getattr(lib, symbol, None)
+            if f is None:
+                break
+            i64, ptr = ctypes.c_int64, ctypes.c_void_p
+            f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64, i64, scalar,
+                          ptr, i64, ptr, i64, scalar, ptr, i64]
+            f.restype = None
+            functions[dtype] = f
+        else:
+            return path, functions
+    return None, {}
+
+
+def library() -> str | None:
+    """Path of the BLAS library the fast path calls, or None where there is no fast path."""
+    if not _state:
+        path, functions = _load()
+        _state["library"] = path
+        _state["calls"] = {dtype: _make_call(f) for dtype, f in functions.items()}
+    return _state["library"]
+
+
+def _make_call(f):
+    def call(c, a, trans_a: bool, b, trans_b: bool, alpha: float) -> None:
+        m, n = c.shape
+        k = a.shape[0] if trans_a else a.shape[1]
+        f(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS,
+          m, n, k, alpha, a.ctypes.data, a.shape[1], b.ctypes.data, b.shape[1], 1.0,
+          c.ctypes.data, n)
+
+    return call
+
+
+def gemm(dtype):
+    """``f(c, a, trans_a, b, trans_b, alpha)``: ``c += alpha * op(a) @ op(b)`` for ``dtype``
+    (float32 or float64), or None where there is no fast path for it.
+
+    The caller guarantees what BLAS cannot check: a, b and c are 2-D, C-contiguous,
+    aligned arrays of ``dtype``; c is writable and shares no memory with a or b;
+    op(a) is (m, k), op(b) is (k, n), c is (m, n), all of m, n, k > 0.
+    """
+    library()
+    return _state["calls"].get(dtype)
+
+
+# -- products that BLAS does in one call -------------------------------------------------------
+
+
+def _fits_blas(x) -> bool:
+    # The layout the gemm call passes on (the dtypes were checked by the caller).
+    return x.flags.c_contiguous and x.flags.aligned
+
+
+# Outputs (elements) from which the BLAS call pays: calling it through ctypes costs ~6 us
+# more than NumPy's matmul, which the passes it saves over the output repay only from about
+# 16K elements on (benchmarks/bench_gemm.py measures the crossover).
+BLAS_MIN_OUTPUT = 1 << 14
+
+
+def _is_torch(x) -> bool:
+    backend = backend_of(x)
+    return backend is not None and backend.library == "torch"
+
+
+def _check_accumulate(xp, c, a, b, trans_a, trans_b):
+    for name, x in (("c", c), ("a", a), ("b", b)):
+        if x.ndim != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
+        if x.dtype != c.dtype or not is_dtype(xp, x.dtype, "real floating"):
+            raise TypeError(f"c, a and b must share one real floating dtype, got "
+                            f"{dtype_name(c.dtype)}, {dtype_name(a.dtype)}, {dtype_name(b.dtype)}")
+    (m, k), (k2, n) = (a.shape[::-1] if trans_a else a.shape), (b.shape[::-1] if trans_b else b.shape)
+    if k != k2 or tuple(c.shape) != (m, n):
+        raise ValueError(f"op(a) @ op(b) is ({m}, {k}) @ ({k2}, {n}), which does not give c of "
+                         f"shape {tuple(c.shape)} (a {tuple(a.shape)}, trans_a={trans_a}; "
+                         f"b {tuple(b.shape)}, trans_b={trans_b})")
+    return m, n, k
+
+
+def matmul_accumulate(c, a, b, alpha: float, *, trans_a: bool = False, trans_b: bool = False):
+    """``c + alpha * op(a) @ op(b)``, written into ``c`` where ``c`` is writable.
+
+    ``op(a)`` is ``a.T`` when ``trans_a`` (likewise for b).  This is the plain SGD
+    step ``W -= lr * x^T dout`` without a gradient array: on NumPy built with
+    scipy-openblas it is one BLAS gemm with ``beta = 1`` (:func:`gemm`) where c has
+    at least ``BLAS_MIN_OUTPUT`` elements (below that, NumPy's matmul and an
+    in-place add are faster), on torch ``addmm_``, elsewhere the product is added
+    in place, or, for arrays that cannot be written, a new array is returned.
+
+    Parameters
+    ----------
+    c : array (m, n), real floating
+    a : array (m, k), or (k, m) with ``trans_a``; c's dtype, library and device
+    b : array (k, n), or (n, k) with ``trans_b``; likewise
+    alpha : float
+
+    Returns
+    -------
+    The updated ``c`` itself, or a new array where ``c`` is read-only.
+    """
+    xp = namespace(c=c, a=a, b=b)
+    m, n, k = _check_accumulate(xp, c, a, b, trans_a, trans_b)
+    alpha = float(alpha)
+    if isinstance(c, np.ndarray):
+        blas = gemm(c.dtype)
+        if (blas is not None and m * n >= BLAS_MIN_OUTPUT and k and c.flags.writeable
+                and _fits_blas(c) and _fits_blas(a) and _fits_blas(b)
+                and not np.may_share_memory(c, a) and not np.may_share_memory(c, b)):
+            blas(c, a, trans_a, b, trans_b, alpha)
+            return c
+    op_a = xp.matrix_transpose(a) if trans_a else a
+    op_b = xp.matrix_transpose(b) if trans_b else b
+    if _is_torch(c) and is_writable(c):
+        return c.addmm_(op_a, op_b, alpha=alpha)
+    product = op_a @ op_b
+    if not is_writable(c):
+        return c + alpha * product
+    if is_writable(product):
+        product *= alpha  # a new array of ours: scale it in place, no temporary
+        c += product
+    else:
+        c += alpha * product
+    return c
+
+
+def matmul_add(a, b, bias):
+    """``a @ b + bias``, with ``bias`` of shape (n,) added to every row: an affine layer.
+
+    Fused where the backend can: on NumPy with the BLAS fast path (outputs of
+    ``BLAS_MIN_OUTPUT`` elements and more) the bias is broadcast into the output
+    and the product accumulated onto it by one gemm (no second pass over the
+    output); on torch ``addmm``; elsewhere the bias is added in place to the new
+    product.  This is :func:`xpnet.functional.affine`'s kernel.
+
+    Parameters
+    ----------
+    a : array (m, k), real floating
+    b : array (k, n), a's dtype, library and device
+    bias : array (n,), likewise
+
+    Returns
+    -------
+    A new array (m, n).
+    """
+    namespace(a=a, b=b, bias=bias)
+    if a.ndim != 2 or b.ndim != 2 or bias.ndim != 1 or a.shape[1] != b.shape[0] \
+            or bias.shape[0] != b.shape[1]:
+        raise ValueError(f"a @ b + bias needs a (m, k), b (k, n) and bias (n,), got shapes "
+                         f"{tuple(a.shape)}, {tuple(b.shape)} and {tuple(bias.shape)}")
+    if not (a.dtype == b.dtype == bias.dtype):
+        raise TypeError(f"a, b and bias must share a dtype, got {dtype_name(a.dtype)}, "
+                        f"{dtype_name(b.dtype)} and {dtype_name(bias.dtype)}")
+    if isinstance(a, np.ndarray):
+        blas = gemm(a.dtype)
+        if (blas is not None and a.shape[0] * b.shape[1] >= BLAS_MIN_OUTPUT and a.shape[1]
+                and _fits_blas(a) and _fits_blas(b)):
+            out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
+            out[...] = bias
+            blas(out, a, False, b, False, 1.0)
+            return out
+    elif _is_torch(a):
+        return bias.addmm(a, b)
+    out = a @ b
+    if is_writable(out):  # a fresh array of ours: add in place, one pass and no temporary
+        out += bias
+        return out
+    return out + bias
+
+
+functional.KERNELS["affine"] = matmul_add
+
+
+# -- the fused SGD step ------------------------------------------------------------------------
+
+
+def fuses(optimizer) -> bool:
+    """Whether a net may fuse ``optimizer``'s step into its backward pass (:func:`sgd_train_step`).
+
+    Only :class:`xpnet.SGD` itself: its step is exactly ``p -= lr * g``.  A subclass
+    may change the step or the update, and then takes the ordinary path.
+    """
+    return type(optimizer) is SGD
+
+
+def sgd_train_step(net, x, t, optimizer, **loss_options):
+    """One plain-SGD step of a :class:`xpnet.Sequential` net, fused into its backward pass.
+
+    The same as ``loss, grads = net.loss_and_gradient(x, t)`` and
+    ``optimizer.update(net.params, grads)`` (for which :func:`fuses` must hold), except
+    that each layer's parameters are updated as soon as its backward has run: every dx
+    is computed with the weights before the step, and an Affine layer's
+    ``W -= lr x^T dout`` is one accumulating product (:func:`matmul_accumulate`), with no
+    dW array (its ``dW`` and ``db`` are left None).  The weights then differ from the
+    unfused update by rounding only (a few units in the last place per step).
+    Returns the loss (before the step).
+    """
+    lr = optimizer.lr
+    loss = net.loss(x, t, train=True, **loss_options)
+    dout = net.last_layer.backward()
+    for layer in reversed(list(net.layers.values())):
+        dout = _affine_backward_sgd(layer, dout, lr) if type(layer) is Affine \
+            else _backward_sgd(layer, dout, lr)
+    optimizer.steps += 1
+    return loss
+
+
+def _backward_sgd(layer, dout, lr: float):
+    """Any layer: its backward, then ``p += -lr * g`` for each of its parameters (SGD's update)."""
+    dx = layer.backward(dout)
+    for name, g in layer.grads.items():
+        p = getattr(layer, name)
+        if is_writable(p):
+            p += -lr * g
+        else:
+            setattr(layer, name, p + -lr * g)
+    return dx
+
+
+def _affine_backward_sgd(layer: Affine, dout, lr: float):
+    """Affine's backward fused with ``W -= lr x^T dout``, ``b -= lr sum_n dout``."""
+    layer.check_dout(dout)
+    xp = namespace(dout=dout, W=layer.W)
+    dx = layer.input_gradient(xp, dout)  # before W changes
+    layer.W = matmul_accumulate(layer.W, layer.x, dout, -lr, trans_a=True)
+    step = lr * xp.sum(dout, axis=0)
+    if is_writable(layer.b):
+        layer.b -= step
+    else:
+        layer.b = layer.b - step
+    layer.dW = layer.db = None
+    return dx

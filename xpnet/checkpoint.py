@@ -1,0 +1,137 @@
+"""xpnet's two file formats, in one place: a model (``net.save`` / ``Cls.load``) and a
+training checkpoint (``Trainer(checkpoint=...)`` / ``fit(resume=...)``).
+
+Both are ``.npz`` archives with a JSON header (:func:`xpnet._io.write_npz`), written
+atomically and read without trusting anything in them (bounded reads, no pickle).
+
+=================  =================================================================
+format             contents
+=================  =================================================================
+``xpnet-net-1``    header: the net's config (``class``, sizes, ...); arrays: one per
+                   parameter, named like ``net.params`` (``W1``, ``b1``, ...)
+``xpnet-train-1``  header: the net's config, the trainer's settings, the optimizer's
+                   type, hyperparameters and step count, the position in the run
+                   (epoch, step, loss so far, RNG state) and the history; arrays:
+                   ``param/<name>`` for the parameters and ``opt/<name>/<slot>`` for
+                   the optimizer's state
+=================  =================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._io import read_npz, write_npz
+
+__all__ = [
+    "MODEL_FORMAT",
+    "TRAINING_FORMAT",
+    "TrainingState",
+    "check_param_arrays",
+    "read_model",
+    "read_training",
+    "save_model",
+    "save_training",
+]
+
+MODEL_FORMAT = "xpnet-net-1"
+TRAINING_FORMAT = "xpnet-train-1"
+PARAM_PREFIX = "param/"
+OPTIMIZER_PREFIX = "opt/"
+
+
+# -- models ------------------------------------------------------------------------------------
+
+
+def save_model(path, config: dict, params: dict) -> None:
+    """Write a model: ``config`` (JSON-able) and ``params`` ({name: host NumPy array})."""
+    write_npz(path, {"format": MODEL_FORMAT, **config}, params)
+
+
+def read_model(path) -> tuple[dict, dict]:
+    """``(config, {name: array})`` of a model file; ValueError if it is not one."""
+    header, arrays = read_npz(path)
+    if header.get("format") != MODEL_FORMAT:
+        hint = ("; it is a training checkpoint: resume it with Trainer.fit(..., resume=path)"
+                if header.get("format") == TRAINING_FORMAT else "")
+        raise ValueError(f"{path}: unknown checkpoint format {header.get('format')!r}{hint}")
+    config = {k: v for k, v in header.items() if k != "format"}
+    return config, arrays
+
+
+def check_param_arrays(path, arrays: dict, expected: dict) -> None:
+    """Raise ValueError unless ``arrays`` holds exactly the names of ``expected``
+    ({name: shape}), each of that shape, of a floating dtype and finite."""
+    missing = sorted(set(expected) - set(arrays))
+    unexpected = sorted(set(arrays) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: parameters missing {missing}, unexpected {unexpected}")
+    for name, shape in expected.items():
+        a = arrays[name]
+        if a.shape != tuple(shape):
+            raise ValueError(f"{path}: {name} has shape {a.shape}, expected {tuple(shape)}")
+        if not np.issubdtype(a.dtype, np.floating):
+            raise ValueError(f"{path}: {name} has dtype {a.dtype}, expected a float dtype")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{path}: {name} holds NaN or infinite values")
+
+
+# -- training checkpoints ----------------------------------------------------------------------
+
+
+@dataclass
+class TrainingState:
+    """Everything a training checkpoint holds (host values only).
+
+    ``optimizer`` is an optimizer's ``state_dict()``: ``type``, ``hyper``, ``steps`` and
+    ``state`` ({param: {slot: array}}); ``position`` and ``history`` are the Trainer's.
+    """
+
+    net: object  # the net's config dict (or its repr, for a net without config())
+    trainer: dict
+    optimizer: dict
+    position: dict
+    history: dict
+    params: dict = field(default_factory=dict)
+
+
+def save_training(path, state: TrainingState) -> None:
+    """Write a training checkpoint atomically."""
+    arrays = {PARAM_PREFIX + k: v for k, v in state.params.items()}
+    arrays.update({f"{OPTIMIZER_PREFIX}{n}/{k}": v
+                   for n, slots in state.optimizer["state"].items() for k, v in slots.items()})
+    header = {
+        "format": TRAINING_FORMAT,
+        "net": state.net,
+        "trainer": state.trainer,
+        "optimizer": {k: state.optimizer[k] for k in ("type", "hyper", "steps")},
+        "position": state.position,
+        "history": state.history,
+    }
+    write_npz(path, header, arrays)
+
+
+def read_training(path) -> TrainingState:
+    """Read a training checkpoint; ValueError naming the file if it is not a complete one."""
+    header, arrays = read_npz(path)
+    if header.get("format") != TRAINING_FORMAT:
+        raise ValueError(f"{path}: not a training checkpoint (format {header.get('format')!r}; "
+                         "a model saved with net.save loads with TwoLayerNet.load)")
+    params, slots = {}, {}
+    for key, value in arrays.items():
+        if key.startswith(PARAM_PREFIX):
+            params[key[len(PARAM_PREFIX):]] = value
+        elif key.startswith(OPTIMIZER_PREFIX):
+            name, _, slot = key[len(OPTIMIZER_PREFIX):].rpartition("/")
+            slots.setdefault(name, {})[slot] = value
+        else:
+            raise ValueError(f"{path}: unexpected array {key!r}")
+    try:
+        optimizer = {**{k: header["optimizer"][k] for k in ("type", "hyper", "steps")},
+                     "state": slots}
+        return TrainingState(header["net"], header["trainer"], optimizer, header["position"],
+                             header["history"], params)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: incomplete training checkpoint: {exc!r}") from None
