@@ -1,10 +1,14 @@
 """xpnet: neural-network layers with explicit forward()/backward(), written once against the
 Python Array API, so the same code runs on NumPy (CPU), CuPy (GPU), torch and array_api_strict.
+
+The layers (:mod:`xpnet.layers`), optimizers (:mod:`xpnet.optim`) and nets
+(:mod:`xpnet.nets`) are exported here by their modules' ``__all__``: a new layer,
+optimizer or net is public once its own module lists it.
 """
 
 __version__ = "0.1.0"
 
-from . import checkpoint, datasets, functional, optim
+from . import checkpoint, datasets, functional, layers, nets, optim
 from .backend import (
     BackendUnavailableError,
     DeviceMismatchError,
@@ -22,43 +26,22 @@ from .gradcheck import (
     check_layer,
     numerical_gradient,
 )
-from .layers import (
-    Add,
-    Affine,
-    ForwardNotCalledError,
-    Layer,
-    Mul,
-    Relu,
-    Sigmoid,
-    SoftmaxWithLoss,
-)
-from .nets import MultiLayerNet, Sequential, TwoLayerNet
-from .optim import SGD, AdaGrad, Adam, Momentum
+from .layers import *  # noqa: F403 - Layer, ForwardNotCalledError and every layer class
+from .nets import *  # noqa: F403 - Sequential, TwoLayerNet, MultiLayerNet, ...
+from .optim import *  # noqa: F403 - SGD, Momentum, AdaGrad, Adam, Optimizer
 from .train import DivergenceError, History, Trainer
 
-__all__ = [
-    "SGD",
-    "Sequential",
-    "AdaGrad",
-    "Adam",
-    "Add",
-    "Affine",
+__all__ = sorted([
+    *layers.__all__,
+    *nets.__all__,
+    *optim.__all__,
     "BackendUnavailableError",
     "DeviceMismatchError",
     "DivergenceError",
-    "ForwardNotCalledError",
     "GradientCheckError",
     "GradientCheckReport",
     "History",
-    "Layer",
-    "Momentum",
-    "Mul",
-    "MultiLayerNet",
-    "Relu",
-    "Sigmoid",
-    "SoftmaxWithLoss",
     "Trainer",
-    "TwoLayerNet",
     "__version__",
     "available_backends",
     "check_gradients",
@@ -73,4 +56,4 @@ __all__ = [
     "resolve_device",
     "to_device",
     "to_numpy",
-]
+])

@@ -10,6 +10,7 @@ import numpy as np
 
 from . import __version__
 from .backend import BackendUnavailableError, available_backends, to_device
+from .optim import DEFAULT_LR, OPTIMIZERS
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -195,10 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--activation", choices=["relu", "sigmoid"], default="relu",
                     help="activation of a deeper net (TwoLayerNet uses ReLU)")
     tr.add_argument("--batch-size", type=int, default=100)
-    tr.add_argument("--optimizer", choices=["sgd", "momentum", "adagrad", "adam"],
-                    default="momentum")
-    tr.add_argument("--lr", type=float, default=None,
-                    help="learning rate (default: sgd 0.1, momentum 0.05, adagrad 0.01, adam 0.001)")
+    tr.add_argument("--optimizer", choices=list(OPTIMIZERS), default="momentum")
+    tr.add_argument("--lr", type=float, default=None, help="learning rate (default: " + ", ".join(
+        f"{name} {lr:g}" for name, lr in DEFAULT_LR.items()) + ")")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--save", metavar="PATH", help="save the trained model (.npz)")
     tr.add_argument("--history", metavar="PATH.json", help="save the per-epoch history as JSON")

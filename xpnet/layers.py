@@ -48,9 +48,7 @@ __all__ = [
     "Relu",
     "Sigmoid",
     "SoftmaxWithLoss",
-    "find_params",
-    "grad_name",
-]
+]  # exported by xpnet/__init__; the helpers find_params and grad_name are not
 
 
 class ForwardNotCalledError(RuntimeError, ValueError):

@@ -35,7 +35,7 @@ from .layers import Affine, Layer, Relu, Sigmoid, SoftmaxWithLoss
 _fast = (importlib.import_module("._fast", __package__)
          if importlib.util.find_spec("._fast", __package__) else None)
 
-__all__ = ["MultiLayerNet", "Parameters", "Sequential", "TwoLayerNet"]
+__all__ = ["MultiLayerNet", "Sequential", "TwoLayerNet"]  # exported by xpnet/__init__
 
 _ACTIVATIONS = {"relu": Relu, "sigmoid": Sigmoid}
 _FLOAT_DTYPES = ("float32", "float64")

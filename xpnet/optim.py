@@ -16,7 +16,7 @@ import numbers
 
 from .backend import is_writable, namespace, to_device, to_numpy
 
-__all__ = ["SGD", "AdaGrad", "Adam", "Momentum", "Optimizer", "make_optimizer"]
+__all__ = ["SGD", "AdaGrad", "Adam", "Momentum", "Optimizer"]  # exported by xpnet/__init__
 
 
 def _hyper(name: str, value, *, low: float = 0.0, high: float = math.inf, closed_low=False) -> float:
