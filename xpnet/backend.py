@@ -633,10 +633,10 @@ def available_backends() -> list[dict]:
     for backend in BACKENDS.values():
         entry = {"library": backend.library, "version": None, "devices": [], "note": ""}
         try:
-            module = importlib.import_module(backend.library)
+            module = backend.module()
             entry["version"] = getattr(module, "__version__", "unknown")
             entry["devices"], entry["note"] = backend.devices()
-        except ImportError:
+        except ImportError:  # BackendUnavailableError included
             entry["note"] = backend.install_hint
         except Exception as exc:  # noqa: BLE001 - a broken install is reported, never raised
             entry["note"] = f"import failed: {exc}"
