@@ -222,6 +222,23 @@ def test_sequential_with_user_layers_saves_and_loads(tmp_path, rng):
         xpnet.TwoLayerNet.load(path)
 
 
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda c: c["layers"][1].update(type="nowhere.Scale"), "no xpnet.Layer subclass is called"),
+    (lambda c: c.update(layers="Affine"), "does not build a net"),
+    (lambda c: c["layers"][0].update(W=3), "does not build a net"),
+    (lambda c: c["loss"].update(type="os.system"), "no xpnet.Layer subclass is called 'os.system'"),
+])
+def test_a_sequential_file_with_a_foreign_config_is_refused(tmp_path, edit, match):
+    net = _user_net(Case(backend.resolve_device("cpu"), "float64"))
+    config = net.config()
+    assert config["layers"][1]["type"] == f"{__name__}.Scale"
+    edit(config)
+    checkpoint.save_model(tmp_path / "bad.npz", config,
+                          {k: to_numpy(v) for k, v in net.params.items()})
+    with pytest.raises(ValueError, match=match):
+        xpnet.Sequential.load(tmp_path / "bad.npz")
+
+
 def test_a_trainer_passes_checked_labels_on_explicitly():
     seen = []
 

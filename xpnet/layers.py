@@ -75,7 +75,7 @@ class _NotRun:
 
 
 _NOT_RUN = _NotRun()
-_CLASSES: dict = {}  # class name -> the Layer subclasses of that name (for loading nets)
+_CLASSES: dict = {}  # "module.QualName" -> the Layer subclass defined last under that name
 
 
 def _recorded(forward):
@@ -85,8 +85,9 @@ def _recorded(forward):
     def wrapper(self, *args, **kwargs):
         out = forward(self, *args, **kwargs)
         backend = backend_of(out)
+        # Plain values only (names, not device objects): a layer stays cheap to deep-copy.
         self._output = None if backend is None else (
-            backend.library, tuple(out.shape), out.dtype, out.device)
+            backend.library, tuple(out.shape), out.dtype, backend.device_name(out))
         return out
 
     wrapper._xpnet_wrapped = True
@@ -136,11 +137,11 @@ class Layer:
 
     param_names: tuple = ()
     has_train_mode: bool = False
-    _output = _NOT_RUN  # (library, shape, dtype, device) of the last forward's output
+    _output = _NOT_RUN  # (library, shape, dtype, device name) of the last forward's output
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        _CLASSES.setdefault(cls.__name__, []).append(cls)
+        _CLASSES[type_name(cls)] = cls  # a class defined again (a notebook cell) replaces it
         for name, wrap in (("forward", _recorded), ("backward", _checked)):
             method = cls.__dict__.get(name)
             if callable(method) and not getattr(method, "_xpnet_wrapped", False):
@@ -178,16 +179,6 @@ class Layer:
         """The constructor's options besides the parameters, as JSON values (none by default)."""
         return {}
 
-    @staticmethod
-    def by_name(name: str) -> type:
-        """The Layer subclass called ``name`` (ValueError if there is none, or several)."""
-        found = _CLASSES.get(name, [])
-        if len(found) != 1:
-            raise ValueError(f"{'no' if not found else 'more than one'} xpnet.Layer subclass "
-                             f"is called {name!r}" + ("; define or import it first" if not found
-                                                      else ""))
-        return found[0]
-
     def check_dout(self, dout) -> None:
         """Raise unless forward has run and ``dout`` fits its output (see the class docstring)."""
         out = self._output
@@ -215,17 +206,32 @@ class Layer:
         return f"{type(self).__name__}({shapes})"
 
 
+def type_name(cls: type) -> str:
+    """How files name a layer class: ``"xpnet.layers.Affine"``, ``"mymodule.Scale"``."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def layer_class(name: str) -> type:
+    """The :class:`Layer` subclass that :func:`type_name` called ``name``; ValueError if no
+    such class has been defined (imported) in this process."""
+    try:
+        return _CLASSES[name]
+    except KeyError:
+        raise ValueError(f"no xpnet.Layer subclass is called {name!r}; import the module "
+                         "that defines it first") from None
+
+
 def _check_dout_fits(where: str, dout, library: str, shape: tuple, dtype, device) -> None:
     if not hasattr(dout, "shape") or not hasattr(dout, "dtype"):
         raise TypeError(f"{where}: dout must be an array like forward's output (shape {shape}), "
                         f"got {type(dout).__name__}")
     backend = backend_of(dout)
     dout_library = None if backend is None else backend.library
-    if dout_library != library or dout.device != device:
+    dout_device = None if backend is None else backend.device_name(dout)
+    if dout_library != library or dout_device != device:
         raise DeviceMismatchError(
-            f"{where}: dout is a {dout_library} array on {getattr(dout, 'device', '?')!s}, but "
-            f"forward's output was a {library} array on {device!s}; move dout with "
-            "xpnet.to_device(dout, device)"
+            f"{where}: dout is a {dout_library} array on {dout_device!r}, but forward's output "
+            f"was a {library} array on {device!r}; move dout with xpnet.to_device(dout, device)"
         )
     if tuple(dout.shape) != shape:
         raise ValueError(f"{where}: dout has shape {tuple(dout.shape)}, but forward's output "

@@ -29,7 +29,7 @@ from .backend import (
     to_numpy,
 )
 from .gradcheck import numerical_gradients
-from .layers import Affine, Layer, Relu, Sigmoid, SoftmaxWithLoss
+from .layers import Affine, Layer, Relu, Sigmoid, SoftmaxWithLoss, layer_class, type_name
 
 # Everything that exists only for speed; the library is correct (and slower) without it.
 _fast = (importlib.import_module("._fast", __package__)
@@ -280,7 +280,7 @@ class Sequential:
         """What it takes to rebuild this net around its parameters: each layer's class
         and :meth:`Layer.config`, and the loss layer's."""
         def describe(layer):
-            return {"type": type(layer).__name__, **layer.config()}
+            return {"type": type_name(type(layer)), **layer.config()}
 
         return {"class": "Sequential", "dtype": self.dtype,
                 "layers": [describe(layer) for layer in self.layers.values()],
@@ -311,7 +311,7 @@ class Sequential:
             raise ValueError(f"dtype must be one of {_FLOAT_DTYPES} or None, got {dtype!r}")
         try:
             net = kind._from_config(config, arrays, device, dtype or config["dtype"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a foreign config
             raise ValueError(f"{path}: its config {config} does not build a net: {exc}") from None
         checkpoint.check_param_arrays(path, arrays, {k: tuple(v.shape)
                                                      for k, v in net.params.items()})
@@ -326,7 +326,7 @@ class Sequential:
             raise ValueError(f"dtype must be one of {_FLOAT_DTYPES}, got {dtype!r}")
         layers, seen = [], {}
         for spec in config["layers"]:
-            kind = Layer.by_name(spec["type"])
+            kind = layer_class(spec["type"])
             params = {}
             for attr in kind.param_names:
                 seen[attr] = seen.get(attr, 0) + 1
@@ -336,9 +336,8 @@ class Sequential:
                 params[attr] = to_device(arrays[key], device, dtype=dtype, copy=True)
             options = {k: v for k, v in spec.items() if k != "type"}
             layers.append(kind(**params, **options))
-        loss = config["loss"]
-        return cls(layers, Layer.by_name(loss["type"])(**{k: v for k, v in loss.items()
-                                                         if k != "type"}))
+        options = {k: v for k, v in config["loss"].items() if k != "type"}
+        return cls(layers, layer_class(config["loss"]["type"])(**options))
 
 
 def _init_std(weight_init, fan_in: int) -> float:
