@@ -192,6 +192,8 @@ class Sequential:
 
         As with ``torch.nn.Module.to``, create the optimizer after moving the net.
         """
+        if dtype is not None and dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {_FLOAT_DTYPES} or None, got {dtype!r}")
         dev = resolve_device(device)
         self.params.move(lambda value: to_device(value, dev, dtype=dtype))
         for layer in (*self.layers.values(), self.last_layer):  # caches live on the old device
@@ -230,6 +232,9 @@ class Sequential:
             raise ValueError(f"x has {n} samples but t has {t.shape[0]}")
         if n == 0:
             raise ValueError("accuracy of an empty batch is undefined")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(
+                batch_size, numbers.Integral) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
         step = n if batch_size is None else int(batch_size)
         correct = 0
         for start in range(0, n, step):
