@@ -56,6 +56,7 @@ __all__ = [
     "DeviceMismatchError",
     "available_backends",
     "backend_of",
+    "describe",
     "device_of",
     "dtype_name",
     "is_array",
@@ -436,6 +437,20 @@ def device_of(x) -> Device:
                         f"got {type(x).__module__}.{type(x).__qualname__}")
     return Device(backend.library, backend.device_name(x), array_api_compat.array_namespace(x),
                   array_api_compat.device(x))
+
+
+def describe(x) -> tuple | None:
+    """``(library, shape, dtype, device name)`` of an array, or None for anything else.
+
+    What a layer remembers of its output to check ``dout`` against; plain values, so
+    cheap to compare and to deep-copy.  Called at every layer call: NumPy goes first.
+    """
+    if type(x) is np.ndarray:
+        return ("numpy", x.shape, x.dtype, "cpu")
+    backend = backend_of(x)
+    if backend is None:
+        return None
+    return (backend.library, tuple(x.shape), x.dtype, backend.device_name(x))
 
 
 def is_scalar(x) -> bool:

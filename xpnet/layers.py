@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import math
 
-from .backend import DeviceMismatchError, backend_of, dtype_name, is_array, is_scalar, namespace
+from .backend import DeviceMismatchError, describe, dtype_name, is_array, is_scalar, namespace
 from .functional import (
     affine,
     check_array,
@@ -84,10 +84,7 @@ def _recorded(forward):
     @functools.wraps(forward)
     def wrapper(self, *args, **kwargs):
         out = forward(self, *args, **kwargs)
-        backend = backend_of(out)
-        # Plain values only (names, not device objects): a layer stays cheap to deep-copy.
-        self._output = None if backend is None else (
-            backend.library, tuple(out.shape), out.dtype, backend.device_name(out))
+        self._output = describe(out)  # plain values: a layer stays cheap to deep-copy
         return out
 
     wrapper._xpnet_wrapped = True
@@ -198,7 +195,9 @@ class Layer:
                                  "must be a number or a 0-d array, got shape "
                                  f"{tuple(getattr(dout, 'shape', ()))}")
             out = (*out[:2], dout.dtype, out[3])  # a loss layer casts a 0-d dout to its dtype
-        _check_dout_fits(f"{name}.backward", dout, *out)
+        got = describe(dout)
+        if got != out:  # (library, shape, dtype, device name): say which differs
+            _dout_error(f"{name}.backward", dout, got, *out)
 
     def __repr__(self):
         shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self.params.items()
@@ -221,24 +220,22 @@ def layer_class(name: str) -> type:
                          "that defines it first") from None
 
 
-def _check_dout_fits(where: str, dout, library: str, shape: tuple, dtype, device) -> None:
-    if not hasattr(dout, "shape") or not hasattr(dout, "dtype"):
-        raise TypeError(f"{where}: dout must be an array like forward's output (shape {shape}), "
-                        f"got {type(dout).__name__}")
-    backend = backend_of(dout)
-    dout_library = None if backend is None else backend.library
-    dout_device = None if backend is None else backend.device_name(dout)
+def _dout_error(where: str, dout, got, library: str, shape: tuple, dtype, device) -> None:
+    """Raise the error that says how ``dout`` (described by ``got``) differs from the output."""
+    if got is None:
+        raise TypeError(f"{where}: dout must be an array like forward's output (shape "
+                        f"{tuple(shape)}), got {type(dout).__name__}")
+    dout_library, dout_shape, dout_dtype, dout_device = got
     if dout_library != library or dout_device != device:
         raise DeviceMismatchError(
             f"{where}: dout is a {dout_library} array on {dout_device!r}, but forward's output "
             f"was a {library} array on {device!r}; move dout with xpnet.to_device(dout, device)"
         )
-    if tuple(dout.shape) != shape:
-        raise ValueError(f"{where}: dout has shape {tuple(dout.shape)}, but forward's output "
-                         f"had shape {shape}")
-    if dout.dtype != dtype:
-        raise TypeError(f"{where}: dout has dtype {dtype_name(dout.dtype)}, but forward's "
-                        f"output had {dtype_name(dtype)}")
+    if tuple(dout_shape) != tuple(shape):
+        raise ValueError(f"{where}: dout has shape {tuple(dout_shape)}, but forward's output "
+                         f"had shape {tuple(shape)}")
+    raise TypeError(f"{where}: dout has dtype {dtype_name(dout_dtype)}, but forward's "
+                    f"output had {dtype_name(dtype)}")
 
 
 def find_params(layer) -> dict:
