@@ -314,3 +314,25 @@ def test_bad_options_are_rejected(rng):
 def test_default_tolerance_is_documented_and_derived_from_h():
     assert "100 * eps * max(|f|, 1) / h" in gradcheck.__doc__
     assert gradcheck._resolve_atol(None, 2.0, 1e-5) == pytest.approx(100 * 2.220446e-16 * 2 / 1e-5)
+
+
+class DictScale:
+    """A layer that keeps its parameter only in a params dict (no attribute of that name)."""
+
+    def __init__(self, w):
+        self.params = {"w": w}
+        self.grads = {"w": None}
+
+    def forward(self, x):
+        self.x = x
+        return x * self.params["w"]
+
+    def backward(self, dout):
+        self.grads["w"] = (dout * self.x).sum(axis=0)
+        return dout * self.params["w"]
+
+
+def test_a_layer_with_only_a_params_dict_is_checked(rng):
+    report = xpnet.check_layer(DictScale(rng.standard_normal(3)), rng.standard_normal((4, 3)))
+    assert report.ok, report
+    assert [r.name for r in report.rows] == ["x", "w"]

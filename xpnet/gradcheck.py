@@ -373,6 +373,15 @@ def _watched(report: GradientCheckReport, call, values: list, names: list, what:
 # -- layers ----------------------------------------------------------------------------------
 
 
+def _param_arrays(layer) -> dict:
+    """``{name: array}`` of a layer's parameters: attributes (an xpnet.Layer, a book-style
+    class), or the values of its ``params`` dict."""
+    found = find_params(layer)
+    if any(attr is None for attr in found.values()):
+        return dict(layer.params)
+    return {name: getattr(layer, name) for name in found}
+
+
 def _param_gradient(layer, name, attr):
     return getattr(layer, attr) if attr is not None else layer.grads.get(name)
 
@@ -404,9 +413,7 @@ class _LayerSubject(_Subject):
     def __init__(self, layer, inputs, dout, wrt, rng):
         self.layer, self.inputs, self.dout, self.rng = layer, list(inputs), dout, rng
         self.target = type(layer).__name__
-        arrays = [v for v in inputs if is_array(v)] + [
-            getattr(layer, name) for name in find_params(layer)]
-        arrays = [a for a in arrays if is_array(a)]
+        arrays = [v for v in [*inputs, *_param_arrays(layer).values()] if is_array(v)]
         self.where = device_of(arrays[0]) if arrays else None
         self.dtype = next((dtype_name(a.dtype) for a in arrays if _is_float_input(a)), "float64")
         self.names = _input_names(layer, len(inputs))
@@ -422,7 +429,7 @@ class _LayerSubject(_Subject):
         self.host_inputs = [_host64(v) if _is_float_input(v) or is_array(v) else v
                             for v in self.inputs]
         _require_finite({**dict(zip(self.names, self.host_inputs)),
-                       **{k: getattr(self.host, k) for k in find_params(self.host)}})
+                       **_param_arrays(self.host)})
         out_shape = np.shape(_host64(self.host.forward(*self.host_inputs)))
         self.scalar_out = out_shape == ()
         dout = self.dout
@@ -475,7 +482,7 @@ class _LayerSubject(_Subject):
 
     def targets(self):
         rows = {self.names[i]: ("input", self.host_inputs[i]) for i in self.diff}
-        rows.update({k: ("param", getattr(self.host, k)) for k in find_params(self.host)})
+        rows.update({k: ("param", p) for k, p in _param_arrays(self.host).items()})
         return rows
 
     def probe(self, report, grads):
