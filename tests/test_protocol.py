@@ -200,6 +200,15 @@ def test_book_numbering_counts_each_parameter_name():
     assert net.params["w2"] is net.layers["Scale2"].w
 
 
+def test_sequential_refuses_a_parameter_array_with_two_owners():
+    W, b = np.ones((3, 3)), np.zeros(3)
+    affine = xpnet.Affine(W, b)
+    with pytest.raises(ValueError, match=r"Affine2's parameter W is the array that is already W1"):
+        xpnet.Sequential([affine, xpnet.Relu(), affine])
+    with pytest.raises(ValueError, match=r"Affine2's parameter b is the array that is already b1"):
+        xpnet.Sequential([affine, xpnet.Affine(np.ones((3, 3)), b)])
+
+
 def test_sequential_rejects_what_is_not_a_layer():
     with pytest.raises(ValueError, match="at least one layer"):
         xpnet.Sequential([])

@@ -305,7 +305,8 @@ def _resolve_atol(atol, f0: float, h: float) -> float:
 class _Subject:
     """A layer or a net under check, reduced to what :func:`_run_check` needs.
 
-    ``prepare`` makes the float64 host clone and returns the objective there;
+    ``prepare(rng)`` makes the float64 host clone and returns the objective there (drawing
+    what it needs, a layer's dout, from ``rng`` first);
     ``gradients(on_host, report)`` runs backprop on the host clone or on a clone on
     the model's own device (noting any argument it writes into) and returns
     ``{row name: gradient}``; ``targets()`` gives ``{row name: (kind, host array)}``,
@@ -317,7 +318,7 @@ class _Subject:
     dtype = "float64"
     constants: list = []
 
-    def prepare(self):  # pragma: no cover - interface
+    def prepare(self, rng: np.random.Generator):  # pragma: no cover - interface
         raise NotImplementedError
 
     def gradients(self, on_host: bool, report: GradientCheckReport) -> dict:  # pragma: no cover
@@ -333,8 +334,8 @@ class _Subject:
 def _run_check(subject: _Subject, mode: str, seed: int, *, h, rtol, atol, samples, directions,
                device_rtol, raise_on_failure) -> GradientCheckReport:
     """The steps of every check: host analytic vs numerical, device vs host, probes."""
-    rng = np.random.default_rng(seed)
-    objective = subject.prepare()
+    rng = np.random.default_rng(seed)  # one stream: the subject's draws, then the rows'
+    objective = subject.prepare(rng)
     report = GradientCheckReport(subject.target, mode, subject.where.name if subject.where
                                  else "python", subject.dtype, h, rtol,
                                  _resolve_atol(atol, objective(), h))
@@ -361,8 +362,9 @@ def _run_check(subject: _Subject, mode: str, seed: int, *, h, rtol, atol, sample
     return report
 
 
-def _watched(report: GradientCheckReport, call, values: list, names: list, what: str):
-    """``call()``, noting in ``report`` any of ``values`` (named ``names``) it wrote into."""
+def _watched(report: GradientCheckReport, call, values: list, names: list, what):
+    """``call()``, noting ``what(name)`` in ``report`` for each of ``values`` (named
+    ``names``) that it wrote into."""
     before = _snapshot(values)
     result = call()
     for name in _mutated(before, values, names):
@@ -410,8 +412,8 @@ def _is_float_input(v) -> bool:
 class _LayerSubject(_Subject):
     """A layer: the objective is ``sum(forward(*inputs) * dout)`` for a random dout."""
 
-    def __init__(self, layer, inputs, dout, wrt, rng):
-        self.layer, self.inputs, self.dout, self.rng = layer, list(inputs), dout, rng
+    def __init__(self, layer, inputs, dout, wrt):
+        self.layer, self.inputs, self.dout = layer, list(inputs), dout
         self.target = type(layer).__name__
         arrays = [v for v in [*inputs, *_param_arrays(layer).values()] if is_array(v)]
         self.where = device_of(arrays[0]) if arrays else None
@@ -424,7 +426,7 @@ class _LayerSubject(_Subject):
                 raise ValueError(f"wrt names {unknown} are not inputs of forward{tuple(self.names)}")
         self.wrt = wrt
 
-    def prepare(self):
+    def prepare(self, rng):
         self.host = _clone(self.layer, _host64)
         self.host_inputs = [_host64(v) if _is_float_input(v) or is_array(v) else v
                             for v in self.inputs]
@@ -434,8 +436,7 @@ class _LayerSubject(_Subject):
         self.scalar_out = out_shape == ()
         dout = self.dout
         if dout is None:
-            dout = self.rng.uniform(0.5, 2.0) if self.scalar_out else self.rng.standard_normal(
-                out_shape)
+            dout = rng.uniform(0.5, 2.0) if self.scalar_out else rng.standard_normal(out_shape)
         self.dout = float(dout) if self.scalar_out else np.array(dout, dtype=np.float64)
         return lambda: float(np.sum(_host64(self.host.forward(*self.host_inputs)) * self.dout))
 
@@ -545,7 +546,7 @@ def check_layer(layer, *inputs, mode: str = "full", seed: int = 0, dout=None, wr
     GradientCheckReport
     """
     h = _check_options(mode, h, rtol, atol, samples, directions)
-    subject = _LayerSubject(layer, inputs, dout, wrt, np.random.default_rng(seed))
+    subject = _LayerSubject(layer, inputs, dout, wrt)
     return _run_check(subject, mode, seed, h=h, rtol=rtol, atol=atol, samples=samples,
                       directions=directions, device_rtol=device_rtol,
                       raise_on_failure=raise_on_failure)
@@ -578,7 +579,7 @@ class _NetSubject(_Subject):
         self.target, self.where, self.dtype = (type(net).__name__, device_of(first),
                                                dtype_name(first.dtype))
 
-    def prepare(self):
+    def prepare(self, rng):
         self.host = _clone(self.net, _host64)
         self.x64, self.t64 = _host64(self.x), _host64(self.t)
         _require_finite({"x": self.x64, "t": self.t64,

@@ -122,11 +122,18 @@ def _own_parameters(layers: dict) -> dict:
     """``{"W1": (layer, "W"), "b1": (layer, "b"), "W2": ...}``: the k-th layer that has a
     parameter named W owns W<k>, as in the book (W1 b1 for the first Affine or Convolution,
     gamma1 beta1 for the first BatchNormalization)."""
-    owners, seen = {}, {}
-    for layer in layers.values():
+    owners, seen, arrays = {}, {}, {}
+    for layer_name, layer in layers.items():
         for attr in layer.param_names:
             seen[attr] = seen.get(attr, 0) + 1
-            owners[f"{attr}{seen[attr]}"] = (layer, attr)
+            key = f"{attr}{seen[attr]}"
+            owners[key] = (layer, attr)
+            # One owner per array: an array used twice would take every update twice.
+            first = arrays.setdefault(id(getattr(layer, attr)), (key, layer_name))
+            if first[0] != key:
+                raise ValueError(f"{layer_name}'s parameter {attr} is the array that is already "
+                                 f"{first[0]} (of {first[1]}); give each layer arrays of its own "
+                                 "(a layer listed twice shares them too)")
     return owners
 
 
