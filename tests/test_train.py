@@ -450,3 +450,43 @@ def test_loss_is_a_0d_array_and_accuracy_a_float(case, rng):
     acc = net.accuracy(x, t, batch_size=2)
     assert isinstance(acc, float) and acc == net.accuracy(x, t)
     assert math.isclose(float(loss), math.log(2), rel_tol=1e-3)  # tiny weights: ~uniform
+
+
+@pytest.mark.parametrize(("bad", "exc", "match"), [
+    (lambda g: g.astype(np.complex128), TypeError, r"grads\['b2'\] has dtype complex128"),
+    (lambda g: g[:2], ValueError, r"grads\['b2'\] has shape \(2,\), params\['b2'\] has \(3,\)"),
+    (lambda g: g.astype(np.float32), TypeError, r"grads\['b2'\] has dtype float32.* float64"),
+    (lambda g: None, TypeError, r"grads\['b2'\] is None"),
+    (lambda g: g.tolist(), TypeError, r"grads\['b2'\] must be an array"),
+])
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adagrad", "adam"])
+def test_a_refused_update_changes_nothing(name, bad, exc, match):
+    rng = np.random.default_rng(0)
+    net = xpnet.MultiLayerNet([4, 5, 3], seed=1, dtype="float64")
+    x, t = rng.standard_normal((6, 4)), rng.integers(0, 3, 6)
+    opt = make_optimizer(name)
+    opt.update(net.params, net.gradient(x, t))
+    before = {k: np.array(v) for k, v in net.params.items()}
+    state = {n: {k: np.array(v) for k, v in s.items()} for n, s in opt.state.items()}
+    grads = dict(net.gradient(x, t))
+    grads["b2"] = bad(grads["b2"])  # the last parameter: every other one comes first
+    with pytest.raises(exc, match=match):
+        opt.update(net.params, grads)
+    assert opt.steps == 1
+    for k, v in before.items():
+        np.testing.assert_array_equal(net.params[k], v)
+    for n, slots in state.items():
+        for k, v in slots.items():
+            np.testing.assert_array_equal(opt.state[n][k], v)
+
+
+def test_an_integer_parameter_is_refused_before_any_update():
+    params = {"a": np.ones(3), "n": np.arange(3)}
+    opt = xpnet.SGD(0.1)
+    with pytest.raises(TypeError, match=r"params\['n'\] has dtype int64"):
+        opt.update(params, {"a": np.ones(3), "n": np.ones(3, dtype=np.int64)})
+    np.testing.assert_array_equal(params["a"], np.ones(3))
+    assert opt.steps == 0
+    for bad in (None, [1.0]):
+        with pytest.raises(TypeError, match="grads must be a mapping"):
+            opt.update(params, bad)

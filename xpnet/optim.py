@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 
-from .backend import is_writable, namespace, to_device, to_numpy
+from .backend import dtype_name, is_dtype, is_writable, namespace, to_device, to_numpy
 
 __all__ = ["SGD", "AdaGrad", "Adam", "Momentum", "Optimizer"]  # exported by xpnet/__init__
 
@@ -43,22 +44,13 @@ class Optimizer:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in extra.items())})"
 
     def update(self, params, grads) -> None:
-        """Apply one step to every parameter, in place where possible (see the module docstring)."""
-        missing = [k for k in params if k not in grads]
-        extra = [k for k in grads if k not in params]
-        if missing or extra:
-            raise ValueError(
-                f"grads must have the keys of params: missing {missing}, unexpected {extra}"
-            )
-        spaces = {}  # every pair is checked before any parameter changes
-        for name in params:
-            p, g = params[name], grads[name]
-            spaces[name] = namespace(**{f"params[{name!r}]": p, f"grads[{name!r}]": g})
-            if tuple(g.shape) != tuple(p.shape):
-                raise ValueError(
-                    f"grads[{name!r}] has shape {tuple(g.shape)}, params[{name!r}] has "
-                    f"{tuple(p.shape)}"
-                )
+        """Apply one step to every parameter, in place where possible (see the module docstring).
+
+        Everything is checked before anything changes: a bad gradient (another shape or
+        dtype, None, not an array) raises and leaves every parameter and the step count as
+        they were.
+        """
+        spaces = self._check_update(params, grads)
         self.steps += 1
         for name, xp in spaces.items():
             p = params[name]
@@ -67,6 +59,38 @@ class Optimizer:
                 p += delta
             else:
                 params[name] = p + delta
+
+    def _check_update(self, params, grads) -> dict:
+        """``{name: namespace}`` for an update of ``params`` by ``grads``, or a clear error."""
+        for arg, value in (("params", params), ("grads", grads)):
+            if not isinstance(value, Mapping):
+                raise TypeError(f"{arg} must be a mapping {{name: array}} (a net's params, its "
+                                f"gradient()), got {type(value).__name__}")
+        missing = [k for k in params if k not in grads]
+        extra = [k for k in grads if k not in params]
+        if missing or extra:
+            raise ValueError(
+                f"grads must have the keys of params: missing {missing}, unexpected {extra}"
+            )
+        spaces = {}
+        for name in params:
+            p, g = params[name], grads[name]
+            if g is None:
+                raise TypeError(f"grads[{name!r}] is None: no gradient was computed for it "
+                                "(run the net's backward, e.g. net.gradient(x, t), first)")
+            spaces[name] = xp = namespace(**{f"params[{name!r}]": p, f"grads[{name!r}]": g})
+            if tuple(g.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"grads[{name!r}] has shape {tuple(g.shape)}, params[{name!r}] has "
+                    f"{tuple(p.shape)}"
+                )
+            if not is_dtype(xp, p.dtype, "real floating"):
+                raise TypeError(f"params[{name!r}] has dtype {dtype_name(p.dtype)}; an optimizer "
+                                "updates float32 or float64 parameters")
+            if g.dtype != p.dtype:
+                raise TypeError(f"grads[{name!r}] has dtype {dtype_name(g.dtype)}, "
+                                f"params[{name!r}] has {dtype_name(p.dtype)}")
+        return spaces
 
     def _state(self, xp, name: str, key: str, like):
         slot = self.state.setdefault(name, {})
@@ -81,6 +105,7 @@ class Optimizer:
     # -- checkpoints -------------------------------------------------------------------------
 
     HYPERPARAMETERS: tuple = ("lr",)
+    STATE_SLOTS: tuple = ()  # the state arrays each parameter gets (Momentum's "v", ...)
 
     def hyperparameters(self) -> dict:
         return {k: getattr(self, k) for k in self.HYPERPARAMETERS}
@@ -94,21 +119,68 @@ class Optimizer:
             "state": {n: {k: to_numpy(v) for k, v in s.items()} for n, s in self.state.items()},
         }
 
-    def load_state_dict(self, state: dict, device: str) -> None:
-        """Restore :meth:`state_dict` output, moving the state arrays to ``device``."""
-        if state.get("type") != type(self).__name__:
-            raise ValueError(f"the saved optimizer is {state.get('type')!r}, this one is "
-                             f"{type(self).__name__}")
-        hyper = state.get("hyper", {})
-        if set(hyper) != set(self.hyperparameters()):
-            raise ValueError(f"saved hyperparameters {sorted(hyper)} are not "
-                             f"{type(self).__name__}'s {sorted(self.hyperparameters())}")
+    def load_state_dict(self, state: dict, device: str, params=None) -> None:
+        """Restore :meth:`state_dict` output, moving the state arrays to ``device``.
+
+        Everything is checked (:meth:`check_state_dict`) before anything changes.
+        """
+        hyper, steps, slots = self.check_state_dict(state, params)
+        moved = {n: {k: to_device(v, device, copy=True) for k, v in s.items()}
+                 for n, s in slots.items()}
         for k, v in hyper.items():
-            setattr(self, k, _hyper(k, v, closed_low=k in ("momentum", "beta1", "beta2"),
-                                    high=1.0 if k in ("momentum", "beta1", "beta2") else math.inf))
-        self.steps = int(state["steps"])
-        self.state = {n: {k: to_device(v, device, copy=True) for k, v in s.items()}
-                      for n, s in state["state"].items()}
+            setattr(self, k, v)
+        self.steps, self.state = steps, moved
+
+    def check_state_dict(self, state: dict, params=None):
+        """``(hyperparameters, steps, state)`` of a :meth:`state_dict` for this optimizer, or
+        ValueError saying what does not fit.  With ``params`` (a net's), each state array
+        must belong to a parameter and have its shape, and after a step every parameter
+        must have all of this optimizer's slots (``STATE_SLOTS``)."""
+        name = type(self).__name__
+        if not isinstance(state, Mapping) or state.get("type") != name:
+            kind = state.get("type") if isinstance(state, Mapping) else state
+            raise ValueError(f"the saved optimizer is {kind!r}, this one is {name}")
+        hyper = state.get("hyper")
+        if not isinstance(hyper, Mapping) or set(hyper) != set(self.hyperparameters()):
+            raise ValueError(f"saved hyperparameters {hyper!r} are not {name}'s "
+                             f"{sorted(self.hyperparameters())}")
+        hyper = {k: _hyper(k, v, **_BOUNDS.get(k, {})) for k, v in hyper.items()}
+        steps = state.get("steps")
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+            raise ValueError(f"the saved step count must be an int >= 0, got {steps!r}")
+        slots = state.get("state")
+        if not isinstance(slots, Mapping) or not all(
+                isinstance(s, Mapping) and set(s) == set(self.STATE_SLOTS) for s in slots.values()):
+            raise ValueError(f"{name}'s saved state must hold the arrays {self.STATE_SLOTS} for "
+                             f"each parameter, got {_describe_slots(slots)}")
+        if params is not None:
+            _check_slots_fit(name, slots, params, steps > 0 and self.STATE_SLOTS)
+        return hyper, int(steps), {n: dict(s) for n, s in slots.items()}
+
+
+def _describe_slots(slots) -> str:
+    if not isinstance(slots, Mapping):
+        return type(slots).__name__
+    return "{" + ", ".join(f"{n}: {sorted(s) if isinstance(s, Mapping) else s!r}"
+                           for n, s in slots.items()) + "}"
+
+
+def _check_slots_fit(optimizer: str, slots, params, every: bool) -> None:
+    unknown = sorted(set(slots) - set(params))
+    missing = sorted(set(params) - set(slots)) if every else []
+    if unknown or missing:
+        raise ValueError(f"{optimizer}'s saved state does not fit the net: state for "
+                         f"{unknown} that are not parameters, none for {missing}")
+    for n, s in slots.items():
+        for k, v in s.items():
+            if tuple(getattr(v, "shape", ())) != tuple(params[n].shape):
+                raise ValueError(f"{optimizer}'s saved state {n}/{k} has shape "
+                                 f"{tuple(getattr(v, 'shape', ()))}, the parameter {n} has "
+                                 f"{tuple(params[n].shape)}")
+
+
+# Bounds of the hyperparameters other than the default (0, inf): the momentum-like ones.
+_BOUNDS = {k: {"high": 1.0, "closed_low": True} for k in ("momentum", "beta1", "beta2")}
 
 
 class SGD(Optimizer):
@@ -125,10 +197,11 @@ class Momentum(Optimizer):
     """Heavy-ball momentum: ``v = momentum * v - lr * g;  p += v``."""
 
     HYPERPARAMETERS = ("lr", "momentum")
+    STATE_SLOTS = ("v",)
 
     def __init__(self, lr: float = 0.01, momentum: float = 0.9):
         super().__init__(lr)
-        self.momentum = _hyper("momentum", momentum, high=1.0, closed_low=True)
+        self.momentum = _hyper("momentum", momentum, **_BOUNDS["momentum"])
 
     def _step(self, xp, name, p, g):
         v = self._state(xp, name, "v", p)
@@ -144,6 +217,7 @@ class AdaGrad(Optimizer):
     """
 
     HYPERPARAMETERS = ("lr", "eps")
+    STATE_SLOTS = ("h",)
 
     def __init__(self, lr: float = 0.01, eps: float = 1e-7):
         super().__init__(lr)
@@ -163,12 +237,13 @@ class Adam(Optimizer):
     """
 
     HYPERPARAMETERS = ("lr", "beta1", "beta2", "eps")
+    STATE_SLOTS = ("m", "v")
 
     def __init__(self, lr: float = 0.001, beta1: float = 0.9, beta2: float = 0.999,
                  eps: float = 1e-8):
         super().__init__(lr)
-        self.beta1 = _hyper("beta1", beta1, high=1.0, closed_low=True)
-        self.beta2 = _hyper("beta2", beta2, high=1.0, closed_low=True)
+        self.beta1 = _hyper("beta1", beta1, **_BOUNDS["beta1"])
+        self.beta2 = _hyper("beta2", beta2, **_BOUNDS["beta2"])
         self.eps = _hyper("eps", eps)
 
     def _step(self, xp, name, p, g):
