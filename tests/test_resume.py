@@ -191,3 +191,95 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(cli_data, reference, tmp_path):
     final = read_npz(out)[1]
     for k in reference:
         assert np.array_equal(final[k], reference[k]), k
+
+
+# --- a resume that does not fit changes nothing ---------------------------------------------
+
+
+def _edited(tmp_path, ckpt, edit, name):
+    """A copy of checkpoint ``ckpt`` with ``edit(header, arrays)`` applied."""
+    from xpnet._io import write_npz
+
+    header, arrays = read_npz(ckpt)
+    edit(header, arrays)
+    out = tmp_path / name
+    write_npz(out, header, arrays)
+    return out
+
+
+def _set(*keys, value):
+    def edit(header, arrays):
+        node = header
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+    return edit
+
+
+BAD_RESUMES = {
+    "other optimizer": (lambda: xpnet.SGD(0.01), None, "saved optimizer is 'Adam'"),
+    "other lr": (lambda: xpnet.Adam(0.02), None, r"made with Adam\(.*lr.*0.01.*same hyperparameters"),
+    "edited rng state": (None, _set("position", "rng_state", "state", "state", value="x"),
+                         "position .* is not valid"),
+    "rng state of another generator": (None, _set("position", "rng_state", "bit_generator",
+                                                  value="MT19937"), "position .* is not valid"),
+    "step 10**9": (None, _set("position", "step", value=10**9), "never reaches"),
+    "epoch 0": (None, _set("position", "epoch", value=0), "at epoch 0, outside"),
+    "epoch -3": (None, _set("position", "epoch", value=-3), "at epoch -3, outside"),
+    "epoch past the run": (None, _set("position", "epoch", value=99), "at epoch 99, outside"),
+    "global step off": (None, _set("position", "global_step", value=1), "never reaches"),
+    "NaN loss so far": (None, _set("position", "loss_sum", value=float("nan")), "loss so far"),
+    "fractional step": (None, _set("position", "step", value=2.5), "not valid"),
+    "negative step count": (None, _set("optimizer", "steps", value=-1), "step count"),
+    "missing optimizer state": (None, lambda h, a: a.pop("opt/W1/v"), r"arrays \('m', 'v'\)"),
+    "wrong-shape optimizer state": (
+        None, lambda h, a: a.__setitem__("opt/W1/m", np.zeros((2, 2))),
+        r"saved state W1/m has shape \(2, 2\), the parameter W1 has \(2, 32\)"),
+    "state of no parameter": (None, lambda h, a: (a.__setitem__("opt/W9/m", np.zeros(2)),
+                                                   a.__setitem__("opt/W9/v", np.zeros(2))),
+                              r"state for \['W9'\]"),
+    "wrong-shape weights": (None, lambda h, a: a.__setitem__("param/b2", np.zeros(2)),
+                            r"b2 has shape \(2,\), expected \(3,\)"),
+    "other dataset size": ("half the data", None, "same settings and data"),
+    "history not a list": (None, _set("history", "epochs", value=3), "no 'epochs' list"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RESUMES))
+def test_a_refused_resume_changes_nothing(tmp_path, case):
+    make_opt, edit, match = BAD_RESUMES[case]
+    ckpt = tmp_path / "c.npz"
+    _run(tmp_path, ckpt=ckpt, every=4, stop_at=None, epochs=1)
+    path = ckpt if edit is None else _edited(tmp_path, ckpt, edit, "edited.npz")
+    x, t = spiral()
+    if make_opt == "half the data":
+        x, t, make_opt = x[::2], t[::2], None
+    net = xpnet.MultiLayerNet([2, 32, 3], seed=42)
+    opt = make_opt() if make_opt else xpnet.Adam(0.01)
+    opt.update(net.params, net.gradient(x[:8], t[:8]))  # some state of its own
+    before = {k: np.array(v) for k, v in net.params.items()}
+    state_before = {n: {k: np.array(v) for k, v in s.items()} for n, s in opt.state.items()}
+    trainer = xpnet.Trainer(net, opt, batch_size=32, epochs=2, seed=5, progress=False)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(x, t, resume=path)
+    for k, v in before.items():
+        np.testing.assert_array_equal(net.params[k], v, err_msg=k)
+    assert opt.steps == 1 and {n: {k: np.array(v) for k, v in s.items()}
+                               for n, s in opt.state.items()}.keys() == state_before.keys()
+    for n, slots in state_before.items():
+        for k, v in slots.items():
+            np.testing.assert_array_equal(opt.state[n][k], v)
+
+
+def test_an_existing_checkpoint_is_not_overwritten_without_resume(tmp_path):
+    ckpt = tmp_path / "c.npz"
+    _run(tmp_path, ckpt=ckpt, epochs=2)
+    saved = ckpt.read_bytes()
+    with pytest.raises(ValueError, match="already exists: continue its run with resume="):
+        _run(tmp_path, ckpt=ckpt, epochs=2)
+    assert ckpt.read_bytes() == saved
+    other = tmp_path / "notes.txt"
+    other.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="already exists"):
+        _run(tmp_path, ckpt=other, epochs=1)
+    assert other.read_text() == "not a checkpoint"

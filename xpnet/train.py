@@ -80,12 +80,20 @@ class History:
     def load(cls, path) -> History:
         with open(path) as f:
             data = json.load(f)
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_dict(cls, data, where: str = "history") -> History:
+        """The inverse of :meth:`to_dict`; ValueError naming ``where`` if ``data`` is not one."""
         if not isinstance(data, dict) or not isinstance(data.get("epochs"), list):
-            raise ValueError(f"{path}: not an xpnet history file (no 'epochs' list)")
+            raise ValueError(f"{where}: not an xpnet history (no 'epochs' list)")
         for r in data["epochs"]:
             if not isinstance(r, dict) or set(r) != set(cls.COLUMNS):
-                raise ValueError(f"{path}: an epoch record must have the keys {cls.COLUMNS}")
-        return cls(records=data["epochs"], config=data.get("config", {}))
+                raise ValueError(f"{where}: an epoch record must have the keys {cls.COLUMNS}")
+        config = data.get("config", {})
+        if not isinstance(config, dict):
+            raise ValueError(f"{where}: the history's config is not a dict")
+        return cls(records=data["epochs"], config=config)
 
 
 def _positive_int(name: str, value) -> int:
@@ -93,6 +101,12 @@ def _positive_int(name: str, value) -> int:
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _int(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"expected an int, got {value!r}")
     return int(value)
 
 
@@ -259,8 +273,10 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def _settings(self) -> dict:
-        return {"batch_size": self.batch_size, "seed": self.seed}
+    def _settings(self, history: History) -> dict:
+        """What a checkpoint must share with the run that resumes it (besides net and optimizer)."""
+        return {"batch_size": self.batch_size, "seed": self.seed,
+                "train_samples": history.config.get("train_samples")}
 
     def _net_config(self):
         return self.net.config() if hasattr(self.net, "config") else repr(self.net)
@@ -276,40 +292,72 @@ class Trainer:
                     "on disk is left as it was"
                 )
         files.save_training(path, files.TrainingState(
-            net=self._net_config(), trainer=self._settings(),
+            net=self._net_config(), trainer=self._settings(history),
             optimizer=self.optimizer.state_dict(), history=history.to_dict(), params=params,
             position={"epoch": position.epoch, "step": position.step,
                       "loss_sum": position.loss_sum, "rng_state": position.rng_state,
                       "global_step": position.global_step}))
 
     def _restore(self, path, history: History) -> _Position:
-        """Load a checkpoint into the net, the optimizer and ``history``; where to go on from."""
+        """Load a checkpoint into the net, the optimizer and ``history``; where to go on from.
+
+        Everything is checked first (that the checkpoint is of this run: the net, the
+        settings, the dataset size, the optimizer and its hyperparameters; that its position,
+        random state and arrays make sense), so a refused checkpoint changes nothing.
+        """
         state = files.read_training(path)
+        self._check_same_run(path, state, history)
+        position = self._checked_position(path, state.position, history.config["train_samples"])
+        records = History.from_dict(state.history, f"{path}: history")
+        files.check_param_arrays(path, state.params, {k: tuple(v.shape)
+                                                      for k, v in self.net.params.items()})
+        try:
+            self.optimizer.check_state_dict(state.optimizer, self.net.params)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        # Nothing has changed so far; from here on nothing can fail.
+        moved = {name: to_device(value, self.net.device, dtype=self.net.dtype, copy=True)
+                 for name, value in state.params.items()}
+        for name, value in moved.items():
+            self.net.params[name] = value
+        self.optimizer.load_state_dict(state.optimizer, self.net.device, self.net.params)
+        history.records = records.records
+        return position
+
+    def _check_same_run(self, path, state: files.TrainingState, history: History) -> None:
         if state.net != self._net_config():
             raise ValueError(f"{path}: the checkpoint is for the net {state.net}, "
                              f"this trainer's net is {self._net_config()}")
-        if state.trainer != self._settings():
+        mine, saved = self._settings(history), dict(state.trainer)
+        saved.setdefault("train_samples", mine["train_samples"])  # not recorded before 0.2
+        if saved != mine:
             raise ValueError(f"{path}: the checkpoint was made with {state.trainer}, this "
-                             f"trainer has {self._settings()}; resume with the same settings")
+                             f"trainer has {mine}; resume with the same settings and data")
+        opt, kind = state.optimizer, type(self.optimizer).__name__
+        if opt["type"] == kind and opt["hyper"] != self.optimizer.hyperparameters():
+            raise ValueError(f"{path}: the checkpoint was made with {kind}({opt['hyper']}), this "
+                             f"run has {self.optimizer!r}; resume with the same hyperparameters")
+
+    def _checked_position(self, path, pos, n: int) -> _Position:
+        """The position a checkpoint records, if it is one this run can reach; else ValueError."""
+        steps = math.ceil(n / self.batch_size)
         try:
-            pos = state.position
-            position = _Position(int(pos["epoch"]), int(pos["step"]), float(pos["loss_sum"]),
-                                 pos["rng_state"], int(pos["global_step"]))
-            records = History(state.history["epochs"], state.history["config"])
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"{path}: incomplete training checkpoint: {exc!r}") from None
-        if set(state.params) != set(self.net.params):
-            raise ValueError(f"{path}: parameters {sorted(state.params)} are not the net's "
-                             f"{sorted(self.net.params)}")
-        if position.epoch > self.epochs + 1:
-            raise ValueError(f"{path}: the checkpoint is at epoch {position.epoch}, past this "
-                             f"trainer's {self.epochs} epochs")
-        for name, value in state.params.items():
-            self.net.params[name] = to_device(value, self.net.device, dtype=self.net.dtype,
-                                              copy=True)
-        self.optimizer.load_state_dict(state.optimizer, self.net.device)
-        history.records = records.records
-        return position
+            epoch, step, global_step = (_int(pos[k]) for k in ("epoch", "step", "global_step"))
+            loss_sum = float(pos["loss_sum"])
+            np.random.default_rng().bit_generator.state = pos["rng_state"]  # a valid state?
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{path}: the checkpoint's position {pos!r} is not valid: "
+                             f"{exc}") from None
+        if not 1 <= epoch <= self.epochs + 1:
+            raise ValueError(f"{path}: the checkpoint is at epoch {epoch}, outside this "
+                             f"trainer's 1..{self.epochs} epochs")
+        if not 0 <= step <= steps or global_step != (epoch - 1) * steps + step:
+            raise ValueError(f"{path}: the checkpoint is at step {step} (overall "
+                             f"{global_step}) of epoch {epoch}, which a run of {steps} steps "
+                             "per epoch never reaches")
+        if not (math.isfinite(loss_sum) and loss_sum >= 0):
+            raise ValueError(f"{path}: the checkpoint's loss so far is {loss_sum}")
+        return _Position(epoch, step, loss_sum, pos["rng_state"], global_step)
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -392,6 +440,10 @@ class Trainer:
         """Validate and move the data, set up the history, and restore ``resume`` if given."""
         if (x_test is None) != (t_test is None):
             raise ValueError("pass both x_test and t_test, or neither")
+        if (self.checkpoint is not None and self.checkpoint.exists()
+                and (resume is None or Path(resume).resolve() != self.checkpoint.resolve())):
+            raise ValueError(f"checkpoint {str(self.checkpoint)!r} already exists: continue its "
+                             "run with resume= (xpnet train --resume), or move it away")
         x, t = self._prepare(x_train, t_train, "x_train", "t_train")
         test = None if x_test is None else self._prepare(x_test, t_test, "x_test", "t_test")
         net = self.net
