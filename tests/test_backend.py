@@ -177,3 +177,15 @@ def test_available_backends_lists_numpy():
     assert set(entries) == {"numpy", "array_api_strict", "torch", "cupy"}
     if importlib.util.find_spec("cupy") is None:
         assert "xpnet[cuda12]" in entries["cupy"]["note"]
+
+
+def test_torch_tensors_that_require_grad_are_detached_when_moved():
+    torch = pytest.importorskip("torch")
+    x = torch.ones((4, 2), dtype=torch.float64, requires_grad=True)
+    moved = to_device(x, "torch:cpu")
+    assert not moved.requires_grad and x.requires_grad
+    net = xpnet.MultiLayerNet([2, 3, 2], device="torch:cpu", dtype="float64")
+    t = torch.tensor([0, 1, 0, 1])
+    xpnet.Trainer(net, xpnet.Momentum(0.1), batch_size=2, epochs=2, progress=False).fit(x, t)
+    for name, value in net.params.items():  # plain tensors, not nodes of an autograd graph
+        assert value.grad_fn is None and not value.requires_grad, name

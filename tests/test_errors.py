@@ -164,6 +164,22 @@ CASES = [
          ValueError, "batch_size must be a positive int or None, got 0", std),
     Case("accuracy batch_size -1", lambda a: net().accuracy(a["x"], a["t"], batch_size=-1),
          ValueError, "got -1", std),
+    Case("accuracy labels above the classes", lambda a: net().accuracy(a["x"], a["t"] + 5),
+         ValueError, r"labels outside \[0, 3\).*\[5, 7, 6, 7\]", std),
+    Case("accuracy label -1", lambda a: net().accuracy(a["x"], a["t"] - 1), ValueError,
+         r"outside \[0, 3\).*\[-1\]", std),
+    Case("accuracy one-hot rows of the wrong width", lambda a: net().accuracy(
+        a["x"], np.eye(4, dtype=np.float32)[a["t"]]), ValueError, r"x's shape \(4, 3\)", std),
+    Case("accuracy float labels", lambda a: net().accuracy(a["x"], a["t"].astype(np.float32)),
+         ValueError, r"float labels of shape \(4,\) must be integers", std),
+    Case("negative target rows", lambda a: xpnet.SoftmaxWithLoss().forward(
+        a["s"], -5 * np.eye(3, dtype=np.float32)[a["t"]]), ValueError,
+         "negative, NaN or infinite values", std),
+    Case("negative target rows in training", lambda a: _fit(
+        a["x"], -5 * np.eye(3, dtype=np.float32)[a["t"]]), ValueError,
+         "t_train holds target rows with negative", std),
+    Case("numpy.matrix in Mul", lambda a: xpnet.Mul().forward(a["W"].view(np.matrix),
+         a["W"].view(np.matrix)), TypeError, r"x is a numpy.matrix.*np.asarray\(x\)", std),
     Case("accuracy label count", lambda a: net().accuracy(a["x"], a["t"][:2]), ValueError,
          "x has 4 samples but t has 2", std),
     Case("params assigned another shape", lambda a: net().params.__setitem__("W1", a["W"]),

@@ -336,3 +336,18 @@ def test_a_layer_with_only_a_params_dict_is_checked(rng):
     report = xpnet.check_layer(DictScale(rng.standard_normal(3)), rng.standard_normal((4, 3)))
     assert report.ok, report
     assert [r.name for r in report.rows] == ["x", "w"]
+
+
+def test_the_books_idiom_on_a_float32_net(rng):
+    # numerical_gradient(lambda W: net.loss(x, t), net.params["W1"]): f ignores its argument
+    # and reads the parameter through the net, which must therefore be perturbed in place.
+    net = xpnet.TwoLayerNet(20, 10, 3, weight_init_std=0.5)
+    x, t = rng.random((5, 20)).astype(np.float32), rng.integers(0, 3, 5)
+    W1 = net.params["W1"]
+    before = W1.copy()
+    numerical = xpnet.numerical_gradient(lambda W: net.loss(x, t), W1)
+    backprop = net.gradient(x, t)["W1"]
+    np.testing.assert_array_equal(W1, before)  # restored bit for bit
+    assert numerical.dtype == np.float64
+    # float32 arithmetic: about 1e-2 of the largest element, not zeros
+    assert np.max(np.abs(numerical - backprop)) < 0.1 * np.max(np.abs(backprop))

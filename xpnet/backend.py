@@ -69,6 +69,7 @@ __all__ = [
     "resolve_dtype",
     "to_device",
     "to_numpy",
+    "untracked",
 ]
 
 CUDA_EXTRA_HINT = (
@@ -173,6 +174,11 @@ class Backend:
     def devices(self) -> tuple[list, str]:
         """``(device strings usable on this machine, a note)`` for ``xpnet info``."""
         raise NotImplementedError
+
+    def untracked(self, x):
+        """``x`` without anything that would follow it through computations (torch's
+        autograd); the array itself for most libraries."""
+        return x
 
     def device(self, name: str, native) -> Device:
         return Device(self.library, name, self.namespace(), native)
@@ -309,6 +315,11 @@ class TorchBackend(Backend):
 
     def to_numpy(self, x):
         return x.detach().to("cpu", copy=True).numpy()
+
+    def untracked(self, x):
+        # xpnet computes its own gradients: a tensor that requires grad would make every
+        # result (the weights too) a node of an autograd graph that grows at each step.
+        return x.detach() if x.requires_grad else x
 
     def devices(self):
         count = self.gpu_count()
@@ -453,6 +464,13 @@ def describe(x) -> tuple | None:
     return (backend.library, tuple(x.shape), x.dtype, backend.device_name(x))
 
 
+def untracked(x):
+    """``x`` detached from anything its library tracks through computations (torch's
+    autograd): xpnet computes its own gradients.  Other values come back as they are."""
+    backend = backend_of(x)
+    return x if backend is None else backend.untracked(x)
+
+
 def is_scalar(x) -> bool:
     """True for a Python number (bool, int, float, complex), False for arrays and NumPy scalars."""
     return isinstance(x, (bool, numbers.Number)) and not isinstance(x, np.generic)
@@ -523,6 +541,9 @@ def _checked_namespace(arrays, named_arrays):
                 f"{name} must be an array ({_library_names()}) or a "
                 f"Python number, got {type(a).__module__}.{type(a).__qualname__}"
             )
+        if isinstance(a, np.matrix):  # its * is a matrix product: Mul would silently differ
+            raise TypeError(f"{name} is a numpy.matrix, whose * and ** are matrix operations; "
+                            f"pass np.asarray({name}) instead")
         if first is None:
             first, first_name = a, name
             continue
@@ -614,6 +635,7 @@ def to_device(x, device: str | Device, *, dtype=None, copy: bool = False):
     """
     target = resolve_device(device)
     xp = target.xp
+    x = untracked(x)
     library = _library_of(x)
     if library == target.library:
         if library != "numpy" and _device_name(x) != target.name:

@@ -8,6 +8,7 @@ the same library, device and floating dtype.  The namespace comes from
 
 from __future__ import annotations
 
+import math
 import operator
 
 import array_api_extra as xpx
@@ -150,6 +151,16 @@ def check_label_range(xp, t, num_classes: int, name: str) -> None:
         )
 
 
+def check_target_rows(xp, t, name: str) -> None:
+    """Raise ValueError, naming ``name``, unless every target weight is finite and >= 0
+    (one-hot or probability rows; a negative weight makes the loss negative)."""
+    # One reduction and one read back to the host; a trainer checks its rows once, up front.
+    low = float(xp.min(t))
+    if not low >= 0 or not math.isfinite(float(xp.max(t))):
+        raise ValueError(f"{name} holds target rows with negative, NaN or infinite values "
+                         f"(min {low}); rows must be one-hot or probabilities, each >= 0")
+
+
 def one_hot(t, num_classes: int, *, dtype=None, check_labels: bool = True):
     """One-hot encode integer labels.
 
@@ -202,10 +213,14 @@ def targets_as_rows(xp, x, t, *, check_labels: bool = True):
         return one_hot(t, c, dtype=x.dtype, check_labels=check_labels), True
     if is_dtype(xp, t.dtype, "real floating"):
         if tuple(t.shape) != (n, c):
+            hint = (f"; float labels of shape ({n},) must be integers: xp.astype(t, xp.int64)"
+                    if t.ndim == 1 else "")
             raise ValueError(
                 f"one-hot / probability targets t must have x's shape {(n, c)}, "
-                f"got t of shape {tuple(t.shape)}"
+                f"got t of shape {tuple(t.shape)}{hint}"
             )
+        if check_labels:
+            check_target_rows(xp, t, "t")
         return (t if t.dtype == x.dtype else xp.astype(t, x.dtype)), False
     raise TypeError(
         "t must hold integer class labels or floating one-hot/probability rows, "

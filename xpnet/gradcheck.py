@@ -70,16 +70,22 @@ MODES = ("full", "sampled", "directional")
 
 
 def _central_difference(f, p: np.ndarray, idx, h: float) -> float:
-    """(f(p + h e_idx) - f(p - h e_idx)) / 2h, perturbing p in place and restoring it exactly."""
+    """(f(p + h e_idx) - f(p - h e_idx)) / 2h, perturbing p in place and restoring it exactly.
+
+    Below float64 (float32, float16) ``old + h`` rounds to the dtype, so the step taken is
+    what was actually stored, not 2h."""
     old = p[idx]
     try:
         p[idx] = old + h
+        up = p[idx]
         f_plus = f()
         p[idx] = old - h
+        down = p[idx]
         f_minus = f()
     finally:
         p[idx] = old
-    return (f_plus - f_minus) / (2.0 * h)
+    step = 2.0 * h if p.dtype == np.float64 else float(up) - float(down)
+    return (f_plus - f_minus) / step
 
 
 def _directional_difference(f, p: np.ndarray, d: np.ndarray, h: float) -> float:
@@ -111,14 +117,19 @@ def numerical_gradient(f, x, h: float = 1e-5) -> np.ndarray:
     f : callable
         ``f(x) -> scalar`` (a Python number or a 0-d array of any backend).
     x : NumPy array (host), any shape
-        A float64 array is perturbed **in place**, one element at a time, and
+        A floating array is perturbed **in place**, one element at a time, and
         restored bit for bit afterwards, so ``f`` may ignore its argument and
-        read ``x`` through a closure (the book's ``lambda W: net.loss(x, t)``
-        pattern).  Any other dtype (integers included) is first copied to
-        float64, and ``f`` then receives and must use that copy.
+        read ``x`` through a closure (the book's
+        ``numerical_gradient(lambda W: net.loss(x, t), net.params["W1"])``).
+        An integer array is first copied to float64, and ``f`` then receives and
+        must use that copy.
     h : float, default 1e-5
         Step.  With float64 arithmetic the truncation error is O(h**2) and the
         rounding error O(eps / h); 1e-5 balances them to about 1e-10 relative.
+        A float32 ``x`` (a default net's parameter) is perturbed in float32 and the
+        function is evaluated in float32: expect agreement with backprop to about
+        1e-2 relative, not 1e-10; for a real check use a float64 net or
+        :func:`check_gradients`, which works on a float64 copy.
 
     Returns
     -------
@@ -133,7 +144,7 @@ def numerical_gradient(f, x, h: float = 1e-5) -> np.ndarray:
     h = _check_step(h)
     if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
         raise TypeError(f"x must hold real numbers, got dtype {x.dtype}")
-    target = x if x.dtype == np.float64 else x.astype(np.float64)
+    target = x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float64)
     grad = np.zeros(target.shape, dtype=np.float64)
     for idx in np.ndindex(target.shape):
         grad[idx] = _central_difference(lambda: float(f(target)), target, idx, h)

@@ -28,6 +28,7 @@ from .backend import (
     to_device,
     to_numpy,
 )
+from .functional import targets_as_rows
 from .gradcheck import numerical_gradients
 from .layers import Affine, Layer, Relu, Sigmoid, SoftmaxWithLoss, layer_class, type_name
 
@@ -248,9 +249,11 @@ class Sequential:
             stop = min(start + step, n)  # the standard leaves out-of-bounds stops unspecified
             xb, tb = x[start:stop, ...], t[start:stop, ...]
             xp = namespace(x=xb, t=tb)
-            pred = xp.argmax(self.predict(xb), axis=1)
-            labels = tb if tb.ndim == 1 else xp.argmax(tb, axis=1)
-            correct += int(xp.count_nonzero(pred == labels))
+            scores = self.predict(xb)
+            # The targets as rows, checked against the scores (labels in range, rows >= 0).
+            rows, from_labels = targets_as_rows(xp, scores, tb)
+            labels = tb if from_labels else xp.argmax(rows, axis=1)
+            correct += int(xp.count_nonzero(xp.argmax(scores, axis=1) == labels))
         return correct / n
 
     def gradient(self, x, t) -> dict:

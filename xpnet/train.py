@@ -28,8 +28,8 @@ import numpy as np
 
 from . import checkpoint as files
 from ._io import atomic_write, remove_stale_temps
-from .backend import dtype_name, is_dtype, namespace, to_device, to_numpy
-from .functional import check_label_range
+from .backend import dtype_name, is_dtype, namespace, to_device, to_numpy, untracked
+from .functional import check_label_range, check_target_rows
 
 __all__ = ["DivergenceError", "History", "Trainer"]
 
@@ -228,6 +228,7 @@ class Trainer:
 
     def _prepare(self, x, t, x_name: str, t_name: str):
         """Validate a dataset once, on the host side where it is, and move it to the net."""
+        x, t = untracked(x), untracked(t)  # a torch tensor that requires grad: its data only
         for name, a in ((x_name, x), (t_name, t)):
             if not hasattr(a, "shape") or not hasattr(a, "dtype"):
                 raise TypeError(f"{name} must be an array, got {type(a).__name__}")
@@ -268,6 +269,7 @@ class Trainer:
                 )
             if not _all_finite(xp, t):
                 raise ValueError(f"{t_name} holds NaN or infinite values")
+            check_target_rows(xp, t, t_name)
             return to_device(t, self.net.device, dtype=self.net.dtype)
         raise TypeError(f"{t_name} must hold integer labels or float rows, got {dtype_name(t.dtype)}")
 
