@@ -490,3 +490,24 @@ def test_an_integer_parameter_is_refused_before_any_update():
     for bad in (None, [1.0]):
         with pytest.raises(TypeError, match="grads must be a mapping"):
             opt.update(params, bad)
+
+
+def test_a_killed_save_leaves_nothing_behind_for_long_and_the_umask_is_honoured(tmp_path):
+    import os
+
+    path = tmp_path / "model.npz"
+    stale = tmp_path / ".model.npz.abc123.xpnet-tmp"  # what a save killed midway leaves
+    stale.write_bytes(b"x" * 1000)
+    unrelated = [tmp_path / ".model.npz.notes.tmp", tmp_path / ".model.npz.backup"]
+    for f in unrelated:
+        f.write_text("mine")
+    old = os.umask(0o022)
+    try:
+        xpnet.TwoLayerNet(4, 3, 2).save(path)
+    finally:
+        os.umask(old)
+    assert not stale.exists()  # the next write to the same path removes it
+    assert all(f.read_text() == "mine" for f in unrelated)  # nothing that is not ours
+    assert path.stat().st_mode & 0o777 == 0o644  # as open() would make it, not mkstemp's 0600
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["model.npz"] + [f.name for f in unrelated])
