@@ -130,6 +130,9 @@ def pytest_terminal_summary(terminalreporter):
     if hostile and hostile.FUZZ_EXAMPLES["count"]:
         lines.append(f"hostile files: {hostile.FUZZ_EXAMPLES['count']} fuzzed IDX files and "
                      "checkpoints loaded or raised ValueError, within their memory bound")
+    if hostile and hostile.HOSTILE_PEAKS:
+        lines.append("hostile model files refused at a peak of " + ", ".join(
+            f"{peak / 1024:.0f} KiB ({what})" for what, peak in hostile.HOSTILE_PEAKS.items()))
     resume = sys.modules.get("test_resume")
     if resume and resume.KILL_POINTS:
         points = ", ".join(f"epoch {e} step {s}" for _, e, s in resume.KILL_POINTS)

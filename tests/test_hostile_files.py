@@ -166,3 +166,86 @@ def test_nothing_in_the_package_unpickles():
                          code):
                 offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not offenders, offenders
+
+
+# -- model files whose header claims more than the file holds --------------------------------
+
+
+def _model_file(tmp_path, name, config, arrays):
+    from xpnet.checkpoint import save_model
+
+    path = tmp_path / name
+    save_model(path, config, arrays)
+    return path
+
+
+@pytest.mark.parametrize("hidden", [50_000_000, 10**11])
+def test_a_header_claiming_a_huge_net_costs_nothing(tmp_path, hidden):
+    small = xpnet.TwoLayerNet(6, 5, 3)
+    arrays = {k: np.asarray(v) for k, v in small.params.items()}
+    config = {**small.config(), "sizes": [6, hidden, 3]}
+    path = _model_file(tmp_path, "huge.npz", config, arrays)
+    assert path.stat().st_size < 4096
+    tracemalloc.start()
+    with pytest.raises(ValueError, match=rf"W1 has shape \(6, 5\), expected \(6, {hidden}\)"):
+        xpnet.TwoLayerNet.load(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20, peak  # under 1 MiB, not the GiB the header claims
+    HOSTILE_PEAKS[f"sizes [6, {hidden}, 3]"] = peak
+
+
+HOSTILE_PEAKS: dict = {}
+
+
+def test_a_compressed_member_is_refused_before_it_is_inflated(tmp_path):
+    import zipfile
+
+    path = tmp_path / "bomb.npz"
+    header = io.BytesIO()
+    np.save(header, np.array('{"format": "xpnet-net-1"}'))
+    big = io.BytesIO()
+    np.save(big, np.zeros(16 << 20, dtype=np.uint8))  # 16 MiB of zeros deflate to ~16 kB
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("__xpnet__.npy", header.getvalue())
+        zf.writestr("W1.npy", big.getvalue())
+    assert path.stat().st_size < 100_000
+    tracemalloc.start()
+    with pytest.raises(ValueError, match="is compressed"):
+        xpnet.TwoLayerNet.load(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20, peak
+    HOSTILE_PEAKS["a 16 MiB deflated member"] = peak
+
+
+def test_a_member_listed_twice_is_refused(tmp_path):
+    import zipfile
+    import warnings
+
+    good = tmp_path / "good.npz"
+    xpnet.TwoLayerNet(6, 5, 3).save(good)
+    path = tmp_path / "twice.npz"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(path, "w") as dst, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate name it writes
+        for name in src.namelist():
+            dst.writestr(name, src.read(name))
+        dst.writestr("W1.npy", src.read("W1.npy"))
+    with pytest.raises(ValueError, match=r"listed twice: \['W1.npy'\]"):
+        xpnet.TwoLayerNet.load(path)
+
+
+def test_a_deeply_nested_header_is_a_value_error(tmp_path):
+    path = tmp_path / "nested.npz"
+    from xpnet._io import write_npz
+
+    write_npz(path, {}, {})
+    import zipfile
+
+    nested = "[" * 100_000 + "]" * 100_000
+    buf = io.BytesIO()
+    np.save(buf, np.array(nested))
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("__xpnet__.npy", buf.getvalue())
+    with pytest.raises(ValueError, match="corrupt header"):
+        xpnet.TwoLayerNet.load(path)

@@ -325,6 +325,14 @@ class Sequential:
         if dtype is not None and dtype not in _FLOAT_DTYPES:
             raise ValueError(f"dtype must be one of {_FLOAT_DTYPES} or None, got {dtype!r}")
         try:
+            # The header must describe the arrays the file holds before anything is built:
+            # a header alone may not make us allocate (sizes [6, 10**9, 3] in a 1 kB file).
+            expected = kind._param_shapes(config)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{path}: its config {config} does not build a net: {exc}") from None
+        if expected is not None:
+            checkpoint.check_param_arrays(path, arrays, expected)
+        try:
             net = kind._from_config(config, arrays, device, dtype or config["dtype"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a foreign config
             raise ValueError(f"{path}: its config {config} does not build a net: {exc}") from None
@@ -333,6 +341,12 @@ class Sequential:
         for name in net.params:
             net.params[name] = to_device(arrays[name], device, dtype=net.dtype, copy=True)
         return net
+
+    @classmethod
+    def _param_shapes(cls, config: dict) -> dict | None:
+        """``{name: shape}`` that ``config`` implies, or None where the net is built from the
+        file's arrays themselves (a Sequential of any layers)."""
+        return None
 
     @classmethod
     def _from_config(cls, config: dict, arrays: dict, device: str, dtype: str):
@@ -445,6 +459,14 @@ class MultiLayerNet(Sequential):
         """What it takes to rebuild this net (without its weights)."""
         return {"class": type(self).__name__, "sizes": self.sizes, "activation": self.activation,
                 "weight_init": self.weight_init, "dtype": self.dtype}
+
+    @classmethod
+    def _param_shapes(cls, config: dict) -> dict:
+        sizes = _check_sizes(config["sizes"])
+        shapes = {}
+        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
+            shapes[f"W{i}"], shapes[f"b{i}"] = (fan_in, fan_out), (fan_out,)
+        return shapes
 
     @classmethod
     def _from_config(cls, config: dict, arrays: dict, device: str, dtype: str):
