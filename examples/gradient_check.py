@@ -3,8 +3,8 @@
 TwoLayerNet(784, 50, 10) on the first 3 training images: the mean |backprop -
 numerical| per parameter, as the book prints it, then xpnet's full report.
 
-    python examples/gradient_check.py --download
-    python examples/gradient_check.py --dataset fashion-mnist --device cuda
+    python examples/gradient_check.py                          # Fashion-MNIST on the CPU
+    python examples/gradient_check.py --dataset mnist --download --device cuda
 """
 
 import argparse
@@ -18,7 +18,7 @@ from xpnet.datasets import DatasetNotFoundError, load_mnist
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist")
+    p.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="fashion-mnist")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--download", action="store_true", help="fetch the dataset if it is missing")
     p.add_argument("--device", default="cpu")
@@ -51,4 +51,11 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ValueError, TypeError, OSError) as exc:  # a bad flag or file: one line, as xpnet's CLI
+        print(f"{sys.argv[0]}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{sys.argv[0]}: interrupted", file=sys.stderr)
+        sys.exit(130)

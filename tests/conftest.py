@@ -133,6 +133,10 @@ def pytest_terminal_summary(terminalreporter):
     if hostile and hostile.HOSTILE_PEAKS:
         lines.append("hostile model files refused at a peak of " + ", ".join(
             f"{peak / 1024:.0f} KiB ({what})" for what, peak in hostile.HOSTILE_PEAKS.items()))
+    cli = sys.modules.get("test_cli_errors")
+    if cli and cli.CLI_CHECKED["count"]:
+        lines.append(f"command line: {cli.CLI_CHECKED['count']} mistakes run as processes ended in "
+                     "one line on stderr and exit 2 (130 for Ctrl-C), no traceback")
     resume = sys.modules.get("test_resume")
     if resume and resume.KILL_POINTS:
         points = ", ".join(f"epoch {e} step {s}" for _, e, s in resume.KILL_POINTS)

@@ -140,7 +140,7 @@ def test_train_command_saves_model_and_history(tiny_dataset, tmp_path, capsys):
 
 def test_train_command_deeper_net_and_quiet(tiny_dataset, capsys):
     rc = main(["train", "--dataset", "mnist", "--data-dir", str(tiny_dataset), "--epochs", "1",
-               "--hidden", "16", "8", "--activation", "sigmoid", "--quiet"])
+               "--hidden", "16", "8", "--activation", "sigmoid", "--batch-size", "20", "--quiet"])
     assert rc == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("final test accuracy: ")

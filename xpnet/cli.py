@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import platform
 import sys
+from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from .backend import BackendUnavailableError, available_backends, to_device
+from .backend import available_backends, to_device
+from .checkpoint import read_training
 from .optim import DEFAULT_LR, OPTIMIZERS
 
 
@@ -62,11 +66,10 @@ def _gradcheck(args: argparse.Namespace) -> int:
     from .gradcheck import check_gradients
     from .nets import TwoLayerNet
 
-    try:
-        net = TwoLayerNet(784, args.hidden, 10, seed=args.seed, device=args.device, dtype=args.dtype)
-    except BackendUnavailableError as exc:
-        print(f"xpnet gradcheck: {exc}", file=sys.stderr)
-        return 2
+    for flag, value in (("--samples", args.samples), ("--hidden", args.hidden)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    net = TwoLayerNet(784, args.hidden, 10, seed=args.seed, device=args.device, dtype=args.dtype)
     x, t, what = _book_batch(args.dataset, args.samples, args.seed, args.data_dir)
     print(f"TwoLayerNet(784, {args.hidden}, 10) on {net.device} {net.dtype}, {what}")
     report = check_gradients(net, to_device(x, net.device, dtype=net.dtype),
@@ -105,55 +108,97 @@ def _plot(history, path) -> None:
     plt.close(fig)
 
 
-def _train(args: argparse.Namespace) -> int:
-    from .datasets import DatasetNotFoundError, load_mnist
+def _check_output(flag: str, path) -> None:
+    """Raise ValueError unless ``path`` can be written: before any data is loaded or any
+    epoch runs, so that a finished training is never lost to a typo in a path."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise ValueError(f"{flag} {path}: that is a directory; name a file in it")
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: the directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{flag} {path}: cannot write in {str(parent)!r}")
+
+
+def _check_train_paths(args: argparse.Namespace):
+    """Check every path ``xpnet train`` was given; returns the checkpoint path (or None)."""
+    for flag in ("save", "history", "plot", "checkpoint"):
+        if getattr(args, flag):
+            _check_output(f"--{flag}", getattr(args, flag))
+    if args.resume:
+        if not Path(args.resume).is_file():
+            raise ValueError(f"--resume {args.resume}: no such checkpoint file")
+        read_training(args.resume)  # a training checkpoint at all? (whether it fits: in fit)
+    checkpoint = args.checkpoint or args.resume
+    if (args.checkpoint and Path(args.checkpoint).exists()
+            and (not args.resume or Path(args.resume).resolve() != Path(args.checkpoint).resolve())):
+        raise ValueError(f"--checkpoint {args.checkpoint}: the file exists; continue its run with "
+                         f"--resume {args.checkpoint}, or move it away")
+    if args.plot:
+        _check_plot_available()
+    return checkpoint
+
+
+def _make_net(args: argparse.Namespace, input_size: int):
     from .nets import MultiLayerNet, TwoLayerNet
+
+    sizes = [input_size, *args.hidden, 10]
+    if len(args.hidden) == 1 and args.activation == "relu":
+        return TwoLayerNet(*sizes, seed=args.seed, device=args.device, dtype=args.dtype)
+    return MultiLayerNet(sizes, activation=args.activation, seed=args.seed, device=args.device,
+                         dtype=args.dtype)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .datasets import load_mnist
     from .optim import make_optimizer
-    from .train import DivergenceError, Trainer
+    from .train import Trainer
 
     say = (lambda *a: None) if args.quiet else print
-    try:
-        if args.plot:
-            _check_plot_available()
-        optimizer = make_optimizer(args.optimizer, args.lr)
-        (x, t), (xt, tt) = load_mnist(args.dataset, data_dir=args.data_dir, download=args.download)
-        sizes = [x.shape[1], *args.hidden, 10]
-        if len(args.hidden) == 1:
-            net = TwoLayerNet(*sizes, seed=args.seed, device=args.device, dtype=args.dtype)
-        else:
-            net = MultiLayerNet(sizes, activation=args.activation, seed=args.seed,
-                                device=args.device, dtype=args.dtype)
-        checkpoint = args.checkpoint or args.resume
-        trainer = Trainer(net, optimizer, batch_size=args.batch_size, epochs=args.epochs,
-                          seed=args.seed, progress=not args.quiet, checkpoint=checkpoint,
-                          checkpoint_every=args.checkpoint_every)
-    except DatasetNotFoundError as exc:
-        print(f"xpnet train: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError) as exc:
-        print(f"xpnet train: error: {exc}", file=sys.stderr)
-        return 2
+    checkpoint = _check_train_paths(args)
+    optimizer = make_optimizer(args.optimizer, args.lr)
+    (x, t), (xt, tt) = load_mnist(args.dataset, data_dir=args.data_dir, download=args.download)
+    if args.batch_size > x.shape[0]:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the {x.shape[0]} "
+                         f"{args.dataset} training images")
+    net = _make_net(args, x.shape[1])
+    trainer = Trainer(net, optimizer, batch_size=args.batch_size, epochs=args.epochs,
+                      seed=args.seed, progress=not args.quiet, checkpoint=checkpoint,
+                      checkpoint_every=args.checkpoint_every)
     say(f"{net!r}, {optimizer!r}, batch {args.batch_size}, {args.epochs} epoch(s), "
         f"{x.shape[0]} {args.dataset} training images")
+    args.interrupted_note = (f"; the checkpoint is saved: continue with --resume {checkpoint}"
+                             if checkpoint else "")
+    with np.errstate(all="ignore"):  # the Trainer reports divergence itself, by epoch and step
+        history = trainer.fit(x, t, xt, tt, on_epoch=_epoch_reporter(args, say),
+                              resume=args.resume)
+    _write_outputs(args, net, history, say)
+    print(f"final test accuracy: {history.test_accuracy[-1]:.4f}")
+    return 0
+
+
+# A softmax loss far above a uniform guess's (log 10 for 10 classes) is a run gone wrong.
+_EXPLODED_LOSS = 100 * math.log(10)
+
+
+def _epoch_reporter(args: argparse.Namespace, say):
+    from .train import DivergenceError
 
     def report(r):
         say(f"epoch {r['epoch']:>3}/{args.epochs}  loss {r['train_loss']:.4f}  "
             f"train acc {r['train_accuracy']:.4f}  test acc {r['test_accuracy']:.4f}  "
             f"{r['seconds']:.2f} s  {r['samples_per_second']:,.0f} samples/s")
+        if r["train_loss"] > _EXPLODED_LOSS:
+            raise DivergenceError(
+                f"the training loss reached {r['train_loss']:.3g} in epoch {r['epoch']} (a "
+                f"uniform guess scores {math.log(10):.2f}): the learning rate is probably "
+                "too high")
 
-    try:
-        history = trainer.fit(x, t, xt, tt, on_epoch=report, resume=args.resume)
-    except DivergenceError as exc:
-        print(f"xpnet train: {exc}", file=sys.stderr)
-        return 1
-    except (ValueError, TypeError) as exc:  # e.g. a checkpoint that does not fit these flags
-        print(f"xpnet train: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        saved = (f"; the checkpoint is saved: continue with --resume {checkpoint}"
-                 if checkpoint else "")
-        print(f"xpnet train: interrupted{saved}", file=sys.stderr)
-        return 130
+    return report
+
+
+def _write_outputs(args: argparse.Namespace, net, history, say) -> None:
     if args.save:
         net.save(args.save)
         say(f"saved the model to {args.save}")
@@ -163,8 +208,6 @@ def _train(args: argparse.Namespace) -> int:
     if args.plot:
         _plot(history, args.plot)
         say(f"saved the curves to {args.plot}")
-    print(f"final test accuracy: {history.test_accuracy[-1]:.4f}")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,7 +289,40 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    return args.func(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run a command; the one place that turns an expected failure into one line on stderr
+    and an exit status: 2 for a usage, input or file error (and a diverged training),
+    130 for Ctrl-C.  (1, "a gradient disagrees", is gradcheck's own answer.)"""
+    from .datasets import DatasetNotFoundError
+    from .train import DivergenceError
+
+    name = f"xpnet {args.command}"
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted{getattr(args, 'interrupted_note', '')}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # xpnet train | head -1: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"{name}: error: the output was closed before the command finished",
+              file=sys.stderr)
+        return 2
+    except DatasetNotFoundError as exc:  # its message says where it looked and what to do
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    except (DivergenceError, ValueError, TypeError, OSError) as exc:
+        print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+        text += f": {exc.filename}"
+    return text
 
 
 if __name__ == "__main__":  # pragma: no cover
