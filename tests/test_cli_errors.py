@@ -143,3 +143,11 @@ def test_examples_default_to_fashion_mnist_and_fail_in_one_line(tmp_path, exampl
         f"{script}: error: unknown device 'gpu'; device strings are 'cpu', 'cuda', 'cuda:N', "
         "'torch:cpu', 'torch:cuda', 'torch:cuda:N', 'array_api_strict', "
         "'array_api_strict:NAME' (e.g. 'array_api_strict:device1')"]
+
+
+def test_a_resume_says_what_it_continues(data, tmp_path):
+    first = _xpnet(tmp_path, *_train(data, "--checkpoint", "ck.npz"))
+    assert first.returncode == 0, first.stderr
+    res = _xpnet(tmp_path, *_train(data, "--epochs", "2", "--resume", "ck.npz"))
+    assert res.returncode == 0, res.stderr
+    assert "resuming ck.npz: epoch 2, step 0 of 12" in res.stdout.splitlines()

@@ -97,7 +97,29 @@ CASES = [
     Case("affine integer x", lambda a: xpnet.Affine(a["W"], a["b"]).forward(
         a["x"].astype(np.int64)), TypeError, "x must have a real floating dtype.*int64", std),
     Case("affine float64 x, float32 W", lambda a: xpnet.Affine(a["W"], a["b"]).forward(
-        a["x"].astype(np.float64)), TypeError, "x has dtype float64 but W has float32", std),
+        a["x"].astype(np.float64)), TypeError,
+         r"x has dtype float64 but W has float32; convert x with x.astype\(np.float32\)", std),
+    Case("relu of a number", lambda a: xpnet.Relu().forward(1.5), TypeError,
+         "x must be an array, got float 1.5"),
+    Case("sigmoid of a number", lambda a: xpnet.Sigmoid().forward(1.5), TypeError,
+         "x must be an array, got float"),
+    Case("affine of a list", lambda a: xpnet.Affine(a["W"], a["b"]).forward([[1.0] * 6]),
+         TypeError, "x must be an array, got list", std),
+    Case("accuracy of lists", lambda a: net().accuracy([[1.0] * 6], [0]), TypeError,
+         "x must be an array"),
+    Case("trainer without a net", lambda a: xpnet.Trainer(None, xpnet.SGD(0.1)), TypeError,
+         r"net must be an xpnet net .* got NoneType"),
+    Case("trainer without an optimizer", lambda a: xpnet.Trainer(net(), "sgd"), TypeError,
+         "optimizer must be an xpnet optimizer"),
+    Case("trainer seed -1", lambda a: xpnet.Trainer(net(), xpnet.SGD(0.1), seed=-1), ValueError,
+         "seed must be >= 0, got -1"),
+    Case("net seed -1", lambda a: net(seed=-1), ValueError, "seed must be >= 0, got -1"),
+    Case("net sizes not a list", lambda a: xpnet.MultiLayerNet(6), TypeError,
+         "sizes must be a sequence of ints"),
+    Case("load_idx of a directory", lambda a: load_idx(a["tmp"]), ValueError, "is a directory",
+         lambda: {"tmp": None}),
+    Case("load_idx of a symlink loop", lambda a: load_idx(_symlink_loop(a["tmp"])), ValueError,
+         "cannot read it: Too many levels of symbolic links", lambda: {"tmp": None}),
     Case("affine empty batch", lambda a: xpnet.Affine(a["W"], a["b"]).forward(a["x"][:0]),
          ValueError, r"empty batch, shape \(0, 6\)", std),
     Case("affine dout of the wrong shape", lambda a: _fwd_affine(a).backward(a["s"][:, :2]),
@@ -260,6 +282,12 @@ def _fwd_loss(a):
     layer = xpnet.SoftmaxWithLoss()
     layer.forward(a["s"], a["t"])
     return layer
+
+
+def _symlink_loop(tmp):
+    (tmp / "a").symlink_to(tmp / "b")
+    (tmp / "b").symlink_to(tmp / "a")
+    return tmp / "a"
 
 
 def _fit(x, t, **kw):

@@ -511,3 +511,11 @@ def test_a_killed_save_leaves_nothing_behind_for_long_and_the_umask_is_honoured(
     assert path.stat().st_mode & 0o777 == 0o644  # as open() would make it, not mkstemp's 0600
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["model.npz"] + [f.name for f in unrelated])
+
+
+def test_a_numpy_scalar_weight_init_is_kept_as_a_float_and_saves(tmp_path):
+    net = xpnet.MultiLayerNet([4, 3, 2], weight_init=np.float32(0.1))
+    assert type(net.weight_init) is float
+    net.save(tmp_path / "m.npz")
+    back = xpnet.MultiLayerNet.load(tmp_path / "m.npz")
+    np.testing.assert_array_equal(back.params["W1"], net.params["W1"])

@@ -56,6 +56,7 @@ __all__ = [
     "DeviceMismatchError",
     "available_backends",
     "backend_of",
+    "cast_hint",
     "describe",
     "device_of",
     "dtype_name",
@@ -175,6 +176,9 @@ class Backend:
         """``(device strings usable on this machine, a note)`` for ``xpnet info``."""
         raise NotImplementedError
 
+    cast = "{name}.astype({lib}.{dtype})"  # how a user of this library converts an array
+    alias = ""  # the usual import name in that hint: np, torch, cupy, ...
+
     def untracked(self, x):
         """``x`` without anything that would follow it through computations (torch's
         autograd); the array itself for most libraries."""
@@ -222,6 +226,7 @@ def _check_cuda_index(count: int, who: str, index: int, spec: str) -> None:
 @register
 class NumPyBackend(Backend):
     library = "numpy"
+    alias = "np"
     prefixes = ("cpu", "numpy")
     forms = "'cpu'"
     install_hint = "NumPy is not installed; install it with: pip install numpy"
@@ -247,6 +252,7 @@ class NumPyBackend(Backend):
 @register
 class CuPyBackend(Backend):
     library = "cupy"
+    alias = "cupy"
     prefixes = ("cuda",)
     forms = "'cuda', 'cuda:N'"
     install_hint = "CuPy is not installed; " + CUDA_EXTRA_HINT
@@ -286,6 +292,8 @@ class CuPyBackend(Backend):
 @register
 class TorchBackend(Backend):
     library = "torch"
+    alias = "torch"
+    cast = "{name}.to({lib}.{dtype})"
     prefixes = ("torch",)
     forms = "'torch:cpu', 'torch:cuda', 'torch:cuda:N'"
     install_hint = "PyTorch is not installed; install it with: pip install torch"
@@ -330,6 +338,8 @@ class TorchBackend(Backend):
 @register
 class StrictBackend(Backend):
     library = "array_api_strict"
+    alias = "xp"
+    cast = "xp.astype({name}, xp.{dtype})"
     prefixes = ("array_api_strict",)
     forms = "'array_api_strict', 'array_api_strict:NAME' (e.g. 'array_api_strict:device1')"
     install_hint = ("array_api_strict is not installed; install it with: pip install "
@@ -462,6 +472,15 @@ def describe(x) -> tuple | None:
     if backend is None:
         return None
     return (backend.library, tuple(x.shape), x.dtype, backend.device_name(x))
+
+
+def cast_hint(x, name: str, dtype: str) -> str:
+    """What a user of ``x``'s library types to convert it: ``x.astype(np.float32)``,
+    ``x.to(torch.float32)``, ..."""
+    backend = backend_of(x)
+    if backend is None:
+        return f"xpnet.to_device({name}, device, dtype={dtype!r})"
+    return backend.cast.format(name=name, lib=backend.alias, dtype=dtype)
 
 
 def untracked(x):

@@ -122,14 +122,16 @@ def _check_output(flag: str, path) -> None:
 
 
 def _check_train_paths(args: argparse.Namespace):
-    """Check every path ``xpnet train`` was given; returns the checkpoint path (or None)."""
+    """Check every path ``xpnet train`` was given; returns the checkpoint path (or None) and
+    the checkpoint to resume (or None)."""
     for flag in ("save", "history", "plot", "checkpoint"):
         if getattr(args, flag):
             _check_output(f"--{flag}", getattr(args, flag))
+    resumed = None
     if args.resume:
         if not Path(args.resume).is_file():
             raise ValueError(f"--resume {args.resume}: no such checkpoint file")
-        read_training(args.resume)  # a training checkpoint at all? (whether it fits: in fit)
+        resumed = read_training(args.resume)  # a training checkpoint? (whether it fits: in fit)
     checkpoint = args.checkpoint or args.resume
     if (args.checkpoint and Path(args.checkpoint).exists()
             and (not args.resume or Path(args.resume).resolve() != Path(args.checkpoint).resolve())):
@@ -137,7 +139,7 @@ def _check_train_paths(args: argparse.Namespace):
                          f"--resume {args.checkpoint}, or move it away")
     if args.plot:
         _check_plot_available()
-    return checkpoint
+    return checkpoint, resumed
 
 
 def _make_net(args: argparse.Namespace, input_size: int):
@@ -156,7 +158,7 @@ def _train(args: argparse.Namespace) -> int:
     from .train import Trainer
 
     say = (lambda *a: None) if args.quiet else print
-    checkpoint = _check_train_paths(args)
+    checkpoint, resumed = _check_train_paths(args)
     optimizer = make_optimizer(args.optimizer, args.lr)
     (x, t), (xt, tt) = load_mnist(args.dataset, data_dir=args.data_dir, download=args.download)
     if args.batch_size > x.shape[0]:
@@ -168,6 +170,10 @@ def _train(args: argparse.Namespace) -> int:
                       checkpoint_every=args.checkpoint_every)
     say(f"{net!r}, {optimizer!r}, batch {args.batch_size}, {args.epochs} epoch(s), "
         f"{x.shape[0]} {args.dataset} training images")
+    if resumed is not None:
+        where = resumed.position
+        say(f"resuming {args.resume}: epoch {where.get('epoch')}, step {where.get('step')} of "
+            f"{math.ceil(x.shape[0] / args.batch_size)}")
     args.interrupted_note = (f"; the checkpoint is saved: continue with --resume {checkpoint}"
                              if checkpoint else "")
     with np.errstate(all="ignore"):  # the Trainer reports divergence itself, by epoch and step

@@ -130,7 +130,14 @@ def load_idx(path) -> np.ndarray:
     ndarray of the shape the header declares (uint8 for MNIST images and labels).
     """
     path = Path(path)
-    size = path.stat().st_size
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not an IDX file")
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # a symlink loop, a name too long, no permission
+        raise ValueError(f"{path}: cannot read it: {exc.strerror or exc}") from None
     with open(path, "rb") as raw:
         compressed = raw.read(2) == b"\x1f\x8b"
         raw.seek(0)

@@ -9,6 +9,7 @@ the same library, device and floating dtype.  The namespace comes from
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 
 import array_api_extra as xpx
@@ -78,6 +79,8 @@ def sigmoid(x):
     -------
     array of the same shape, dtype and device; exactly 1.0 at x = 1000 and 0.0 at x = -1000.
     """
+    if not hasattr(x, "shape"):
+        raise TypeError(f"x must be an array, got {type(x).__name__} {x!r:.40}")
     xp = namespace(x=x)
     check_array(xp, x, "x")
     # exp(-|x|) is in (0, 1]: it never overflows, and each branch below is exact in its half.
@@ -149,6 +152,15 @@ def check_label_range(xp, t, num_classes: int, name: str) -> None:
             f"{name} holds class labels outside [0, {num_classes}): "
             f"{bad.size} bad value(s), e.g. {bad[:5].tolist()} (min {host.min()}, max {host.max()})"
         )
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """``seed`` as an int >= 0 (what numpy.random.default_rng takes), or an error naming it."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(seed).__name__} {seed!r}")
+    if seed < 0:
+        raise ValueError(f"{name} must be >= 0, got {seed}")
+    return int(seed)
 
 
 def check_target_rows(xp, t, name: str) -> None:

@@ -29,7 +29,15 @@ from __future__ import annotations
 import functools
 import math
 
-from .backend import DeviceMismatchError, describe, dtype_name, is_array, is_scalar, namespace
+from .backend import (
+    DeviceMismatchError,
+    cast_hint,
+    describe,
+    dtype_name,
+    is_array,
+    is_scalar,
+    namespace,
+)
 from .functional import (
     affine,
     check_array,
@@ -258,6 +266,14 @@ def find_params(layer) -> dict:
 # -- the layers ----------------------------------------------------------------------------------
 
 
+def _array_arg(x, name: str):
+    """``x`` itself if it is an array; a TypeError naming ``name`` if it is a number or else."""
+    if not is_array(x):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__} {x!r:.40}; for a "
+                        "number use xpnet.to_device(number, device, dtype=...)")
+    return x
+
+
 def _sum_to(g, like):
     """Reduce gradient ``g`` to the shape of the forward operand ``like`` (undo broadcasting)."""
     if is_scalar(like):
@@ -363,7 +379,7 @@ class Relu(Layer):
         return None if self._keep is None else self._keep == 0
 
     def forward(self, x):
-        xp = namespace(x=x)
+        xp = namespace(x=_array_arg(x, "x"))
         check_array(xp, x, "x")
         self._keep = xp.astype(x > 0, x.dtype)
         # A 0-d zero of x's dtype and device, so maximum never promotes float32.
@@ -445,7 +461,7 @@ class Affine(Layer):
         return {"input_grad": self.input_grad}
 
     def forward(self, x):
-        xp = namespace(x=x, W=self.W, b=self.b)
+        xp = namespace(x=_array_arg(x, "x"), W=self.W, b=self.b)
         self.x, self.x_shape = _flatten_batch(xp, x, self.W), tuple(x.shape)
         return affine(self.x, self.W, self.b)  # x W + b
 
@@ -482,8 +498,8 @@ def _flatten_batch(xp, x, W):
         )
     if x.dtype != W.dtype:
         raise TypeError(
-            f"x has dtype {dtype_name(x.dtype)} but W has {dtype_name(W.dtype)}; "
-            "convert x with xp.astype(x, W.dtype)"
+            f"x has dtype {dtype_name(x.dtype)} but W has {dtype_name(W.dtype)}; convert x "
+            f"with {cast_hint(x, 'x', dtype_name(W.dtype))}"
         )
     return x if x.ndim == 2 else xp.reshape(x, (n, d))
 

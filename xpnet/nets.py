@@ -28,7 +28,7 @@ from .backend import (
     to_device,
     to_numpy,
 )
-from .functional import targets_as_rows
+from .functional import check_seed, targets_as_rows
 from .gradcheck import numerical_gradients
 from .layers import Affine, Layer, Relu, Sigmoid, SoftmaxWithLoss, layer_class, type_name
 
@@ -235,6 +235,7 @@ class Sequential:
         ``t`` holds labels (N,) or one-hot rows (N, C).  ``batch_size`` bounds
         the memory of the forward pass on large inputs.
         """
+        namespace(x=x, t=t)  # arrays of one library and device, or a TypeError naming them
         n = x.shape[0]
         if t.shape[0] != n:
             raise ValueError(f"x has {n} samples but t has {t.shape[0]}")
@@ -384,6 +385,9 @@ def _init_std(weight_init, fan_in: int) -> float:
 
 
 def _check_sizes(sizes) -> list[int]:
+    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__"):
+        raise TypeError(f"sizes must be a sequence of ints [input, hidden..., output], got "
+                        f"{type(sizes).__name__} {sizes!r}")
     sizes = list(sizes)
     if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in sizes):
         raise TypeError(f"layer sizes must be ints, got {sizes!r}")
@@ -401,7 +405,7 @@ def _fully_connected(sizes, activation, weight_init, seed, device, dtype) -> lis
     dt = resolve_dtype(dev.xp, dtype)
     if not dev.xp.isdtype(dt, "real floating"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed(seed))
     layers = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         std = _init_std(weight_init, fan_in)
@@ -447,7 +451,9 @@ class MultiLayerNet(Sequential):
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
         super().__init__(_fully_connected(sizes, activation, weight_init, seed, device, dtype))
-        self.sizes, self.activation, self.weight_init = sizes, activation, weight_init
+        # A standard deviation is kept as a Python float (a NumPy scalar would not save).
+        self.weight_init = weight_init if isinstance(weight_init, str) else float(weight_init)
+        self.sizes, self.activation = sizes, activation
 
     def __repr__(self):
         return (

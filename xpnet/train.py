@@ -29,7 +29,7 @@ import numpy as np
 from . import checkpoint as files
 from ._io import atomic_write, remove_stale_temps
 from .backend import dtype_name, is_dtype, namespace, to_device, to_numpy, untracked
-from .functional import check_label_range, check_target_rows
+from .functional import check_label_range, check_seed, check_target_rows
 
 __all__ = ["DivergenceError", "History", "Trainer"]
 
@@ -102,6 +102,13 @@ def _positive_int(name: str, value) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return int(value)
+
+
+def _check_protocol(name: str, value, attributes: tuple, what: str) -> None:
+    missing = [a for a in attributes if not hasattr(value, a)]
+    if missing:
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} (it has no "
+                        f"{', '.join(missing)})")
 
 
 def _int(value) -> int:
@@ -207,13 +214,15 @@ class Trainer:
     def __init__(self, net, optimizer, *, batch_size: int = 100, epochs: int = 10, seed: int = 0,
                  progress: bool = True, eval_batch_size: int = 1000, log_every: int = 50,
                  checkpoint=None, checkpoint_every: int | None = None):
+        _check_protocol("net", net, ("params", "loss", "accuracy", "device", "dtype"),
+                        "an xpnet net (Sequential, TwoLayerNet, ...)")
+        _check_protocol("optimizer", optimizer, ("update", "state_dict"),
+                        "an xpnet optimizer (SGD, Momentum, AdaGrad, Adam)")
         self.net = net
         self.optimizer = optimizer
         self.batch_size = _positive_int("batch_size", batch_size)
         self.epochs = _positive_int("epochs", epochs)
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self.progress = bool(progress)
         self.eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
         self.log_every = _positive_int("log_every", log_every)
