@@ -223,3 +223,10 @@ def test_real_fashion_mnist_when_installed():
     (x, t), (xt, tt) = load_mnist("fashion-mnist")
     assert x.shape == (60000, 784) and xt.shape == (10000, 784)
     assert np.bincount(t).tolist() == [6000] * 10 and np.bincount(tt).tolist() == [1000] * 10
+
+
+def test_the_not_found_hint_fetches_the_dataset_asked_for(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XPNET_DATA", raising=False)
+    with pytest.raises(DatasetNotFoundError, match="xpnet train --dataset mnist --download"):
+        load_mnist("mnist", data_dir=tmp_path / "none")

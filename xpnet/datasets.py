@@ -323,7 +323,8 @@ def load_mnist(name: str = "mnist", *, data_dir=None, normalize: bool = True, fl
                    if spec.apt_package else "")
             raise DatasetNotFoundError(
                 f"{spec.title} not found; looked in:\n  {looked}\nGet it one of these ways:\n{apt}"
-                f"  - download it: load_mnist({name!r}, download=True), or xpnet train --download\n"
+                f"  - download it: load_mnist({name!r}, download=True), or "
+                f"xpnet train --dataset {name} --download\n"
                 f"  - or put the four IDX files in a directory and pass data_dir= or set XPNET_DATA"
             )
         files = fetch(name, data_dir)
