@@ -519,3 +519,24 @@ def test_a_numpy_scalar_weight_init_is_kept_as_a_float_and_saves(tmp_path):
     net.save(tmp_path / "m.npz")
     back = xpnet.MultiLayerNet.load(tmp_path / "m.npz")
     np.testing.assert_array_equal(back.params["W1"], net.params["W1"])
+
+
+def test_divergence_blames_the_data_when_the_data_explain_it():
+    x, t = spiral()
+    huge = (x * 1e30).astype(np.float32)  # finite, but every product overflows float32
+    trainer = xpnet.Trainer(xpnet.MultiLayerNet([2, 16, 3]), xpnet.SGD(0.1), batch_size=32,
+                            epochs=1, progress=False)
+    with np.errstate(all="ignore"), pytest.raises(xpnet.DivergenceError,
+                                                  match="training data reach .*scale them"):
+        trainer.fit(huge, t)
+    # data that turn NaN during the run (here: the caller's own array, changed in a callback)
+    x = x.copy()
+    trainer = xpnet.Trainer(xpnet.MultiLayerNet([2, 16, 3]), xpnet.SGD(0.1), batch_size=32,
+                            epochs=2, progress=False)
+
+    def poison(record):
+        x[5, 0] = np.nan
+
+    with np.errstate(all="ignore"), pytest.raises(xpnet.DivergenceError,
+                                                  match="now hold NaN .*changed during"):
+        trainer.fit(x, t, on_epoch=poison)

@@ -104,6 +104,23 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
+# Inputs far beyond this are unscaled (raw pixels are 0..255): float32 products overflow.
+_UNSCALED = 1e4
+
+
+def _likely_cause(run: _Run) -> str:
+    """Why a loss became NaN or infinite: the data, if they explain it, else the learning rate.
+    (Reads the dataset once more; only after a divergence.)"""
+    xp, x = run.xp, run.x
+    if not _all_finite(xp, x):
+        return "the training data now hold NaN or infinite values (they changed during training)"
+    largest = max(float(xp.max(x)), -float(xp.min(x)))
+    if largest > _UNSCALED:
+        return (f"the training data reach {largest:.3g}: scale them first (e.g. x / 255, or "
+                "load_mnist(normalize=True))")
+    return "the learning rate is probably too high"
+
+
 def _check_protocol(name: str, value, attributes: tuple, what: str) -> None:
     missing = [a for a in attributes if not hasattr(value, a)]
     if missing:
@@ -393,10 +410,11 @@ class Trainer:
         return lambda xb, tb: step(xb, tb, opt)
 
     @staticmethod
-    def _drain(xp, pending: list, epoch: int, first_step: int) -> float:
+    def _drain(run: _Run, pending: list, epoch: int, first_step: int) -> float:
         """Sum the weighted losses of ``pending`` (one device read); raise on NaN/inf."""
         if not pending:
             return 0.0
+        xp = run.xp
         chunk = xp.stack(pending)
         total = float(xp.sum(chunk))
         if not math.isfinite(total):
@@ -404,7 +422,7 @@ class Trainer:
             bad = int(np.flatnonzero(~np.isfinite(values))[0])
             raise DivergenceError(
                 f"the training loss became {values[bad]} at epoch {epoch}, step "
-                f"{first_step + bad + 1}: the learning rate is probably too high"
+                f"{first_step + bad + 1}: {_likely_cause(run)}"
             )
         pending.clear()
         return total
@@ -511,7 +529,7 @@ class Trainer:
             position.global_step += 1
             due = self.checkpoint_every and position.global_step % self.checkpoint_every == 0
             if due or run.interrupt.requested or (shown and (i + 1) % self.log_every == 0):
-                position.loss_sum += self._drain(xp, pending, epoch, position.step)
+                position.loss_sum += self._drain(run, pending, epoch, position.step)
                 position.step = i + 1
                 if due or run.interrupt.requested:
                     self.save_checkpoint(self.checkpoint, position, run.history)
@@ -520,7 +538,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{position.loss_sum / min(n, position.step * b):.4f}",
                                 refresh=False)
             bar.update(1)
-        position.loss_sum += self._drain(xp, pending, epoch, position.step)  # syncs
+        position.loss_sum += self._drain(run, pending, epoch, position.step)  # syncs
         position.step = steps
 
     def _record(self, run: _Run, epoch: int, seconds: float) -> dict:
