@@ -242,6 +242,7 @@ BAD_RESUMES = {
                             r"b2 has shape \(2,\), expected \(3,\)"),
     "other dataset size": ("half the data", None, "same settings and data"),
     "history not a list": (None, _set("history", "epochs", value=3), "no 'epochs' list"),
+    "settings not a dict": (None, _set("trainer", value=[32, 5]), "settings .* not a dict"),
 }
 
 

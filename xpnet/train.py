@@ -356,6 +356,9 @@ class Trainer:
         if state.net != self._net_config():
             raise ValueError(f"{path}: the checkpoint is for the net {state.net}, "
                              f"this trainer's net is {self._net_config()}")
+        if not isinstance(state.trainer, dict):
+            raise ValueError(f"{path}: the checkpoint's trainer settings {state.trainer!r} are "
+                             "not a dict")
         mine, saved = self._settings(history), dict(state.trainer)
         saved.setdefault("train_samples", mine["train_samples"])  # not recorded before 0.2
         if saved != mine:
