@@ -151,3 +151,25 @@ def test_a_resume_says_what_it_continues(data, tmp_path):
     res = _xpnet(tmp_path, *_train(data, "--epochs", "2", "--resume", "ck.npz"))
     assert res.returncode == 0, res.stderr
     assert "resuming ck.npz: epoch 2, step 0 of 12" in res.stdout.splitlines()
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line(data, tmp_path):
+    # The checkpoint's write fails as on a full disk: one line, exit 2, and nothing half-written.
+    code = ("import errno, xpnet._io as io, xpnet.cli as c\n"
+            "real = io.write_npz\n"
+            "def full(path, header, arrays):\n"
+            "    if header.get('format') == 'xpnet-train-1':\n"
+            "        raise OSError(errno.ENOSPC, 'No space left on device', str(path))\n"
+            "    return real(path, header, arrays)\n"
+            "io.write_npz = full\n"
+            "import xpnet.checkpoint as ck\n"
+            "ck.write_npz = full\n"
+            f"raise SystemExit(c.main({_train(data, '--checkpoint', 'ck.npz')!r}))\n")
+    env = {**os.environ, "HOME": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "xpnet train: error: [Errno 28] No space left on device: 'ck.npz'"], res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".cache") == []
+    CLI_CHECKED["count"] += 1
