@@ -15,7 +15,7 @@ from test_datasets import make_dataset
 from test_train import spiral
 
 import xpnet
-from xpnet._io import read_npz
+from xpnet._io import TEMP_SUFFIX, read_npz
 
 KILL_POINTS: list = []  # (delay, epoch, step) of every SIGKILL survived, for the summary
 
@@ -170,7 +170,8 @@ def test_sigkill_then_resume_gives_the_same_weights(cli_data, reference, tmp_pat
     assert set(final) == set(reference)
     for k in reference:
         assert np.array_equal(final[k], reference[k]), k
-    assert not list(tmp_path.glob(".ck.npz.*.tmp"))  # a killed write's leftovers are cleaned up
+    # a killed write's leftovers are cleaned up
+    assert not list(tmp_path.glob(".ck.npz.*" + TEMP_SUFFIX))
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(cli_data, reference, tmp_path):

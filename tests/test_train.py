@@ -10,6 +10,7 @@ import pytest
 
 import xpnet
 from conftest import assert_close
+from xpnet._io import TEMP_SUFFIX
 from xpnet.backend import device_of, to_device, to_numpy
 from xpnet.optim import make_optimizer
 
@@ -186,7 +187,7 @@ def test_history_json_round_trip(tmp_path):
     back = xpnet.History.load(path)
     assert back.records == history.records and back.config == history.config
     assert back.train_loss == history.train_loss
-    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+    assert not any(p.name.endswith(TEMP_SUFFIX) for p in tmp_path.iterdir())
 
 
 def test_history_load_rejects_other_json(tmp_path):
