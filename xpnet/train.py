@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint as files
-from ._io import atomic_write, remove_stale_temps
+from ._io import atomic_write
 from .backend import dtype_name, is_dtype, namespace, to_device, to_numpy, untracked
 from .functional import check_label_range, check_seed, check_target_rows
 
@@ -490,8 +490,6 @@ class Trainer:
             run.position = self._restore(resume, history)
             history.config["resumed_from"] = str(resume)
             run.rng.bit_generator.state = run.position.rng_state
-        if self.checkpoint is not None:
-            remove_stale_temps(self.checkpoint)
         return run
 
     def _epoch(self, run: _Run, epoch: int, step) -> dict:
