@@ -529,33 +529,14 @@ def namespace(*arrays, **named_arrays):
     return _checked_namespace(arrays, named_arrays)
 
 
-def _mismatch(first_name, first, name, a) -> DeviceMismatchError | None:
-    """The error for combining array ``a`` with ``first`` (None if they combine)."""
-    first_backend, backend = backend_of(first), backend_of(a)
-    if backend is not first_backend:
-        return DeviceMismatchError(
-            f"cannot combine arrays from two array libraries: {first_name} is a "
-            f"{first_backend.library} array on {_device_name(first)!r}, {name} is a "
-            f"{backend.library} array on {_device_name(a)!r}; move one with "
-            "xpnet.to_device(array, device)"
-        )
-    if backend.library != "numpy":  # NumPy has one device
-        first_dev, dev = _device_name(first), _device_name(a)
-        if dev != first_dev:
-            return DeviceMismatchError(
-                f"cannot combine arrays on two devices: {first_name} is on {first_dev!r}, "
-                f"{name} is on {dev!r}; move one with xpnet.to_device(array, device)"
-            )
-    return None
-
-
 def _checked_namespace(arrays, named_arrays):
     items = [(f"argument {i}", a) for i, a in enumerate(arrays)] + list(named_arrays.items())
-    first_name = first = None
+    first = first_name = first_backend = first_dev = None
     for name, a in items:
         if a is None or is_scalar(a):
             continue
-        if backend_of(a) is None:
+        backend = backend_of(a)
+        if backend is None:
             raise TypeError(
                 f"{name} must be an array ({_library_names()}) or a "
                 f"Python number, got {type(a).__module__}.{type(a).__qualname__}"
@@ -563,12 +544,20 @@ def _checked_namespace(arrays, named_arrays):
         if isinstance(a, np.matrix):  # its * is a matrix product: Mul would silently differ
             raise TypeError(f"{name} is a numpy.matrix, whose * and ** are matrix operations; "
                             f"pass np.asarray({name}) instead")
+        dev = backend.device_name(a)
         if first is None:
-            first, first_name = a, name
-            continue
-        error = _mismatch(first_name, first, name, a)
-        if error is not None:
-            raise error
+            first, first_name, first_backend, first_dev = a, name, backend, dev
+        elif backend is not first_backend:
+            raise DeviceMismatchError(
+                f"cannot combine arrays from two array libraries: {first_name} is a "
+                f"{first_backend.library} array on {first_dev!r}, {name} is a "
+                f"{backend.library} array on {dev!r}; move one with xpnet.to_device(array, device)"
+            )
+        elif dev != first_dev:
+            raise DeviceMismatchError(
+                f"cannot combine arrays on two devices: {first_name} is on {first_dev!r}, "
+                f"{name} is on {dev!r}; move one with xpnet.to_device(array, device)"
+            )
     if first is None:
         raise TypeError("namespace() needs at least one array")
     xp = _NAMESPACE_BY_TYPE.get(type(first))
