@@ -14,7 +14,7 @@ import operator
 
 import array_api_extra as xpx
 
-from .backend import dtype_name, is_dtype, namespace, to_numpy
+from .backend import dtype_name, is_array, is_dtype, namespace, to_numpy
 
 __all__ = [
     "affine",
@@ -38,6 +38,15 @@ def check_floating(xp, x, name: str) -> None:
             f"{name} must have a real floating dtype (float32 or float64), got {dtype_name(x.dtype)}; "
             f"convert it first, e.g. xp.astype({name}, xp.float32)"
         )
+
+
+def require_array(x, name: str):
+    """``x`` itself if it is an array; else a TypeError naming ``name`` (before a namespace is
+    looked up, whose own error for a lone number would not name the argument)."""
+    if not is_array(x):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__} {x!r:.40}; for a "
+                        "number use xpnet.to_device(number, device, dtype=...)")
+    return x
 
 
 def check_array(xp, x, name: str, ndim: int | None = None) -> None:
@@ -79,9 +88,7 @@ def sigmoid(x):
     -------
     array of the same shape, dtype and device; exactly 1.0 at x = 1000 and 0.0 at x = -1000.
     """
-    if not hasattr(x, "shape"):
-        raise TypeError(f"x must be an array, got {type(x).__name__} {x!r:.40}")
-    xp = namespace(x=x)
+    xp = namespace(x=require_array(x, "x"))
     check_array(xp, x, "x")
     # exp(-|x|) is in (0, 1]: it never overflows, and each branch below is exact in its half.
     e = xp.exp(-xp.abs(x))

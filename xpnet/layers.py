@@ -42,6 +42,7 @@ from .functional import (
     affine,
     check_array,
     check_logits,
+    require_array,
     sigmoid,
     softmax_cross_entropy,
     targets_as_rows,
@@ -266,14 +267,6 @@ def find_params(layer) -> dict:
 # -- the layers ----------------------------------------------------------------------------------
 
 
-def _array_arg(x, name: str):
-    """``x`` itself if it is an array; a TypeError naming ``name`` if it is a number or else."""
-    if not is_array(x):
-        raise TypeError(f"{name} must be an array, got {type(x).__name__} {x!r:.40}; for a "
-                        "number use xpnet.to_device(number, device, dtype=...)")
-    return x
-
-
 def _sum_to(g, like):
     """Reduce gradient ``g`` to the shape of the forward operand ``like`` (undo broadcasting)."""
     if is_scalar(like):
@@ -379,7 +372,7 @@ class Relu(Layer):
         return None if self._keep is None else self._keep == 0
 
     def forward(self, x):
-        xp = namespace(x=_array_arg(x, "x"))
+        xp = namespace(x=require_array(x, "x"))
         check_array(xp, x, "x")
         self._keep = xp.astype(x > 0, x.dtype)
         # A 0-d zero of x's dtype and device, so maximum never promotes float32.
@@ -461,7 +454,7 @@ class Affine(Layer):
         return {"input_grad": self.input_grad}
 
     def forward(self, x):
-        xp = namespace(x=_array_arg(x, "x"), W=self.W, b=self.b)
+        xp = namespace(x=require_array(x, "x"), W=self.W, b=self.b)
         self.x, self.x_shape = _flatten_batch(xp, x, self.W), tuple(x.shape)
         return affine(self.x, self.W, self.b)  # x W + b
 
