@@ -119,15 +119,26 @@ def _name_layers(layers) -> dict:
     return named
 
 
-def _own_parameters(layers: dict) -> dict:
-    """``{"W1": (layer, "W"), "b1": (layer, "b"), "W2": ...}``: the k-th layer that has a
-    parameter named W owns W<k>, as in the book (W1 b1 for the first Affine or Convolution,
-    gamma1 beta1 for the first BatchNormalization)."""
-    owners, seen, arrays = {}, {}, {}
-    for layer_name, layer in layers.items():
-        for attr in layer.param_names:
+def _book_keys(names_per_layer) -> list:
+    """``[[(name, key), ...] per layer]``: the k-th layer that has a parameter named W owns
+    W<k>, as in the book (W1 b1 for the first Affine or Convolution, gamma1 beta1 for the
+    first BatchNormalization)."""
+    seen, keys = {}, []
+    for names in names_per_layer:
+        layer_keys = []
+        for attr in names:
             seen[attr] = seen.get(attr, 0) + 1
-            key = f"{attr}{seen[attr]}"
+            layer_keys.append((attr, f"{attr}{seen[attr]}"))
+        keys.append(layer_keys)
+    return keys
+
+
+def _own_parameters(layers: dict) -> dict:
+    """``{"W1": (layer, "W"), "b1": (layer, "b"), "W2": ...}``, numbered by :func:`_book_keys`."""
+    owners, arrays = {}, {}
+    keys = _book_keys(layer.param_names for layer in layers.values())
+    for (layer_name, layer), layer_keys in zip(layers.items(), keys):
+        for attr, key in layer_keys:
             owners[key] = (layer, attr)
             # One owner per array: an array used twice would take every update twice.
             first = arrays.setdefault(id(getattr(layer, attr)), (key, layer_name))
@@ -328,42 +339,35 @@ class Sequential:
         try:
             # The header must describe the arrays the file holds before anything is built:
             # a header alone may not make us allocate (sizes [6, 10**9, 3] in a 1 kB file).
-            expected = kind._param_shapes(config)
+            expected = kind._param_shapes(config, arrays)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"{path}: its config {config} does not build a net: {exc}") from None
-        if expected is not None:
-            checkpoint.check_param_arrays(path, arrays, expected)
+        checkpoint.check_param_arrays(path, arrays, expected)
         try:
-            net = kind._from_config(config, arrays, device, dtype or config["dtype"])
+            return kind._from_config(config, arrays, device, dtype or config["dtype"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a foreign config
             raise ValueError(f"{path}: its config {config} does not build a net: {exc}") from None
-        checkpoint.check_param_arrays(path, arrays, {k: tuple(v.shape)
-                                                     for k, v in net.params.items()})
-        for name in net.params:
-            net.params[name] = to_device(arrays[name], device, dtype=net.dtype, copy=True)
-        return net
 
     @classmethod
-    def _param_shapes(cls, config: dict) -> dict | None:
-        """``{name: shape}`` that ``config`` implies, or None where the net is built from the
-        file's arrays themselves (a Sequential of any layers)."""
-        return None
+    def _param_shapes(cls, config: dict, arrays: dict) -> dict:
+        """``{name: shape}`` that ``config`` implies, from its header alone.  A Sequential of
+        any layers takes each shape from the file's array (its layers check them), so only
+        the names come from the header; a name without an array is reported missing."""
+        keys = _book_keys(layer_class(spec["type"]).param_names for spec in config["layers"])
+        return {key: tuple(arrays[key].shape) if key in arrays else None
+                for layer_keys in keys for _, key in layer_keys}
 
     @classmethod
     def _from_config(cls, config: dict, arrays: dict, device: str, dtype: str):
-        """A net of ``config``'s architecture on ``device`` (its parameters are set after)."""
+        """A net of ``config``'s architecture on ``device`` with the (checked) ``arrays``."""
         if dtype not in _FLOAT_DTYPES:
             raise ValueError(f"dtype must be one of {_FLOAT_DTYPES}, got {dtype!r}")
-        layers, seen = [], {}
-        for spec in config["layers"]:
-            kind = layer_class(spec["type"])
-            params = {}
-            for attr in kind.param_names:
-                seen[attr] = seen.get(attr, 0) + 1
-                key = f"{attr}{seen[attr]}"
-                if key not in arrays:
-                    raise ValueError(f"no array {key!r} for a {spec['type']} layer")
-                params[attr] = to_device(arrays[key], device, dtype=dtype, copy=True)
+        kinds = [layer_class(spec["type"]) for spec in config["layers"]]
+        layers = []
+        for spec, kind, layer_keys in zip(config["layers"], kinds,
+                                          _book_keys(k.param_names for k in kinds)):
+            params = {attr: to_device(arrays[key], device, dtype=dtype, copy=True)
+                      for attr, key in layer_keys}
             options = {k: v for k, v in spec.items() if k != "type"}
             layers.append(kind(**params, **options))
         options = {k: v for k, v in config["loss"].items() if k != "type"}
@@ -467,7 +471,7 @@ class MultiLayerNet(Sequential):
                 "weight_init": self.weight_init, "dtype": self.dtype}
 
     @classmethod
-    def _param_shapes(cls, config: dict) -> dict:
+    def _param_shapes(cls, config: dict, arrays: dict) -> dict:
         sizes = _check_sizes(config["sizes"])
         shapes = {}
         for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
@@ -476,8 +480,16 @@ class MultiLayerNet(Sequential):
 
     @classmethod
     def _from_config(cls, config: dict, arrays: dict, device: str, dtype: str):
-        return cls(config["sizes"], activation=config["activation"],
-                   weight_init=config["weight_init"], device=device, dtype=dtype)
+        return cls._with_arrays(cls(config["sizes"], activation=config["activation"],
+                                    weight_init=config["weight_init"], device=device,
+                                    dtype=dtype), arrays, device)
+
+    @staticmethod
+    def _with_arrays(net, arrays: dict, device: str):
+        """``net`` with its parameters replaced by the (checked) host ``arrays``."""
+        for name in net.params:
+            net.params[name] = to_device(arrays[name], device, dtype=net.dtype, copy=True)
+        return net
 
 
 class TwoLayerNet(MultiLayerNet):
@@ -507,7 +519,8 @@ class TwoLayerNet(MultiLayerNet):
         if len(sizes) != 3 or config["activation"] != "relu":
             raise ValueError(f"a TwoLayerNet has 3 sizes and ReLU, got {sizes}, "
                              f"{config['activation']!r}")
-        return cls(*sizes, weight_init_std=config["weight_init"], device=device, dtype=dtype)
+        return cls._with_arrays(cls(*sizes, weight_init_std=config["weight_init"],
+                                    device=device, dtype=dtype), arrays, device)
 
 
 _NET_CLASSES = {c.__name__: c for c in (Sequential, MultiLayerNet, TwoLayerNet)}
