@@ -213,12 +213,10 @@ def one_hot(t, num_classes: int, *, dtype=None, check_labels: bool = True):
     return xpx.one_hot(t, num_classes, dtype=dtype, xp=xp)
 
 
-def targets_as_rows(xp, x, t, *, check_labels: bool = True):
-    """Validate targets ``t`` against logits ``x`` of shape (N, C); return them as rows.
-
-    Returns ``(rows, from_labels)``: ``rows`` has shape (N, C) and x's dtype;
-    ``from_labels`` is True when ``t`` held integer labels (each row then sums to exactly 1).
-    """
+def check_targets(xp, x, t, *, check_labels: bool = True) -> bool:
+    """Validate targets ``t`` against logits ``x`` of shape (N, C): integer labels (N,) in
+    [0, C), or one-hot / probability rows (N, C), each >= 0 (the value checks, one host read
+    each, only with ``check_labels``).  Returns True for labels, False for rows."""
     n, c = x.shape
     if not hasattr(t, "shape") or not hasattr(t, "dtype"):
         raise TypeError(f"t must be an array of labels (N,) or rows (N, C), got {type(t).__name__}")
@@ -229,7 +227,9 @@ def targets_as_rows(xp, x, t, *, check_labels: bool = True):
                 f"integer labels t must have shape (N,) = ({n},) to match x of shape {(n, c)}, "
                 f"got t of shape {tuple(t.shape)}{hint}"
             )
-        return one_hot(t, c, dtype=x.dtype, check_labels=check_labels), True
+        if check_labels:
+            check_label_range(xp, t, c, "t")
+        return True
     if is_dtype(xp, t.dtype, "real floating"):
         if tuple(t.shape) != (n, c):
             hint = (f"; float labels of shape ({n},) must be integers: xp.astype(t, xp.int64)"
@@ -240,11 +240,23 @@ def targets_as_rows(xp, x, t, *, check_labels: bool = True):
             )
         if check_labels:
             check_target_rows(xp, t, "t")
-        return (t if t.dtype == x.dtype else xp.astype(t, x.dtype)), False
+        return False
     raise TypeError(
         "t must hold integer class labels or floating one-hot/probability rows, "
         f"got dtype {dtype_name(t.dtype)}"
     )
+
+
+def targets_as_rows(xp, x, t, *, check_labels: bool = True):
+    """Validate targets ``t`` against logits ``x`` of shape (N, C) (:func:`check_targets`);
+    return them as rows.
+
+    Returns ``(rows, from_labels)``: ``rows`` has shape (N, C) and x's dtype;
+    ``from_labels`` is True when ``t`` held integer labels (each row then sums to exactly 1).
+    """
+    if check_targets(xp, x, t, check_labels=check_labels):
+        return one_hot(t, x.shape[1], dtype=x.dtype, check_labels=False), True
+    return (t if t.dtype == x.dtype else xp.astype(t, x.dtype)), False
 
 
 def check_logits(xp, x, name: str = "x") -> None:

@@ -28,7 +28,7 @@ from .backend import (
     to_device,
     to_numpy,
 )
-from .functional import check_seed, targets_as_rows
+from .functional import check_seed, check_targets
 from .gradcheck import numerical_gradients
 from .layers import Affine, Layer, Relu, Sigmoid, SoftmaxWithLoss, layer_class, type_name
 
@@ -262,9 +262,8 @@ class Sequential:
             xb, tb = x[start:stop, ...], t[start:stop, ...]
             xp = namespace(x=xb, t=tb)
             scores = self.predict(xb)
-            # The targets as rows, checked against the scores (labels in range, rows >= 0).
-            rows, from_labels = targets_as_rows(xp, scores, tb)
-            labels = tb if from_labels else xp.argmax(rows, axis=1)
+            # The targets checked against the scores (labels in range, rows >= 0).
+            labels = tb if check_targets(xp, scores, tb) else xp.argmax(tb, axis=1)
             correct += int(xp.count_nonzero(xp.argmax(scores, axis=1) == labels))
         return correct / n
 
