@@ -7,6 +7,7 @@ still skips where torch is not installed).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -30,6 +31,8 @@ CASES = [
     ("array_api_strict:device1", "float32"),
     ("torch:cpu", "float32"),
     ("torch:cpu", "float64"),
+    ("jax:cpu", "float32"),
+    ("jax:cpu", "float64"),  # with JAX's 64-bit mode on for the test only (see case())
     ("cuda", "float32"),
     ("cuda", "float64"),
     ("torch:cuda", "float32"),
@@ -70,7 +73,7 @@ class Case:
     params=[pytest.param(c, id=f"{c[0]}-{c[1]}", marks=[pytest.mark.gpu] if is_gpu_device(c[0]) else [])
             for c in CASES]
 )
-def case(request) -> Case:
+def case(request):
     spec, dtype = request.param
     try:
         device = resolve_device(spec)
@@ -78,7 +81,21 @@ def case(request) -> Case:
         if spec.startswith("cuda") and os.environ.get("XPNET_REQUIRE_GPU") == "1":
             pytest.fail(f"XPNET_REQUIRE_GPU=1 but {spec} is unavailable: {exc}")
         pytest.skip(f"{spec}: {exc}")
-    return Case(device, dtype)
+    with jax_64bit(device.library == "jax" and dtype == "float64"):
+        yield Case(device, dtype)
+
+
+@contextlib.contextmanager
+def jax_64bit(on: bool):
+    """JAX's float64 needs its 64-bit mode, which is process-wide configuration: turned on for
+    one test only (JAX's own context manager), never left on for the rest of the suite."""
+    if not on:
+        yield
+        return
+    import jax
+
+    with jax.enable_x64(True):
+        yield
 
 
 def tolerance(dtype_name: str) -> float:

@@ -111,7 +111,7 @@ def test_to_device_round_trip_and_dtype(case):
 
 
 def test_to_device_never_shares_memory_with_a_host_input(case):
-    host = np.zeros(4)
+    host = np.zeros(4, dtype=case.dtype_name)
     x = to_device(host, case.device)
     host[0] = 1.0
     assert to_numpy(x)[0] == 0.0 or case.device.library == "numpy"
@@ -174,7 +174,7 @@ def test_available_backends_lists_numpy():
     entries = {e["library"]: e for e in xpnet.available_backends()}
     assert entries["numpy"]["devices"] == ["cpu"]
     assert entries["numpy"]["version"] == np.__version__
-    assert set(entries) == {"numpy", "array_api_strict", "torch", "cupy"}
+    assert set(entries) == {"numpy", "array_api_strict", "torch", "cupy", "jax"}
     if importlib.util.find_spec("cupy") is None:
         assert "xpnet[cuda12]" in entries["cupy"]["note"]
 

@@ -158,7 +158,8 @@ def test_examples_default_to_fashion_mnist_and_fail_in_one_line(tmp_path, exampl
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.strip().splitlines() == [
         f"{script}: error: unknown device 'gpu'; device strings are 'cpu', 'cuda', 'cuda:N', "
-        "'torch:cpu', 'torch:cuda', 'torch:cuda:N', 'array_api_strict', "
+        "'torch:cpu', 'torch:cuda', 'torch:cuda:N', 'jax', 'jax:cpu', 'jax:cuda', 'jax:cuda:N', "
+        "'array_api_strict', "
         "'array_api_strict:NAME' (e.g. 'array_api_strict:device1')"]
 
 

@@ -14,7 +14,7 @@ from conftest import Case, assert_close
 import xpnet
 from xpnet import _fast
 from xpnet._fast import BLAS_MIN_OUTPUT, matmul_accumulate, matmul_add
-from xpnet.backend import DeviceMismatchError, resolve_device, to_numpy
+from xpnet.backend import DeviceMismatchError, is_writable, resolve_device, to_numpy
 from xpnet.optim import make_optimizer
 
 TRANSPOSES = [(False, False), (True, False), (False, True), (True, True)]
@@ -44,7 +44,7 @@ def test_matmul_accumulate_matches_float64(case, rng, trans_a, trans_b):
     ca = case.asarray(c)
     out = matmul_accumulate(ca, case.asarray(a), case.asarray(b), -0.3, trans_a=trans_a,
                             trans_b=trans_b)
-    assert out is ca  # every fixture backend updates in place
+    assert out is ca or not is_writable(ca)  # in place wherever the array allows it
     assert_close(out, _reference(a, b, c, -0.3, trans_a, trans_b), case.dtype_name)
 
 
@@ -234,7 +234,8 @@ def test_affine_backward_sgd_is_backward_then_sgd(case, rng):
     d = case.asarray(dout)
     dx = _fast._affine_backward_sgd(layer, d, 0.25)
     np.testing.assert_array_equal(to_numpy(dx), dx_ref)  # computed with the weights before the step
-    assert layer.W is W_array and layer.b is b_array  # in place
+    if is_writable(W_array):
+        assert layer.W is W_array and layer.b is b_array  # in place
     assert layer.dW is None and layer.db is None
     x2 = x.reshape(5, 6)
     assert_close(layer.W, W - 0.25 * x2.T @ dout, case.dtype_name, what="W")

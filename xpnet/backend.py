@@ -31,6 +31,9 @@ Device strings
 ``"torch:cpu"``                torch tensors on the CPU (``"torch"`` too)
 ``"torch:cuda"``,              torch tensors on a CUDA GPU
 ``"torch:cuda:N"``
+``"jax"``, ``"jax:cpu"``       JAX arrays on the CPU
+``"jax:cuda"``,                JAX arrays on a CUDA GPU (also ``"jax:cpu:N"``,
+``"jax:cuda:N"``               ``"jax:tpu:N"``: whatever ``jax.devices()`` lists)
 ``"array_api_strict"``         the standard's strict reference implementation
                                on its ``CPU_DEVICE``
 ``"array_api_strict:NAME"``    one of its simulated devices (``device1``,
@@ -75,6 +78,7 @@ __all__ = [
     "is_scalar",
     "is_writable",
     "namespace",
+    "native_device",
     "recorded_device_context",
     "register",
     "resolve_device",
@@ -118,7 +122,7 @@ class Device:
     Attributes
     ----------
     library : str
-        ``"numpy"``, ``"cupy"``, ``"torch"`` or ``"array_api_strict"``.
+        ``"numpy"``, ``"cupy"``, ``"torch"``, ``"jax"`` or ``"array_api_strict"``.
     name : str
         The canonical device string, e.g. ``"cpu"``, ``"cuda:0"``,
         ``"torch:cpu"``, ``"array_api_strict:device1"``.
@@ -248,6 +252,11 @@ class Backend:
     def diagnose(self, exc: BaseException) -> str:
         """What a failure of :meth:`self_test` most likely means, for its one-line message."""
         return ""
+
+    def storable(self, dtype: str) -> str:
+        """The dtype (a name) in which this library holds an array asked for in ``dtype``:
+        ``dtype`` itself, or a ValueError saying why it cannot be held (JAX without 64-bit)."""
+        return dtype
 
     def device(self, name: str, native) -> Device:
         return Device(self.library, name, self.namespace(), native)
@@ -472,6 +481,106 @@ class TorchBackend(Backend):
 
 
 @register
+class JaxBackend(Backend):
+    library = "jax"
+    alias = "jnp"
+    prefixes = ("jax",)
+    forms = "'jax', 'jax:cpu', 'jax:cuda', 'jax:cuda:N'"
+    install_hint = ("JAX is not installed; install it with: pip install 'xpnet[jax]' (CPU), or "
+                    "'xpnet[jax-cuda12]' / 'xpnet[jax-cuda13]' for NVIDIA GPUs")
+    _PLATFORMS = {"cuda": "gpu"}  # device-string kind -> jax.devices() platform
+
+    def __init__(self):
+        self._names: dict = {}  # jax Device -> its canonical device string
+
+    def namespace(self):
+        return importlib.import_module("jax.numpy")  # an Array API namespace of its own
+
+    def owns(self, x) -> bool:
+        return array_api_compat.is_jax_array(x)  # a traced value (under jax.jit) is one too
+
+    def device_name(self, x):
+        # None for a traced value: it has no device until the compiled program runs.
+        dev = array_api_compat.device(x)
+        if dev is None:
+            return None
+        try:
+            return self._names[dev]
+        except KeyError:
+            name = self._names[dev] = self.name_of(dev)
+            return name
+
+    @staticmethod
+    def name_of(dev) -> str:
+        """``"jax:cpu"`` for the first CPU, ``"jax:cuda:N"`` for GPU N, ``"jax:PLATFORM:N"``."""
+        platform = "cuda" if dev.platform in ("gpu", "cuda") else dev.platform
+        if platform == "cpu" and dev.id == 0:
+            return "jax:cpu"
+        return f"jax:{platform}:{dev.id}"
+
+    def _devices(self, kind: str, spec: str) -> list:
+        jax = self.module()
+        try:
+            return list(jax.devices(self._PLATFORMS.get(kind, kind)))
+        except RuntimeError as exc:  # "Unknown backend gpu", "no platforms that are instances"
+            gpu = " (a GPU needs pip install 'xpnet[jax-cuda12]' or 'xpnet[jax-cuda13]')" \
+                if kind == "cuda" else ""
+            raise BackendUnavailableError(
+                f"device {spec!r}: JAX has no {kind!r} devices here{gpu}: {_first_line(exc)}; "
+                "use device='jax:cpu'") from None
+
+    def resolve(self, spec, rest):
+        kind, _, index_text = (rest or "cpu").partition(":")
+        found = self._devices(kind, spec)
+        index = _parse_index(index_text, spec) if index_text else 0
+        ids = {d.id: d for d in found}
+        if index not in ids:
+            raise ValueError(f"device {spec!r}: JAX has no {kind} device {index}; its {kind} "
+                             f"devices are {[self.name_of(d) for d in found]}")
+        return self.device(self.name_of(ids[index]), ids[index])
+
+    def to_numpy(self, x):
+        if array_api_compat.device(x) is None:
+            raise TypeError("a traced JAX value (inside jax.jit) has no data to copy to the "
+                            "host; return it from the compiled function first")
+        return np.array(x, copy=True)
+
+    def storable(self, dtype):
+        # Without JAX's 64-bit mode, asking for a 64-bit type gives the 32-bit one with a
+        # warning; integers (labels) are narrowed, floats are refused (the net's dtype would
+        # silently change).
+        wanted = np.dtype(self.module().dtypes.canonicalize_dtype(dtype)).name
+        if wanted != dtype and np.dtype(dtype).kind not in "iub":
+            raise ValueError(
+                f"JAX holds no {dtype} arrays while its 64-bit mode is off: use "
+                "dtype='float32', or turn the mode on first with "
+                "jax.config.update('jax_enable_x64', True) (or JAX_ENABLE_X64=1)")
+        return wanted
+
+    def from_host(self, host, native):
+        wanted = self.storable(host.dtype.name)
+        if wanted != host.dtype.name:  # int64 labels while JAX's 64-bit mode is off
+            info = np.iinfo(wanted)
+            if host.size and not (info.min <= host.min() and host.max() <= info.max):
+                raise ValueError(f"JAX holds no {host.dtype.name} arrays while its 64-bit mode "
+                                 f"is off, and these integers do not fit in {wanted}")
+            host = host.astype(wanted)
+        return super().from_host(host, native)
+
+    def diagnose(self, exc):
+        return _cuda_diagnosis(exc, "JAX")
+
+    def devices(self):
+        names = [self.name_of(d) for d in self._devices("cpu", "jax:cpu")]
+        try:
+            names += [self.name_of(d) for d in self._devices("cuda", "jax:cuda")]
+        except BackendUnavailableError:
+            return names, ("no CUDA GPU visible to JAX (its GPU build comes with "
+                           "pip install 'xpnet[jax-cuda12]' or 'xpnet[jax-cuda13]')")
+        return names, ""
+
+
+@register
 class StrictBackend(Backend):
     library = "array_api_strict"
     alias = "xp"
@@ -567,7 +676,7 @@ def is_writable(x) -> bool:
 
 
 def _library_names() -> str:
-    names = {"numpy": "NumPy", "cupy": "CuPy", "torch": "torch"}
+    names = {"numpy": "NumPy", "cupy": "CuPy", "torch": "torch", "jax": "JAX"}
     return ", ".join(names.get(lib, lib) for lib in BACKENDS)
 
 
@@ -585,6 +694,15 @@ def device_of(x) -> Device:
                         f"got {type(x).__module__}.{type(x).__qualname__}")
     return Device(backend.library, backend.device_name(x), array_api_compat.array_namespace(x),
                   array_api_compat.device(x))
+
+
+def native_device(x):
+    """The library's own device object of array ``x``, as ``xp.zeros(..., device=)`` takes it;
+    None for a value traced by ``jax.jit`` (it has none: new arrays then go where the
+    compiled program runs)."""
+    if type(x) is np.ndarray:  # taken at every Relu call on the CPU
+        return "cpu"
+    return array_api_compat.device(x)
 
 
 def describe(x) -> tuple | None:
@@ -747,7 +865,7 @@ def _checked_namespace(arrays, named_arrays):
                 f"{first_backend.library} array on {first_dev!r}, {name} is a "
                 f"{backend.library} array on {dev!r}; move one with xpnet.to_device(array, device)"
             )
-        elif dev != first_dev:
+        elif dev != first_dev and dev is not None and first_dev is not None:  # None: traced
             raise DeviceMismatchError(
                 f"cannot combine arrays on two devices: {first_name} is on {first_dev!r}, "
                 f"{name} is on {dev!r}; move one with xpnet.to_device(array, device)"
@@ -794,6 +912,8 @@ def dtype_name(dtype) -> str:
     """A dtype's plain name, the same on every backend: ``"float32"``, ``"int64"``, ``"bool"``."""
     if _is_numpy_dtype(dtype):
         return np.dtype(dtype).name
+    if isinstance(getattr(dtype, "dtype", None), np.dtype):  # jax.numpy.float32 (a scalar type)
+        return dtype.dtype.name
     return str(dtype).rpartition(".")[2]  # torch.float32, array_api_strict.float32
 
 
@@ -853,7 +973,7 @@ def to_device(x, device: str | Device, *, dtype=None, copy: bool = False):
     xp = target.xp
     out, source = x, backend.device_name(x)
     if dtype is not None:
-        wanted = resolve_dtype(xp, dtype)
+        wanted = resolve_dtype(xp, target.backend.storable(dtype_name(resolve_dtype(xp, dtype))))
         if out.dtype != wanted:  # cast where the array is: the move below copies less
             with backend.context(source):
                 out = xp.astype(out, wanted)

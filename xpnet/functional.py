@@ -14,7 +14,7 @@ import operator
 
 import array_api_extra as xpx
 
-from .backend import dtype_name, is_array, is_dtype, namespace, to_numpy
+from .backend import dtype_name, is_array, is_dtype, namespace, native_device, to_numpy
 
 __all__ = [
     "affine",
@@ -209,7 +209,7 @@ def one_hot(t, num_classes: int, *, dtype=None, check_labels: bool = True):
     if check_labels:
         check_label_range(xp, t, num_classes, "t")
     if dtype is None:
-        dtype = xp.__array_namespace_info__().default_dtypes(device=t.device)["real floating"]
+        dtype = xp.__array_namespace_info__().default_dtypes(device=native_device(t))["real floating"]
     return xpx.one_hot(t, num_classes, dtype=dtype, xp=xp)
 
 

@@ -40,6 +40,7 @@ from .backend import (
     is_array,
     is_scalar,
     namespace,
+    native_device,
     recorded_device_context,
 )
 from .functional import (
@@ -393,7 +394,7 @@ class Relu(Layer):
         check_array(xp, x, "x")
         self._keep = xp.astype(x > 0, x.dtype)
         # A 0-d zero of x's dtype and device, so maximum never promotes float32.
-        return xp.maximum(x, xp.zeros((), dtype=x.dtype, device=x.device))
+        return xp.maximum(x, xp.zeros((), dtype=x.dtype, device=native_device(x)))
 
     def backward(self, dout):
         # Gradient flows only where the input was positive; a new array, dout is left as it was.

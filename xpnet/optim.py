@@ -22,6 +22,7 @@ from .backend import (
     is_dtype,
     is_writable,
     namespace,
+    native_device,
     to_device,
     to_numpy,
 )
@@ -71,11 +72,38 @@ class Optimizer:
     def _apply(self, spaces: dict, params, grads) -> None:
         for name, xp in spaces.items():
             p = params[name]
-            delta = self._step(xp, name, p, grads[name])
+            delta = self._step(xp, self._slots(xp, name, p), grads[name], self.steps)
             if is_writable(p):
                 p += delta
-            else:
+            else:  # JAX: a new array, which the net's params view hands to the owning layer
                 params[name] = p + delta
+
+    def pure_update(self, params: dict, grads: dict, state: dict, steps):
+        """One step as a pure function, for compiled training: ``(new params, new state)``
+        from ``params``, ``grads``, ``state`` (``{name: {slot: array}}``, every slot present:
+        :meth:`initial_state`) and ``steps``, the step count after this step (an int, or a
+        0-d integer array traced by ``jax.jit``).  Reads no attribute it changes and changes
+        nothing: ``self.state`` and ``self.steps`` are left as they are."""
+        new_params, new_state = {}, {}
+        for name, p in params.items():
+            xp = namespace(p=p)
+            slots = dict(state.get(name, {}))
+            new_params[name] = p + self._step(xp, slots, grads[name], steps)
+            if slots:
+                new_state[name] = slots
+        return new_params, new_state
+
+    def initial_state(self, params) -> dict:
+        """``self.state`` with every slot of every parameter present (zeros where no step has
+        made it yet): the state a compiled step carries.  Changes nothing."""
+        state = {name: dict(slots) for name, slots in self.state.items()}
+        for name, p in params.items():
+            if self.STATE_SLOTS and set(state.get(name, ())) != set(self.STATE_SLOTS):
+                xp = namespace(p=p)
+                zeros = {k: xp.zeros(p.shape, dtype=p.dtype, device=native_device(p))
+                         for k in self.STATE_SLOTS}
+                state[name] = {**zeros, **state.get(name, {})}
+        return state
 
     def _check_update(self, params, grads) -> dict:
         """``{name: namespace}`` for an update of ``params`` by ``grads``, or a clear error."""
@@ -109,14 +137,23 @@ class Optimizer:
                                 f"params[{name!r}] has {dtype_name(p.dtype)}")
         return spaces
 
-    def _state(self, xp, name: str, key: str, like):
-        slot = self.state.setdefault(name, {})
-        if key not in slot:
-            slot[key] = xp.zeros(like.shape, dtype=like.dtype, device=like.device)
-        return slot[key]
+    def _slots(self, xp, name: str, like) -> dict:
+        """The state arrays of parameter ``name`` (``{slot: array}``), zeros on its first step."""
+        slots = self.state.get(name)
+        if slots is None and self.STATE_SLOTS:
+            slots = self.state[name] = {
+                k: xp.zeros(like.shape, dtype=like.dtype, device=native_device(like))
+                for k in self.STATE_SLOTS}
+        return slots
 
-    def _step(self, xp, name, p, g):  # pragma: no cover - abstract
-        """Return the change to add to ``p`` (updating any state in place)."""
+    def _step(self, xp, slots: dict, g, steps):  # pragma: no cover - abstract
+        """Return the change to add to the parameter whose gradient is ``g``.
+
+        ``slots`` holds its state arrays: update each in place where the array allows it
+        and store it back (``slots["v"] = v``), which keeps the new array where it cannot be
+        updated in place (JAX, a traced step).  ``steps`` counts this step too (an int, or
+        a traced 0-d integer array in a compiled step).
+        """
         raise NotImplementedError
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -206,7 +243,7 @@ class SGD(Optimizer):
     def __init__(self, lr: float = 0.01):
         super().__init__(lr)
 
-    def _step(self, xp, name, p, g):
+    def _step(self, xp, slots, g, steps):
         return -self.lr * g
 
 
@@ -220,10 +257,11 @@ class Momentum(Optimizer):
         super().__init__(lr)
         self.momentum = _hyper("momentum", momentum, **_BOUNDS["momentum"])
 
-    def _step(self, xp, name, p, g):
-        v = self._state(xp, name, "v", p)
-        v *= self.momentum
+    def _step(self, xp, slots, g, steps):
+        v = slots["v"]
+        v *= self.momentum  # in place where v allows it; else (JAX) v is a new array
         v -= self.lr * g
+        slots["v"] = v
         return v
 
 
@@ -240,9 +278,10 @@ class AdaGrad(Optimizer):
         super().__init__(lr)
         self.eps = _hyper("eps", eps)
 
-    def _step(self, xp, name, p, g):
-        h = self._state(xp, name, "h", p)
+    def _step(self, xp, slots, g, steps):
+        h = slots["h"]
         h += g * g
+        slots["h"] = h
         return -self.lr * g / (xp.sqrt(h) + self.eps)
 
 
@@ -263,14 +302,20 @@ class Adam(Optimizer):
         self.beta2 = _hyper("beta2", beta2, **_BOUNDS["beta2"])
         self.eps = _hyper("eps", eps)
 
-    def _step(self, xp, name, p, g):
-        m = self._state(xp, name, "m", p)
-        v = self._state(xp, name, "v", p)
+    def _step(self, xp, slots, g, steps):
+        m, v = slots["m"], slots["v"]
         m += (1.0 - self.beta1) * (g - m)
         v += (1.0 - self.beta2) * (g * g - v)
-        t = self.steps
-        lr_t = self.lr * math.sqrt(1.0 - self.beta2**t) / (1.0 - self.beta1**t)
-        return -lr_t * m / (xp.sqrt(v) + self.eps)
+        slots["m"], slots["v"] = m, v
+        return -self._corrected_lr(xp, steps, g.dtype) * m / (xp.sqrt(v) + self.eps)
+
+    def _corrected_lr(self, xp, t, dtype):
+        """``lr * sqrt(1 - beta2**t) / (1 - beta1**t)``: a Python float for a step count t,
+        a 0-d array of ``dtype`` for a traced one (a compiled step)."""
+        if isinstance(t, int):
+            return self.lr * math.sqrt(1.0 - self.beta2**t) / (1.0 - self.beta1**t)
+        t = xp.astype(t, dtype)
+        return self.lr * xp.sqrt(1.0 - self.beta2**t) / (1.0 - self.beta1**t)
 
 
 OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adagrad": AdaGrad, "adam": Adam}
