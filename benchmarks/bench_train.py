@@ -6,17 +6,25 @@ values do not change the work), for each configuration:
 * xpnet through its Trainer, on every backend asked for (``--backends``), and on NumPy
   once more with its BLAS fast path off (what the fused SGD step gains from it);
 * the seeds' NumPy implementation (``seeds_numpy.py``: layer classes as in the notes);
-* PyTorch eager with autograd (``nn.Linear`` layers, ``F.cross_entropy``, ``torch.optim.SGD``);
+* PyTorch eager with autograd (``nn.Linear`` layers, ``F.cross_entropy``, ``torch.optim.SGD``),
+  and with ``--torch-compile`` the same model through ``torch.compile``;
+* on JAX devices (``jax:cpu``, ``jax:cuda``): xpnet's Trainer eager, and compiled
+  (``compile="step"``: one XLA program per step; ``compile="epoch"``: one ``lax.scan`` per
+  epoch), and the same model written by hand in JAX (``jax.value_and_grad``, SGD, the same
+  batches) as a ``jit`` step and as a ``lax.scan`` epoch;
 * the floor: only the five matrix products a step cannot avoid (x W1, h W2, dW2 = h^T dout,
-  dh = dout W2^T, dW1 = x^T dh, and one more pair per extra layer), on the same backend;
+  dh = dout W2^T, dW1 = x^T dh, and one more pair per extra layer), on NumPy for the CPU
+  contenders (JAX's CPU ones too) and on CuPy for the GPU ones;
 * for scale, the batch gather alone: taking each shuffled batch of x and t out of the dataset
   (what every contender but the floor does each step, as the Trainer does it), no math.
 
 The contenders run interleaved, one epoch each per round, after a warm-up round; each
-figure is the median over the rounds.  Also reported: the peak memory an xpnet NumPy
+figure is the median over the rounds (compiling happens in the warm-up).  Columns: the
+ratio to the floor, to xpnet's NumPy (CPU) or CuPy (GPU) Trainer, and to the hand-written
+JAX scan on the same kind of device.  Also reported: the peak memory an xpnet NumPy
 training run allocates beyond the dataset and the parameters (tracemalloc).
 
-Run:  python benchmarks/bench_train.py [--rounds 5] [--configs small ...] [--backends cpu ...]
+Run:  python benchmarks/bench_train.py [--rounds 5] [--configs small ...] [--backends cpu jax:cpu ...]
 Nothing else should run on the machine meanwhile: BLAS threads that compete for the cores
 spin, and slow everything down by an order of magnitude.
 """
@@ -60,13 +68,14 @@ def make_data(seed: int = 0):
 # -- contenders: each returns a function that runs one epoch and returns its seconds ----------
 
 
-def xpnet_epoch(sizes, batch, device, x, t, *, blas_fast_path=True):
+def xpnet_epoch(sizes, batch, device, x, t, *, blas_fast_path=True, compile=False):
     """xpnet's Trainer; ``blas_fast_path=False`` runs it with the gemm of
     ``_fast.matmul_accumulate`` turned off (NumPy's ctypes BLAS, CuPy's cublas.gemm: then the
-    library's matmul and an in-place add)."""
+    library's matmul and an in-place add); ``compile`` is the Trainer's (JAX devices)."""
     net = xpnet.MultiLayerNet(sizes, weight_init="he", device=device, dtype="float32")
-    trainer = xpnet.Trainer(net, xpnet.SGD(LR), batch_size=batch, epochs=1, progress=False)
-    x_dev, t_dev = to_device(x, device), to_device(t, device)
+    trainer = xpnet.Trainer(net, xpnet.SGD(LR), batch_size=batch, epochs=1, progress=False,
+                            compile=compile)
+    x_dev, t_dev = to_device(x, device), to_device(t, device, dtype="int64")
 
     def run():
         _fast.library()
@@ -101,7 +110,8 @@ def seeds_epoch(sizes, batch, x, t):
     return run
 
 
-def torch_epoch(sizes, batch, device, x, t):
+def torch_epoch(sizes, batch, device, x, t, *, compiled=False):
+    """PyTorch with autograd; ``compiled``: the model through ``torch.compile`` (inductor)."""
     import torch
 
     torch.manual_seed(0)
@@ -111,6 +121,8 @@ def torch_epoch(sizes, batch, device, x, t):
         if i < len(sizes) - 2:
             layers.append(torch.nn.ReLU())
     model = torch.nn.Sequential(*layers).to(device)
+    if compiled:
+        model = torch.compile(model)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     xd = torch.as_tensor(x, device=device)
     td = torch.as_tensor(t, device=device)
@@ -131,6 +143,64 @@ def torch_epoch(sizes, batch, device, x, t):
             total += loss.detach() * idx.shape[0]
         float(total)  # read the epoch's loss once, as the Trainer does
         sync()
+        return time.perf_counter() - start
+
+    return run
+
+
+def jax_epoch(sizes, batch, device, x, t, *, scan):
+    """The same model and SGD written by hand in JAX, as its documentation teaches:
+    ``jax.value_and_grad`` of a pure loss, ``jax.jit``; one compiled call per step, or with
+    ``scan`` the epoch's full batches as one ``lax.scan`` (the last, smaller batch as a step).
+    The same He-initialised weights, the same batches (a seeded permutation per epoch)."""
+    import jax
+    import jax.numpy as jnp
+
+    dev = resolve_device(device).native
+    rng = np.random.default_rng(0)
+    params = [(jax.device_put(np.sqrt(2.0 / a) * rng.standard_normal((a, b), dtype=np.float32),
+                              dev), jax.device_put(np.zeros(b, dtype=np.float32), dev))
+              for a, b in zip(sizes[:-1], sizes[1:])]
+    x_dev, t_dev = jax.device_put(x, dev), jax.device_put(t.astype(np.int32), dev)
+
+    def loss_fn(params, xb, tb):
+        h = xb
+        for i, (W, b) in enumerate(params):
+            h = h @ W + b
+            if i < len(params) - 1:
+                h = jax.nn.relu(h)
+        logp = jax.nn.log_softmax(h)
+        return -jnp.mean(jnp.take_along_axis(logp, tb[:, None], axis=1))
+
+    def sgd(params, x, t, ids):
+        loss, grads = jax.value_and_grad(loss_fn)(params, jnp.take(x, ids, axis=0),
+                                                  jnp.take(t, ids, axis=0))
+        return jax.tree.map(lambda p, g: p - LR * g, params, grads), loss
+
+    step = jax.jit(sgd)
+
+    @jax.jit
+    def loop(params, x, t, ids):
+        return jax.lax.scan(lambda p, row: sgd(p, x, t, row), params, ids)
+
+    perm = np.random.default_rng(0)
+
+    def run():
+        nonlocal params
+        start = time.perf_counter()
+        order = jax.device_put(perm.permutation(N).astype(np.int32), dev)
+        full, total = N // batch, 0.0
+        if scan:
+            params, losses = loop(params, x_dev, t_dev, order[:full * batch].reshape(full, batch))
+            total = jnp.sum(losses) * batch
+        else:
+            for s in range(full):
+                params, loss = step(params, x_dev, t_dev, order[s * batch:(s + 1) * batch])
+                total = total + loss * batch
+        if N % batch:
+            params, loss = step(params, x_dev, t_dev, order[full * batch:])
+            total = total + loss * (N - full * batch)
+        float(total)  # one read of the epoch's loss, as the Trainer does
         return time.perf_counter() - start
 
     return run
@@ -206,25 +276,112 @@ def memory_beyond_data(sizes, batch, x, t, epochs=2):
     return peak, params
 
 
+def _host_of(device: str) -> str:
+    """Where a device computes, for the floor and the reference it is compared with:
+    ``"cpu"`` for NumPy, torch's and JAX's CPU, ``"cuda"`` for the GPUs."""
+    return "cuda" if "cuda" in device.split(":") else "cpu"
+
+
+def _contenders(sizes, batch, backends, x, t, *, has_torch: bool, gpu: bool,
+                torch_compile: bool = False) -> dict:
+    """``{name: (run one epoch -> seconds, device)}`` for one configuration."""
+    contenders = {}
+    for dev in backends:
+        if resolve_device(dev).library == "jax":
+            contenders[f"xpnet {dev} eager"] = (xpnet_epoch(sizes, batch, dev, x, t), dev)
+            for mode in ("step", "epoch"):
+                contenders[f"xpnet {dev} compiled {mode}"] = (
+                    xpnet_epoch(sizes, batch, dev, x, t, compile=mode), dev)
+            contenders[f"JAX by hand {dev}, jit step"] = (
+                jax_epoch(sizes, batch, dev, x, t, scan=False), dev)
+            contenders[f"JAX by hand {dev}, lax.scan epoch"] = (
+                jax_epoch(sizes, batch, dev, x, t, scan=True), dev)
+            continue
+        contenders[f"xpnet {dev}"] = (xpnet_epoch(sizes, batch, dev, x, t), dev)
+        if (dev == "cpu" and _fast.library() is not None) or (
+                dev.startswith("cuda") and _fast._cupy_gemm() is not None):
+            contenders[f"xpnet {dev}, no BLAS fast path"] = (
+                xpnet_epoch(sizes, batch, dev, x, t, blas_fast_path=False), dev)
+    seeds = seeds_epoch(sizes, batch, x, t) if "cpu" in backends else None
+    if seeds is not None:
+        contenders["seeds-style NumPy"] = (seeds, "cpu")
+    if has_torch:
+        if "cpu" in backends:
+            contenders["PyTorch eager cpu"] = (torch_epoch(sizes, batch, "cpu", x, t), "cpu")
+            if torch_compile:
+                contenders["PyTorch torch.compile cpu"] = (
+                    torch_epoch(sizes, batch, "cpu", x, t, compiled=True), "cpu")
+        if gpu and "cuda" in backends:
+            contenders["PyTorch eager cuda"] = (torch_epoch(sizes, batch, "cuda", x, t), "cuda")
+    return contenders
+
+
+def _time_rounds(runs: dict, rounds: int) -> dict:
+    """Median seconds of each run over ``rounds`` interleaved rounds, after a warm-up round."""
+    times = {k: [] for k in runs}
+    for r in range(rounds + 1):  # round 0 is the warm-up (and the compiling)
+        for k, f in runs.items():
+            secs = f()
+            if r:
+                times[k].append(secs)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _print_rows(sizes, batch, rows: dict, med: dict) -> None:
+    for k, (_, dev) in rows.items():
+        host = _host_of(dev)
+        floor = med.get(f"floor {host} (matmuls only)")
+        ref = med.get(f"xpnet {host}")
+        jax_ref = next((v for name, v in med.items()
+                        if name.startswith("JAX by hand") and name.endswith("lax.scan epoch")
+                        and _host_of(name.split()[3].rstrip(",")) == host), None)
+        cells = [f"{med[k] / r:.2f}x" if r else "-" for r in (floor, ref, jax_ref)]
+        print(f"| {'-'.join(map(str, sizes))} | {batch} | {k} | {med[k] * 1e3:.0f} ms | "
+              f"{N / med[k]:,.0f} | " + " | ".join(cells) + " |")
+    sys.stdout.flush()
+
+
+def _defaults(args):
+    try:
+        resolve_device("cuda")
+        gpu = True
+    except (BackendUnavailableError, ValueError):
+        gpu = False
+    backends = args.backends
+    if backends is None:
+        backends = ["cpu", "cuda"] if gpu else ["cpu"]
+        try:
+            resolve_device("jax:cpu")
+            backends.append("jax:cuda" if _jax_gpu() else "jax:cpu")
+        except (BackendUnavailableError, ValueError):
+            pass
+    configs = args.configs or (["small", "medium", "wide"] + (["deep"] if gpu else []))
+    return gpu, backends, configs
+
+
+def _jax_gpu() -> bool:
+    try:
+        resolve_device("jax:cuda")
+        return True
+    except (BackendUnavailableError, ValueError):
+        return False
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rounds", type=int, default=5, help="timed epochs per contender (median)")
     p.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS),
                    help="default: small medium wide, plus deep on a GPU")
     p.add_argument("--backends", nargs="+", default=None,
-                   help="xpnet devices (default: cpu, and cuda when present); the CPU peers "
-                   "(seeds-style NumPy, PyTorch on the CPU) run only with cpu among them")
+                   help="xpnet devices (default: cpu, cuda when present, and jax:cpu or "
+                   "jax:cuda when JAX is installed); the CPU peers (seeds-style NumPy, PyTorch "
+                   "on the CPU) run only with cpu among them")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="also PyTorch through torch.compile on the CPU (needs a C++ compiler)")
     p.add_argument("--no-memory", action="store_true")
     args = p.parse_args()
-
-    try:
-        resolve_device("cuda")
-        gpu = True
-    except (BackendUnavailableError, ValueError):
-        gpu = False
-    backends = args.backends or (["cpu", "cuda"] if gpu else ["cpu"])
-    configs = args.configs or (["small", "medium", "wide"] + (["deep"] if gpu else []))
+    gpu, backends, configs = _defaults(args)
     try:
         import torch  # noqa: F401
 
@@ -235,47 +392,22 @@ def main() -> None:
 
     print(f"SGD epoch on {N} x {D} float32, {C} classes; median of {args.rounds} interleaved "
           "epochs after a warm-up\n")
-    print("| config | batch | contender | epoch | samples/s | vs floor | vs xpnet |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+    print("| config | batch | contender | epoch | samples/s | vs floor | vs xpnet NumPy/CuPy "
+          "| vs JAX by hand (scan) |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     for name in configs:
         sizes, batch = CONFIGS[name]
-        contenders = {}
-        for dev in backends:
-            contenders[f"xpnet {dev}"] = (xpnet_epoch(sizes, batch, dev, x, t), dev)
-            if (dev == "cpu" and _fast.library() is not None) or (
-                    dev.startswith("cuda") and _fast._cupy_gemm() is not None):
-                contenders[f"xpnet {dev}, no BLAS fast path"] = (
-                    xpnet_epoch(sizes, batch, dev, x, t, blas_fast_path=False), dev)
-        seeds = seeds_epoch(sizes, batch, x, t) if "cpu" in backends else None
-        if seeds is not None:
-            contenders["seeds-style NumPy"] = (seeds, "cpu")
-        if has_torch:
-            if "cpu" in backends:
-                contenders["PyTorch eager cpu"] = (torch_epoch(sizes, batch, "cpu", x, t), "cpu")
-            if gpu and "cuda" in backends:
-                contenders["PyTorch eager cuda"] = (torch_epoch(sizes, batch, "cuda", x, t), "cuda")
-        devices = sorted({d for _, d in contenders.values()})
-        floors = {dev: floor_epoch(sizes, batch, dev) for dev in devices}
-        gathers = {dev: gather_epoch(batch, dev, x, t) for dev in devices}
-        rows = {k: (f, d) for k, (f, d) in contenders.items()}
-        rows.update({f"floor {d} (matmuls only)": (f, d) for d, f in floors.items()})
-        rows.update({f"batch gather only, {d} (no math)": (f, d) for d, f in gathers.items()})
-        runs = {k: f for k, (f, _) in rows.items()}
-        times = {k: [] for k in runs}
-        for r in range(args.rounds + 1):  # round 0 is the warm-up
-            for k, f in runs.items():
-                secs = f()
-                if r:
-                    times[k].append(secs)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        for k in runs:
-            dev = rows[k][1]
-            floor = med[f"floor {dev} (matmuls only)"]
-            ref = med.get(f"xpnet {dev}")
-            vs_xpnet = f"{med[k] / ref:.2f}x" if ref else "-"
-            print(f"| {'-'.join(map(str, sizes))} | {batch} | {k} | {med[k] * 1e3:.0f} ms | "
-                  f"{N / med[k]:,.0f} | {med[k] / floor:.2f}x | {vs_xpnet} |")
-        sys.stdout.flush()
+        rows = _contenders(sizes, batch, backends, x, t, has_torch=has_torch, gpu=gpu,
+                           torch_compile=args.torch_compile)
+        for host in sorted({_host_of(d) for _, d in rows.values()}):
+            try:  # on NumPy or CuPy (a JAX-only GPU machine has no "cuda" floor)
+                rows[f"floor {host} (matmuls only)"] = (floor_epoch(sizes, batch, host), host)
+                rows[f"batch gather only, {host} (no math)"] = (
+                    gather_epoch(batch, host, x, t), host)
+            except (BackendUnavailableError, ValueError):
+                pass
+        med = _time_rounds({k: f for k, (f, _) in rows.items()}, args.rounds)
+        _print_rows(sizes, batch, rows, med)
 
     if not args.no_memory:
         print("\nPeak memory of an xpnet NumPy training run (2 epochs), beyond the dataset "

@@ -54,6 +54,8 @@ CASES = {
     "--device gpu": (["--device", "gpu"], "unknown device 'gpu'"),
     "--batch-size past the data": (["--batch-size", "100000"], "larger than the 600"),
     "--lr that explodes": (["--optimizer", "sgd", "--lr", "1000"], "the learning rate is"),
+    "--compile on NumPy": (["--compile"], "--compile needs a backend that compiles: jax"),
+    "--compile of another kind": (["--compile", "fast"], "invalid choice: 'fast'"),
 }
 
 

@@ -285,3 +285,28 @@ def test_an_existing_checkpoint_is_not_overwritten_without_resume(tmp_path):
     with pytest.raises(ValueError, match="already exists"):
         _run(tmp_path, ckpt=other, epochs=1)
     assert other.read_text() == "not a checkpoint"
+
+
+def test_a_killed_compiled_run_resumes_to_the_same_weights(cli_data, tmp_path):
+    # xpnet train --device jax:cpu --compile: killed after its first checkpoints, then resumed.
+    pytest.importorskip("jax", reason="JAX is not installed (pip install 'xpnet[jax]')")
+    jax_flags = ("--device", "jax:cpu", "--compile", "--epochs", "2")
+    ref_out = tmp_path / "ref.npz"
+    res = subprocess.run(_train_cmd(cli_data, ref_out, "--checkpoint", str(tmp_path / "r.npz"),
+                                    *jax_flags), capture_output=True, text=True,
+                         env=_env(tmp_path), timeout=300)
+    assert res.returncode == 0, res.stderr
+    ckpt, out = tmp_path / "ck.npz", tmp_path / "final.npz"
+    cmd = _train_cmd(cli_data, out, "--checkpoint", str(ckpt), *jax_flags)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(tmp_path))
+    _wait_for(ckpt, proc)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    res = subprocess.run(cmd + ["--resume", str(ckpt)], capture_output=True, text=True,
+                         env=_env(tmp_path), timeout=300)
+    assert res.returncode == 0, res.stderr
+    final, reference = read_npz(out)[1], read_npz(ref_out)[1]
+    for k in reference:
+        assert np.array_equal(final[k], reference[k]), k

@@ -1,5 +1,5 @@
 """xpnet: neural-network layers with explicit forward()/backward(), written once against the
-Python Array API, so the same code runs on NumPy (CPU), CuPy (GPU), torch and array_api_strict.
+Python Array API, so the same code runs on NumPy (CPU), CuPy (GPU), torch, JAX and array_api_strict.
 
 The layers (:mod:`xpnet.layers`), optimizers (:mod:`xpnet.optim`) and nets
 (:mod:`xpnet.nets`) are exported here by their modules' ``__all__``: a new layer,

@@ -67,6 +67,7 @@ __all__ = [
     "available_backends",
     "backend_of",
     "cast_hint",
+    "compiling_backend",
     "computes_on_inputs",
     "describe",
     "device_context",
@@ -252,6 +253,18 @@ class Backend:
     def diagnose(self, exc: BaseException) -> str:
         """What a failure of :meth:`self_test` most likely means, for its one-line message."""
         return ""
+
+    compiles = False  # whether jit() and scan() exist: Trainer(compile=True) needs them
+
+    def jit(self, function):
+        """``function`` compiled as one program for this library (JAX: ``jax.jit``); it must be
+        pure: arrays in, arrays out, nothing kept."""
+        raise NotImplementedError(f"{self.library} does not compile")
+
+    def scan(self, body, carry, xs):
+        """Inside a compiled function: ``body(carry, x) -> (carry, y)`` over the leading axis
+        of ``xs`` as one loop of the compiled program; ``(final carry, stacked ys)``."""
+        raise NotImplementedError(f"{self.library} does not compile")
 
     def storable(self, dtype: str) -> str:
         """The dtype (a name) in which this library holds an array asked for in ``dtype``:
@@ -570,6 +583,14 @@ class JaxBackend(Backend):
     def diagnose(self, exc):
         return _cuda_diagnosis(exc, "JAX")
 
+    compiles = True
+
+    def jit(self, function):
+        return self.module().jit(function)
+
+    def scan(self, body, carry, xs):
+        return importlib.import_module("jax.lax").scan(body, carry, xs)
+
     def devices(self):
         names = [self.name_of(d) for d in self._devices("cpu", "jax:cpu")]
         try:
@@ -787,6 +808,18 @@ def computes_on_inputs(func):
             return func(*args, **kwargs)
 
     return wrapper
+
+
+def compiling_backend(device: str | Device, what: str = "compile=True",
+                      subject: str = "this net's device") -> Backend:
+    """The backend of ``device`` if it compiles (:attr:`Backend.compiles`: JAX), else a
+    ValueError naming the devices whose backends do."""
+    dev = resolve_device(device)
+    if dev.backend.compiles:
+        return dev.backend
+    able = "; ".join(f"{b.library} (devices {b.forms})" for b in BACKENDS.values() if b.compiles)
+    raise ValueError(f"{what} needs a backend that compiles: {able}; {subject} "
+                     f"{dev.name!r} is {dev.library}'s, which runs eagerly")
 
 
 def self_test(device: str | Device) -> None:

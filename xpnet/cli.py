@@ -182,6 +182,7 @@ def _make_net(args: argparse.Namespace, input_size: int):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .backend import compiling_backend
     from .datasets import load_mnist
     from .optim import make_optimizer
     from .train import Trainer
@@ -191,10 +192,12 @@ def _train(args: argparse.Namespace) -> int:
     optimizer = make_optimizer(args.optimizer, args.lr)
     # Every option is checked (by building the net and the trainer) before the data is looked
     # for: a bad flag is reported as such, also where the dataset is missing.
+    if args.compile:
+        compiling_backend(args.device, "--compile", "--device")
     net = _make_net(args, _IMAGE_PIXELS)
     trainer = Trainer(net, optimizer, batch_size=args.batch_size, epochs=args.epochs,
                       seed=args.seed, progress=not args.quiet, checkpoint=checkpoint,
-                      checkpoint_every=args.checkpoint_every)
+                      checkpoint_every=args.checkpoint_every, compile=args.compile or False)
     (x, t), (xt, tt) = load_mnist(args.dataset, data_dir=args.data_dir, download=args.download)
     if x.shape[1:] != (_IMAGE_PIXELS,):
         raise ValueError(f"the {args.dataset} training images have {x.shape[1:]} values each, "
@@ -250,28 +253,21 @@ def _write_outputs(args: argparse.Namespace, net, history, say) -> None:
         say(f"saved the curves to {args.plot}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="xpnet",
-        description="Backprop layers on any Array API backend (NumPy, CuPy, torch, array_api_strict).",
-    )
-    parser.add_argument("--version", action="version", version=f"xpnet {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake told in one line (its usage block left to --help)."""
 
-    tr = sub.add_parser(
-        "train",
-        help="train a network on MNIST or Fashion-MNIST and print the test accuracy",
-        description="Train TwoLayerNet (one --hidden size) or a deeper MultiLayerNet (several) "
-        "on Fashion-MNIST or MNIST, on any device. The dataset is looked for in --data-dir, "
-        "$XPNET_DATA, ~/.cache/xpnet/<name> and /usr/share/datasets/<name> (Debian: apt-get "
-        "install dataset-fashion-mnist); --download fetches it from the official mirrors.",
-    )
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_train_arguments(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--dataset", choices=["fashion-mnist", "mnist"], default="fashion-mnist")
     tr.add_argument("--data-dir", default=None, help="where to look for the dataset first")
     tr.add_argument("--download", action="store_true",
                     help="download the dataset (SHA-256 verified) when it is not found")
     tr.add_argument("--device", default="cpu",
-                    help="cpu, cuda, cuda:N, torch:cpu, array_api_strict:device1, ... (default cpu)")
+                    help="cpu, cuda, cuda:N, torch:cpu, jax:cpu, jax:cuda:N, array_api_strict:device1, "
+                    "... (default cpu)")
     tr.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     tr.add_argument("--epochs", type=int, default=10)
     tr.add_argument("--hidden", type=int, nargs="+", default=[100], metavar="N",
@@ -295,8 +291,32 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", metavar="PATH",
                     help="continue from a checkpoint (with the same flags); the run then "
                     "keeps checkpointing there unless --checkpoint names another file")
+    tr.add_argument("--compile", nargs="?", const="epoch", choices=["epoch", "step"],
+                    default=None,
+                    help="run the training as compiled programs (JAX devices: --device jax:cpu "
+                    "or jax:cuda:N): each epoch as one loop (the default), or each step")
     tr.add_argument("--quiet", action="store_true",
                     help="print only the final test accuracy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="xpnet",
+        description="Backprop layers on any Array API backend (NumPy, CuPy, torch, JAX, "
+        "array_api_strict).",
+    )
+    parser.add_argument("--version", action="version", version=f"xpnet {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    tr = sub.add_parser(
+        "train",
+        help="train a network on MNIST or Fashion-MNIST and print the test accuracy",
+        description="Train TwoLayerNet (one --hidden size) or a deeper MultiLayerNet (several) "
+        "on Fashion-MNIST or MNIST, on any device. The dataset is looked for in --data-dir, "
+        "$XPNET_DATA, ~/.cache/xpnet/<name> and /usr/share/datasets/<name> (Debian: apt-get "
+        "install dataset-fashion-mnist); --download fetches it from the official mirrors.",
+    )
+    _add_train_arguments(tr)
     tr.set_defaults(func=_train)
     info = sub.add_parser("info", help="print the version, the backends found and their devices")
     info.add_argument("--check", action="store_true",

@@ -28,7 +28,9 @@ import numpy as np
 
 from . import checkpoint as files
 from ._io import atomic_write
+from .compiled import MODES, CompiledSteps
 from .backend import (
+    compiling_backend,
     device_context,
     dtype_name,
     is_dtype,
@@ -127,6 +129,17 @@ def _likely_cause(run: _Run) -> str:
         return (f"the training data reach {largest:.3g}: scale them first (e.g. x / 255, or "
                 "load_mnist(normalize=True))")
     return "the learning rate is probably too high"
+
+
+def _compile_mode(value) -> str | None:
+    """Trainer's ``compile`` argument as a mode of :mod:`xpnet.compiled` (None: eager)."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        return MODES[0]
+    if isinstance(value, str) and value in MODES:
+        return value
+    raise ValueError(f"compile must be True, False or one of {MODES}, got {value!r}")
 
 
 def _check_protocol(name: str, value, attributes: tuple, what: str) -> None:
@@ -234,11 +247,19 @@ class Trainer:
         it to the same final weights as an uninterrupted run.
     checkpoint_every : int, optional
         Optimizer steps between checkpoints (besides the end of each epoch).
+    compile : bool or {"epoch", "step"}, default False
+        Run the training steps as compiled programs (:mod:`xpnet.compiled`; the net must
+        be on a backend that compiles: JAX, ``device="jax:cpu"`` or ``"jax:cuda:N"``).
+        ``True`` or ``"epoch"``: each epoch's full batches as one loop (``lax.scan``),
+        stopped where a checkpoint or a progress update is due; ``"step"``: one compiled
+        program per step.  Checkpoints, resume, Ctrl-C (seen between the compiled loops)
+        and divergence detection work as without it; results equal the eager ones up to
+        rounding.
     """
 
     def __init__(self, net, optimizer, *, batch_size: int = 100, epochs: int = 10, seed: int = 0,
                  progress: bool = True, eval_batch_size: int = 1000, log_every: int = 50,
-                 checkpoint=None, checkpoint_every: int | None = None):
+                 checkpoint=None, checkpoint_every: int | None = None, compile=False):
         _check_protocol("net", net, ("params", "loss", "accuracy", "device", "dtype"),
                         "an xpnet net (Sequential, TwoLayerNet, ...)")
         _check_protocol("optimizer", optimizer, ("update", "state_dict"),
@@ -257,6 +278,9 @@ class Trainer:
             if self.checkpoint is None:
                 raise ValueError("checkpoint_every needs a checkpoint path")
         self.checkpoint_every = checkpoint_every
+        self.compile = _compile_mode(compile)
+        self._compiled = None if self.compile is None else CompiledSteps(net, optimizer,
+                                                                         self.compile)
 
     # -- data --------------------------------------------------------------------------------
 
@@ -420,13 +444,43 @@ class Trainer:
             return lambda xb, tb: step(xb, tb, opt, check_labels=False)
         return lambda xb, tb: step(xb, tb, opt)
 
+    def _advance_function(self):
+        """``advance(run, order, i, stop) -> (steps taken, their weighted losses)``: steps
+        ``i, i + 1, ...`` (at least one, none at or after ``stop``) of an epoch whose samples
+        come in ``order``.  Eagerly one step; compiled, up to ``stop`` in one program."""
+        b = self.batch_size
+        if self._compiled is not None:
+            compiled = self._compiled
+            return lambda run, order, i, stop: compiled.run(run.x, run.t, order, i, stop, b)
+        step = self._step_function()
+
+        def eager(run, order, i, stop):
+            ids = order[i * b:min((i + 1) * b, run.n)]  # an in-bounds stop: the standard's
+            loss = step(run.xp.take(run.x, ids, axis=0), run.xp.take(run.t, ids, axis=0))
+            return 1, loss * ids.shape[0]
+        return eager
+
+    def _next_stop(self, i: int, steps: int, global_step: int, shown: bool) -> int:
+        """The first step after ``i`` at which the loop must act: the epoch's end, a due
+        checkpoint, a progress-bar update."""
+        stop = steps
+        if self.checkpoint_every:
+            stop = min(stop, i + self.checkpoint_every - global_step % self.checkpoint_every)
+        if shown:
+            stop = min(stop, (i // self.log_every + 1) * self.log_every)
+        return stop
+
     @staticmethod
     def _drain(run: _Run, pending: list, epoch: int, first_step: int) -> float:
-        """Sum the weighted losses of ``pending`` (one device read); raise on NaN/inf."""
+        """Sum the weighted losses of ``pending`` (0-d, or 1-d from a compiled loop; one
+        device read); raise on NaN/inf, naming the step."""
         if not pending:
             return 0.0
         xp = run.xp
-        chunk = xp.stack(pending)
+        if any(p.ndim for p in pending):
+            chunk = xp.concat([xp.reshape(p, (-1,)) for p in pending])
+        else:
+            chunk = xp.stack(pending)
         total = float(xp.sum(chunk))
         if not math.isfinite(total):
             values = to_numpy(chunk)
@@ -467,10 +521,10 @@ class Trainer:
 
     def _fit(self, x_train, t_train, x_test, t_test, on_epoch, resume) -> History:
         run = self._start(x_train, t_train, x_test, t_test, resume)
-        step = self._step_function()
+        advance = self._advance_function()
         with _DeferredInterrupt(self.checkpoint is not None) as run.interrupt:
             for epoch in range(run.position.epoch, self.epochs + 1):
-                record = self._epoch(run, epoch, step)
+                record = self._epoch(run, epoch, advance)
                 run.history.records.append(record)
                 if self.checkpoint is not None:
                     run.position = _Position(epoch + 1, 0, 0.0, run.rng.bit_generator.state,
@@ -488,13 +542,15 @@ class Trainer:
                 and (resume is None or Path(resume).resolve() != self.checkpoint.resolve())):
             raise ValueError(f"checkpoint {str(self.checkpoint)!r} already exists: continue its "
                              "run with resume= (xpnet train --resume), or move it away")
+        if self._compiled is not None:
+            compiling_backend(self.net.device)  # still: the net may have moved since
         x, t = self._prepare(x_train, t_train, "x_train", "t_train")
         test = None if x_test is None else self._prepare(x_test, t_test, "x_test", "t_test")
         net = self.net
         history = History(config={
             "net": repr(net), "optimizer": repr(self.optimizer), "batch_size": self.batch_size,
             "epochs": self.epochs, "seed": self.seed, "device": net.device, "dtype": net.dtype,
-            "train_samples": x.shape[0],
+            "train_samples": x.shape[0], "compile": self.compile or False,
         })
         run = _Run(x, t, test, namespace(x=x), np.random.default_rng(self.seed), history,
                    _Position())
@@ -504,7 +560,7 @@ class Trainer:
             run.rng.bit_generator.state = run.position.rng_state
         return run
 
-    def _epoch(self, run: _Run, epoch: int, step) -> dict:
+    def _epoch(self, run: _Run, epoch: int, advance) -> dict:
         """Train one epoch (from where the run is) and evaluate; returns the epoch's record."""
         if epoch > run.position.epoch or run.position.rng_state is None:
             run.position = _Position(epoch, 0, 0.0, run.rng.bit_generator.state,
@@ -517,7 +573,7 @@ class Trainer:
                    dynamic_ncols=True)
         try:
             start = time.perf_counter()
-            self._steps(run, epoch, step, bar)
+            self._steps(run, epoch, advance, bar)
             seconds = time.perf_counter() - start
             record = self._record(run, epoch, seconds)
             bar.set_postfix(loss=f"{record['train_loss']:.4f}",
@@ -528,35 +584,37 @@ class Trainer:
             bar.close()  # also on Ctrl-C or divergence
         return record
 
-    def _steps(self, run: _Run, epoch: int, step, bar) -> None:
+    def _steps(self, run: _Run, epoch: int, advance, bar) -> None:
         """The optimizer steps of one epoch, with the losses read back (and checked) once at
         its end, at each checkpoint, and every ``log_every`` steps when a bar is shown."""
-        b, n, xp, position = self.batch_size, run.n, run.xp, run.position
+        b, n, position = self.batch_size, run.n, run.position
         steps = math.ceil(n / b)
         order = to_device(run.rng.permutation(n), self.net.device, dtype="int64")
         shown, pending = bar.disable is False, []
-        for i in range(position.step, steps):
-            ids = order[i * b:min((i + 1) * b, n)]  # an in-bounds stop: the standard's
-            loss = step(xp.take(run.x, ids, axis=0), xp.take(run.t, ids, axis=0))
-            pending.append(loss * ids.shape[0])
-            position.global_step += 1
+        i = position.step
+        while i < steps:
+            count, losses = advance(run, order, i,
+                                    self._next_stop(i, steps, position.global_step, shown))
+            pending.append(losses)
+            i += count
+            position.global_step += count
             due = self.checkpoint_every and position.global_step % self.checkpoint_every == 0
-            if due or run.interrupt.requested or (shown and (i + 1) % self.log_every == 0):
+            if due or run.interrupt.requested or (shown and i % self.log_every == 0):
                 position.loss_sum += self._drain(run, pending, epoch, position.step)
-                position.step = i + 1
+                position.step = i
                 if due or run.interrupt.requested:
                     self.save_checkpoint(self.checkpoint, position, run.history)
                     if run.interrupt.requested:
                         raise KeyboardInterrupt
                 bar.set_postfix(loss=f"{position.loss_sum / min(n, position.step * b):.4f}",
                                 refresh=False)
-            bar.update(1)
+            bar.update(count)
         position.loss_sum += self._drain(run, pending, epoch, position.step)  # syncs
         position.step = steps
 
     def _record(self, run: _Run, epoch: int, seconds: float) -> dict:
         """The epoch's record: its mean loss and the accuracies, evaluated in batches."""
-        accuracy = self.net.accuracy
+        accuracy = self.net.accuracy if self._compiled is None else self._compiled.accuracy
         return {
             "epoch": epoch,
             "train_loss": run.position.loss_sum / run.n,

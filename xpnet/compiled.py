@@ -1,0 +1,165 @@
+"""Compiled training: the Trainer's steps as one compiled program (``Trainer(compile=...)``).
+
+The net's own layers are traced, unchanged, into a pure function of arrays: the
+parameters, the optimizer's state, the step count and the optimizer's hyperparameters
+go in; the new parameters, state, step count and the loss come out.  While tracing, the
+net's parameters are the traced values; afterwards the net gets its arrays back and
+every layer forgets what it cached (no layer keeps a traced value).  Nothing in the
+compiled program reads a value back to the host: the label range and the data are
+checked once, before compiling (by the Trainer), and a NaN loss is caught where the
+Trainer reads the losses back, as without compiling.
+
+Two modes:
+
+* ``"step"``: one compiled program per training step (``jax.jit``), the batch gathered
+  inside it from the dataset on the device;
+* ``"epoch"``: the epoch's full batches as one loop inside one program (``lax.scan``);
+  the last, smaller batch (when the batch size does not divide the dataset) runs as one
+  compiled step.  The loop stops where the Trainer must act between steps: at a
+  checkpoint, a progress-bar update, the end of the epoch (so a Ctrl-C is seen there).
+
+Hyperparameters are arguments of the program, not constants in it: changing
+``optimizer.lr`` between epochs (a schedule in ``on_epoch``) takes effect without
+recompiling.  The backend must compile (:attr:`xpnet.backend.Backend.compiles`: JAX).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+from .backend import compiling_backend, namespace
+from .layers import Layer
+
+__all__ = ["MODES", "CompiledSteps"]
+
+MODES = ("epoch", "step")  # compile=True means the first
+
+
+class CompiledSteps:
+    """The compiled training steps of one net and optimizer (see the module docstring).
+
+    Parameters
+    ----------
+    net : a net with ``params`` (a view that takes assignment: Sequential's) and
+        ``loss_and_gradient(x, t, check_labels=False)`` (or ``loss`` and ``gradient``)
+    optimizer : an :class:`xpnet.optim.Optimizer` (its ``pure_update`` is traced)
+    mode : ``"epoch"`` or ``"step"``
+    """
+
+    def __init__(self, net, optimizer, mode: str):
+        if mode not in MODES:
+            raise ValueError(f"compile must be True, False or one of {MODES}, got {mode!r}")
+        self.backend = compiling_backend(net.device)
+        for attr in ("pure_update", "initial_state", "hyperparameters"):
+            if not callable(getattr(optimizer, attr, None)):
+                raise TypeError(f"compile needs an xpnet optimizer (SGD, Momentum, AdaGrad, "
+                                f"Adam), got {type(optimizer).__name__} (it has no {attr})")
+        self.net, self.optimizer, self.mode = net, optimizer, mode
+        self._step = self.backend.jit(self._pure_step_at)
+        self._loop = self.backend.jit(self._pure_loop)
+        self._correct = self.backend.jit(self._pure_correct)
+
+    # -- the pure functions (traced once per shape) --------------------------------------------
+
+    @contextlib.contextmanager
+    def _bound(self, params: dict):
+        """The net with ``params`` (traced) in place of its own arrays, for the trace; then
+        its own arrays back, and no traced value left in any layer."""
+        net = self.net
+        own = dict(net.params)
+        try:
+            for name, value in params.items():
+                net.params[name] = value
+            yield net
+        finally:
+            for name, value in own.items():
+                net.params[name] = value
+            for layer in (*getattr(net, "layers", {}).values(), getattr(net, "last_layer", None)):
+                if isinstance(layer, Layer):
+                    layer.reset()  # drop the traced caches
+
+    def _loss_and_gradient(self, params: dict, x, t):
+        with self._bound(params) as net:
+            if hasattr(net, "loss_and_gradient"):
+                loss, grads = net.loss_and_gradient(x, t, check_labels=False)
+            else:
+                loss, grads = net.loss(x, t), net.gradient(x, t)
+            return loss, dict(grads)
+
+    def _pure_correct(self, params, x, t):
+        """How many samples of the batch the net classifies right (a 0-d integer array)."""
+        with self._bound(params) as net:
+            scores = net.predict(x)
+        xp = namespace(scores=scores, t=t)
+        labels = xp.argmax(t, axis=1) if t.ndim == 2 else t
+        return xp.count_nonzero(xp.argmax(scores, axis=1) == labels)
+
+    def _pure_step(self, params, state, steps, hyper, x, t):
+        """One step: ``(params, state, steps, loss)`` after it."""
+        loss, grads = self._loss_and_gradient(params, x, t)
+        optimizer = copy.copy(self.optimizer)  # with the traced hyperparameters
+        for name, value in hyper.items():
+            setattr(optimizer, name, value)
+        steps = steps + 1
+        params, state = optimizer.pure_update(params, grads, state, steps)
+        return params, state, steps, loss
+
+    def _pure_step_at(self, params, state, steps, hyper, x, t, ids):
+        xp = namespace(x=x)
+        return self._pure_step(params, state, steps, hyper, xp.take(x, ids, axis=0),
+                               xp.take(t, ids, axis=0))
+
+    def _pure_loop(self, params, state, steps, hyper, x, t, ids):
+        """One step per row of ``ids`` (k, batch), as one loop: the losses are (k,)."""
+        def body(carry, row):
+            *carry, loss = self._pure_step_at(*carry, hyper, x, t, row)
+            return tuple(carry), loss
+
+        (params, state, steps), losses = self.backend.scan(body, (params, state, steps), ids)
+        return params, state, steps, losses
+
+    # -- running them --------------------------------------------------------------------------
+
+    def run(self, x, t, order, start: int, stop: int, batch_size: int) -> tuple:
+        """Take steps ``start, start + 1, ...`` (before ``stop``) of an epoch whose samples come
+        in ``order``: ``(steps taken, their losses weighted by batch size)`` (an array of
+        one or more).  The net's parameters and the optimizer's state and step count are
+        updated afterwards, as an eager step updates them."""
+        n = x.shape[0]
+        full = n // batch_size  # batches of the full size; a smaller last one runs alone
+        if self.mode == "epoch" and start < full:
+            count = min(stop, full) - start
+            xp = namespace(order=order)
+            ids = xp.reshape(order[start * batch_size:(start + count) * batch_size],
+                             (count, batch_size))
+            weight = batch_size
+            function = self._loop
+        else:
+            count = 1
+            ids = order[start * batch_size:min((start + 1) * batch_size, n)]
+            weight = ids.shape[0]
+            function = self._step
+        params, state, _, losses = function(*self._inputs(), x, t, ids)
+        self._store(params, state, count)
+        return count, losses * weight
+
+    def accuracy(self, x, t, *, batch_size: int) -> float:
+        """``net.accuracy(x, t)`` with each batch's forward pass compiled (for the Trainer's
+        evaluation; the targets were checked when the data were prepared)."""
+        n, params, correct = x.shape[0], dict(self.net.params), 0
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            correct = correct + self._correct(params, x[start:stop, ...], t[start:stop, ...])
+        return int(correct) / n  # one read
+
+    def _inputs(self) -> tuple:
+        params = dict(self.net.params)
+        opt = self.optimizer
+        return params, opt.initial_state(params), opt.steps, opt.hyperparameters()
+
+    def _store(self, params: dict, state: dict, count: int) -> None:
+        for name, value in params.items():
+            self.net.params[name] = value
+        self.optimizer.state = state
+        self.optimizer.steps += count
