@@ -31,9 +31,20 @@ import copy
 from .backend import compiling_backend, namespace
 from .layers import Layer
 
-__all__ = ["MODES", "CompiledSteps"]
+__all__ = ["MODES", "CompiledSteps", "compile_mode"]
 
 MODES = ("epoch", "step")  # compile=True means the first
+
+
+def compile_mode(value) -> str | None:
+    """The Trainer's ``compile`` argument as a mode (None: train eagerly)."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        return MODES[0]
+    if isinstance(value, str) and value in MODES:
+        return value
+    raise ValueError(f"compile must be True, False or one of {MODES}, got {value!r}")
 
 
 class CompiledSteps:
@@ -48,8 +59,7 @@ class CompiledSteps:
     """
 
     def __init__(self, net, optimizer, mode: str):
-        if mode not in MODES:
-            raise ValueError(f"compile must be True, False or one of {MODES}, got {mode!r}")
+        mode = compile_mode(mode)
         self.backend = compiling_backend(net.device)
         for attr in ("pure_update", "initial_state", "hyperparameters"):
             if not callable(getattr(optimizer, attr, None)):
@@ -106,12 +116,14 @@ class CompiledSteps:
         return params, state, steps, loss
 
     def _pure_step_at(self, params, state, steps, hyper, x, t, ids):
+        """One step on the samples ``ids`` of ``(x, t)``; its loss weighted by their count."""
         xp = namespace(x=x)
-        return self._pure_step(params, state, steps, hyper, xp.take(x, ids, axis=0),
-                               xp.take(t, ids, axis=0))
+        *out, loss = self._pure_step(params, state, steps, hyper, xp.take(x, ids, axis=0),
+                                     xp.take(t, ids, axis=0))
+        return *out, loss * ids.shape[0]
 
     def _pure_loop(self, params, state, steps, hyper, x, t, ids):
-        """One step per row of ``ids`` (k, batch), as one loop: the losses are (k,)."""
+        """One step per row of ``ids`` (k, batch), as one loop: the (weighted) losses are (k,)."""
         def body(carry, row):
             *carry, loss = self._pure_step_at(*carry, hyper, x, t, row)
             return tuple(carry), loss
@@ -133,16 +145,14 @@ class CompiledSteps:
             xp = namespace(order=order)
             ids = xp.reshape(order[start * batch_size:(start + count) * batch_size],
                              (count, batch_size))
-            weight = batch_size
             function = self._loop
         else:
             count = 1
             ids = order[start * batch_size:min((start + 1) * batch_size, n)]
-            weight = ids.shape[0]
             function = self._step
         params, state, _, losses = function(*self._inputs(), x, t, ids)
         self._store(params, state, count)
-        return count, losses * weight
+        return count, losses
 
     def accuracy(self, x, t, *, batch_size: int) -> float:
         """``net.accuracy(x, t)`` with each batch's forward pass compiled (for the Trainer's

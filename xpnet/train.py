@@ -28,7 +28,6 @@ import numpy as np
 
 from . import checkpoint as files
 from ._io import atomic_write
-from .compiled import MODES, CompiledSteps
 from .backend import (
     compiling_backend,
     device_context,
@@ -39,6 +38,7 @@ from .backend import (
     to_numpy,
     untracked,
 )
+from .compiled import CompiledSteps, compile_mode
 from .functional import check_label_range, check_seed, check_target_rows
 
 __all__ = ["DivergenceError", "History", "Trainer"]
@@ -129,17 +129,6 @@ def _likely_cause(run: _Run) -> str:
         return (f"the training data reach {largest:.3g}: scale them first (e.g. x / 255, or "
                 "load_mnist(normalize=True))")
     return "the learning rate is probably too high"
-
-
-def _compile_mode(value) -> str | None:
-    """Trainer's ``compile`` argument as a mode of :mod:`xpnet.compiled` (None: eager)."""
-    if value is False or value is None:
-        return None
-    if value is True:
-        return MODES[0]
-    if isinstance(value, str) and value in MODES:
-        return value
-    raise ValueError(f"compile must be True, False or one of {MODES}, got {value!r}")
 
 
 def _check_protocol(name: str, value, attributes: tuple, what: str) -> None:
@@ -278,7 +267,7 @@ class Trainer:
             if self.checkpoint is None:
                 raise ValueError("checkpoint_every needs a checkpoint path")
         self.checkpoint_every = checkpoint_every
-        self.compile = _compile_mode(compile)
+        self.compile = compile_mode(compile)
         self._compiled = None if self.compile is None else CompiledSteps(net, optimizer,
                                                                          self.compile)
 
