@@ -87,7 +87,9 @@ class Optimizer:
         new_params, new_state = {}, {}
         for name, p in params.items():
             xp = namespace(p=p)
-            slots = dict(state.get(name, {}))
+            # _step updates writable slots in place: copies of them, the caller's are kept.
+            slots = {k: xp.asarray(v, copy=True) if is_writable(v) else v
+                     for k, v in state.get(name, {}).items()}
             new_params[name] = p + self._step(xp, slots, grads[name], steps)
             if slots:
                 new_state[name] = slots
