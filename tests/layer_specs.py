@@ -56,7 +56,106 @@ def _torch_softmax_loss(x, t):
     return -(rows * logp).sum() / x.shape[0]
 
 
+def _conv_reference(x, W, b, *, stride, pad):
+    """A direct nested-loop convolution (no im2col): the independent forward reference."""
+    x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    fh, fw = W.shape[2:]
+    oh, ow = (x.shape[2] - fh) // stride + 1, (x.shape[3] - fw) // stride + 1
+    out = np.empty((x.shape[0], W.shape[0], oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            patch = x[:, :, i * stride:i * stride + fh, j * stride:j * stride + fw]
+            out[:, :, i, j] = np.tensordot(patch, W, axes=([1, 2, 3], [1, 2, 3])) + b
+    return out
+
+
+def _pool_reference(x, *, size, stride, pad, mode):
+    fill = -np.inf if mode == "max" else 0.0
+    x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)), constant_values=fill)
+    ph, pw = size
+    oh, ow = (x.shape[2] - ph) // stride + 1, (x.shape[3] - pw) // stride + 1
+    out = np.empty((*x.shape[:2], oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            window = x[:, :, i * stride:i * stride + ph, j * stride:j * stride + pw]
+            out[:, :, i, j] = window.max(axis=(2, 3)) if mode == "max" else window.mean(axis=(2, 3))
+    return out
+
+
+def _bn_reference(x, gamma, beta, eps=1e-5):
+    axes = (0,) if x.ndim == 2 else (0, 2, 3)
+    shape = (1, -1) if x.ndim == 2 else (1, -1, 1, 1)
+    mean, var = x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True)
+    return gamma.reshape(shape) * (x - mean) / np.sqrt(var + eps) + beta.reshape(shape)
+
+
+def dropout_reference(x, ratio, seed, draw=0):
+    """Inverted dropout with the documented mask: NumPy's generator seeded (seed, draw),
+    float32 uniforms, kept where >= ratio."""
+    keep = np.random.default_rng((seed, draw)).random(x.shape, dtype=np.float32) >= ratio
+    return x * keep / (1.0 - ratio)
+
+
+def _conv_spec(rng, name, w_shape, x_shape, stride, pad):
+    return Spec(name, lambda p: xpnet.Convolution(p["W"], p["b"], stride=stride, pad=pad),
+                {"W": rng.standard_normal(w_shape), "b": rng.standard_normal(w_shape[0])},
+                [rng.standard_normal(x_shape)],
+                lambda x, W, b: _conv_reference(x, W, b, stride=stride, pad=pad),
+                param_grads={"W": "dW", "b": "db"},
+                torch_fn=lambda x, W, b: _torch_f().conv2d(x, W, b, stride=stride, padding=pad))
+
+
+def _pool_spec(rng, name, size, x_shape, stride, pad, mode):
+    def torch_fn(x):
+        f = _torch_f().max_pool2d if mode == "max" else _torch_f().avg_pool2d
+        return f(x, size, stride=stride, padding=pad)
+
+    return Spec(name, lambda p: xpnet.Pooling(*size, stride=stride, pad=pad, mode=mode), {},
+                [rng.standard_normal(x_shape)],
+                lambda x: _pool_reference(x, size=size, stride=stride, pad=pad, mode=mode),
+                torch_fn=torch_fn)
+
+
+def _bn_spec(rng, name, x_shape):
+    c = x_shape[1]
+    return Spec(name, lambda p: xpnet.BatchNormalization(p["gamma"], p["beta"]),
+                {"gamma": 1 + 0.5 * rng.standard_normal(c), "beta": rng.standard_normal(c)},
+                [2 + 3 * rng.standard_normal(x_shape)], _bn_reference,
+                param_grads={"gamma": "dgamma", "beta": "dbeta"},
+                torch_fn=lambda x, gamma, beta: _torch_f().batch_norm(
+                    x, None, None, gamma, beta, training=True, eps=1e-5))
+
+
+def _torch_f():
+    import torch.nn.functional
+
+    return torch.nn.functional
+
+
+def chapter_7_8_specs(rng: np.random.Generator) -> list[Spec]:
+    """Convolution, Pooling, BatchNormalization (training mode) and Dropout."""
+    return [
+        _conv_spec(rng, "conv", (3, 2, 3, 3), (2, 2, 5, 5), 1, 0),
+        _conv_spec(rng, "conv-stride2-pad1", (4, 2, 3, 3), (2, 2, 6, 5), 2, 1),
+        _conv_spec(rng, "conv-nonsquare-pad2", (2, 3, 2, 3), (1, 3, 4, 5), 1, 2),
+        _conv_spec(rng, "conv-stride3-1x1", (3, 2, 1, 1), (2, 2, 7, 4), 3, 0),
+        _pool_spec(rng, "maxpool-2x2", (2, 2), (2, 3, 4, 6), 2, 0, "max"),
+        _pool_spec(rng, "maxpool-3x3-stride2-pad1", (3, 3), (2, 2, 5, 4), 2, 1, "max"),
+        _pool_spec(rng, "maxpool-3x2-overlapping", (3, 2), (1, 2, 5, 4), 1, 0, "max"),
+        _pool_spec(rng, "avgpool-2x2-odd", (2, 2), (2, 2, 5, 7), 2, 0, "avg"),
+        _pool_spec(rng, "avgpool-3x3-stride2-pad1", (3, 3), (2, 2, 5, 4), 2, 1, "avg"),
+        _bn_spec(rng, "batchnorm-2d", (6, 4)),
+        _bn_spec(rng, "batchnorm-4d", (4, 3, 2, 3)),
+        Spec("dropout", lambda p: xpnet.Dropout(0.4, seed=3), {}, [rng.standard_normal((6, 5))],
+             lambda x: dropout_reference(x, 0.4, 3)),
+    ]
+
+
 def make_specs(rng: np.random.Generator) -> list[Spec]:
+    return _chapter_5_specs(rng) + chapter_7_8_specs(rng)
+
+
+def _chapter_5_specs(rng: np.random.Generator) -> list[Spec]:
     labels = np.array([0, 3, 1, 3, 2], dtype=np.int64)
     probs = rng.random((5, 4))
     probs /= probs.sum(axis=1, keepdims=True)

@@ -317,21 +317,24 @@ def sgd_train_step(net, x, t, optimizer, **loss_options):
     unfused update by rounding only (a few units in the last place per step).
     Returns the loss (before the step).
     """
-    lr = optimizer.lr
+    lr, decay = optimizer.lr, getattr(net, "weight_decay", 0.0)
     loss = net.loss(x, t, train=True, **loss_options)
     dout = net.last_layer.backward()
     for layer in reversed(list(net.layers.values())):
-        dout = _affine_backward_sgd(layer, dout, lr) if type(layer) is Affine \
-            else _backward_sgd(layer, dout, lr)
+        dout = _affine_backward_sgd(layer, dout, lr, decay) if type(layer) is Affine \
+            else _backward_sgd(layer, dout, lr, decay)
     optimizer.steps += 1
     return loss
 
 
-def _backward_sgd(layer, dout, lr: float):
-    """Any layer: its backward, then ``p += -lr * g`` for each of its parameters (SGD's update)."""
+def _backward_sgd(layer, dout, lr: float, decay: float = 0.0):
+    """Any layer: its backward, then ``p += -lr * g`` for each of its parameters (SGD's update),
+    with ``g + decay * p`` for its ``decay_names`` (weight decay)."""
     dx = layer.backward(dout)
     for name, g in layer.grads.items():
         p = getattr(layer, name)
+        if decay and name in layer.decay_names:
+            g = g + decay * p
         if is_writable(p):
             p += -lr * g
         else:
@@ -339,11 +342,16 @@ def _backward_sgd(layer, dout, lr: float):
     return dx
 
 
-def _affine_backward_sgd(layer: Affine, dout, lr: float):
-    """Affine's backward fused with ``W -= lr x^T dout``, ``b -= lr sum_n dout``."""
+def _affine_backward_sgd(layer: Affine, dout, lr: float, decay: float = 0.0):
+    """Affine's backward fused with ``W -= lr (x^T dout + decay W)``, ``b -= lr sum_n dout``."""
     layer.check_dout(dout)
     xp = namespace(dout=dout, W=layer.W)
     dx = layer.input_gradient(xp, dout)  # before W changes
+    if decay:  # W - lr decay W, then the product accumulated onto it
+        if is_writable(layer.W):
+            layer.W *= 1.0 - lr * decay
+        else:
+            layer.W = layer.W * (1.0 - lr * decay)
     layer.W = matmul_accumulate(layer.W, layer.x, dout, -lr, trans_a=True)
     step = lr * xp.sum(dout, axis=0)
     if is_writable(layer.b):

@@ -1020,6 +1020,22 @@ def to_device(x, device: str | Device, *, dtype=None, copy: bool = False):
     return out
 
 
+def dropout_mask(like, ratio: float, seed: int, draw: int):
+    """Inverted dropout's mask for an array ``like``: ``1 / (1 - ratio)`` where an element is
+    kept, 0 where it is dropped, of like's shape, dtype, library and device.
+
+    Drawn on the host from NumPy's generator seeded with ``(seed, draw)`` (float32 uniforms,
+    kept where >= ``ratio``) and copied to the device: the same seed and draw give the same
+    mask on every backend and in either dtype, and a resumed run (which restores ``draw``)
+    draws what an uninterrupted one would.
+    """
+    rng = np.random.default_rng((int(seed), int(draw)))
+    keep = rng.random(tuple(like.shape), dtype=np.float32) >= ratio
+    host = keep.astype(dtype_name(like.dtype))
+    host *= 1.0 / (1.0 - ratio)
+    return host if type(like) is np.ndarray else to_device(host, device_of(like))
+
+
 def available_backends() -> list[dict]:
     """What each registered library offers on this machine, for ``xpnet info``.
 

@@ -8,12 +8,14 @@ atomically and read without trusting anything in them (bounded reads, no pickle)
 format             contents
 =================  =================================================================
 ``xpnet-net-1``    header: the net's config (``class``, sizes, ...); arrays: one per
-                   parameter, named like ``net.params`` (``W1``, ``b1``, ...)
+                   parameter, named like ``net.params`` (``W1``, ``b1``, ...), and
+                   ``state/<key>`` for the layers' other state (``net.state``: running
+                   statistics, dropout counts as 0-d int64)
 ``xpnet-train-1``  header: the net's config, the trainer's settings, the optimizer's
                    type, hyperparameters and step count, the position in the run
                    (epoch, step, loss so far, RNG state) and the history; arrays:
-                   ``param/<name>`` for the parameters and ``opt/<name>/<slot>`` for
-                   the optimizer's state
+                   ``param/<name>`` for the parameters, ``state/<key>`` for the net's
+                   other state and ``opt/<name>/<slot>`` for the optimizer's state
 =================  =================================================================
 """
 
@@ -27,6 +29,7 @@ from ._io import read_npz, write_npz
 
 __all__ = [
     "MODEL_FORMAT",
+    "STATE_PREFIX",
     "TRAINING_FORMAT",
     "TrainingState",
     "check_param_arrays",
@@ -34,12 +37,14 @@ __all__ = [
     "read_training",
     "save_model",
     "save_training",
+    "split_state",
 ]
 
 MODEL_FORMAT = "xpnet-net-1"
 TRAINING_FORMAT = "xpnet-train-1"
 PARAM_PREFIX = "param/"
 OPTIMIZER_PREFIX = "opt/"
+STATE_PREFIX = "state/"
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -59,6 +64,12 @@ def read_model(path) -> tuple[dict, dict]:
         raise ValueError(f"{path}: unknown checkpoint format {header.get('format')!r}{hint}")
     config = {k: v for k, v in header.items() if k != "format"}
     return config, arrays
+
+
+def split_state(arrays: dict) -> dict:
+    """Remove the ``state/<key>`` arrays from ``arrays`` (in place); return them by key."""
+    keys = [k for k in arrays if k.startswith(STATE_PREFIX)]
+    return {k[len(STATE_PREFIX):]: arrays.pop(k) for k in keys}
 
 
 def check_param_arrays(path, arrays: dict, expected: dict) -> None:
@@ -95,11 +106,13 @@ class TrainingState:
     position: dict
     history: dict
     params: dict = field(default_factory=dict)
+    net_state: dict = field(default_factory=dict)
 
 
 def save_training(path, state: TrainingState) -> None:
     """Write a training checkpoint atomically."""
     arrays = {PARAM_PREFIX + k: v for k, v in state.params.items()}
+    arrays.update({STATE_PREFIX + k: v for k, v in state.net_state.items()})
     arrays.update({f"{OPTIMIZER_PREFIX}{n}/{k}": v
                    for n, slots in state.optimizer["state"].items() for k, v in slots.items()})
     header = {
@@ -120,6 +133,7 @@ def read_training(path) -> TrainingState:
         raise ValueError(f"{path}: not a training checkpoint (format {header.get('format')!r}; "
                          "a model saved with net.save loads with TwoLayerNet.load)")
     params, slots = {}, {}
+    net_state = split_state(arrays)
     for key, value in arrays.items():
         if key.startswith(PARAM_PREFIX):
             params[key[len(PARAM_PREFIX):]] = value
@@ -132,6 +146,6 @@ def read_training(path) -> TrainingState:
         optimizer = {**{k: header["optimizer"][k] for k in ("type", "hyper", "steps")},
                      "state": slots}
         return TrainingState(header["net"], header["trainer"], optimizer, header["position"],
-                             header["history"], params)
+                             header["history"], params, net_state)
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{path}: incomplete training checkpoint: {exc!r}") from None

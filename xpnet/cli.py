@@ -72,34 +72,67 @@ def _fast_paths() -> str:
             "NumPy's matmul")
 
 
-def _book_batch(dataset: str, n: int, seed: int, data_dir):
-    """The first n training samples of the dataset, or seeded random data when it is absent."""
+def _book_batch(dataset: str, n: int, seed: int, data_dir, images: bool = False):
+    """The first n training samples of the dataset (flat, or (1, 28, 28) ``images``), or
+    seeded random data when it is absent."""
     from .datasets import DatasetNotFoundError, load_mnist
 
     if dataset != "random":
         try:
-            (x, t), _ = load_mnist(dataset, data_dir=data_dir)
+            (x, t), _ = load_mnist(dataset, data_dir=data_dir, flatten=not images)
             return x[:n], t[:n], f"the first {n} {dataset} training images"
         except DatasetNotFoundError:
             print(f"note: {dataset} not found (see xpnet train --help for how to get it); "
                   "using seeded random data instead", file=sys.stderr)
     rng = np.random.default_rng(seed)
-    x = rng.random((n, 784), dtype=np.float64).astype(np.float32)
-    return x, rng.integers(0, 10, size=n), f"{n} seeded random samples"
+    x = rng.random((n, *_IMAGE_SHAPE) if images else (n, 784), dtype=np.float64)
+    return x.astype(np.float32), rng.integers(0, 10, size=n), f"{n} seeded random samples"
+
+
+# gradcheck's nets: small enough that every element is checked in seconds (the book's check
+# uses TwoLayerNet(784, 50, 10) on 3 samples); the deep net by default in sampled mode.
+_GRADCHECK_DEFAULTS = {"mlp": {"hidden": 50, "filters": None, "mode": "full"},
+                       "convnet": {"hidden": 10, "filters": 5, "mode": "full"},
+                       "deepconvnet": {"hidden": 50, "filters": None, "mode": "sampled"}}
+
+
+def _random_biases(net, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for name in net.params:
+        if name.startswith("b"):
+            shape = tuple(net.params[name].shape)
+            net.params[name] = to_device(0.1 * rng.standard_normal(shape), net.device,
+                                         dtype=net.dtype)
 
 
 def _gradcheck(args: argparse.Namespace) -> int:
     from .gradcheck import check_gradients
-    from .nets import TwoLayerNet
 
-    for flag, value in (("--samples", args.samples), ("--hidden", args.hidden)):
+    defaults = _GRADCHECK_DEFAULTS[args.model]
+    if args.filters is not None and defaults["filters"] is None:
+        raise ValueError(f"--filters applies to --model convnet, not {args.model}")
+    args.hidden = [defaults["hidden"] if args.hidden is None else args.hidden]
+    args.filters = defaults["filters"] if args.filters is None else args.filters
+    mode = args.mode or defaults["mode"]
+    for flag, value in (("--samples", args.samples), ("--hidden", args.hidden[0]),
+                        ("--filters", args.filters or 1)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
-    net = TwoLayerNet(784, args.hidden, 10, seed=args.seed, device=args.device, dtype=args.dtype)
-    x, t, what = _book_batch(args.dataset, args.samples, args.seed, args.data_dir)
-    print(f"TwoLayerNet(784, {args.hidden}, 10) on {net.device} {net.dtype}, {what}")
+    args.weight_decay, args.dropout, args.batchnorm, args.activation = 0.0, None, False, "relu"
+    net = _make_net(args)
+    x, t, what = _book_batch(args.dataset, args.samples, args.seed, args.data_dir,
+                             images=args.model != "mlp")
+    shape = {"mlp": f"TwoLayerNet(784, {args.hidden[0]}, 10)",
+             "convnet": f"SimpleConvNet({args.filters} 5x5 filters, {args.hidden[0]} hidden)",
+             "deepconvnet": f"DeepConvNet({args.hidden[0]} hidden)"}[args.model]
+    print(f"{shape} on {net.device} {net.dtype}, {what}")
+    if args.model != "mlp":
+        _random_biases(net, args.seed)
+        print("(biases drawn at random, std 0.1: with zero biases the images' blank background "
+              "puts convolution outputs exactly on ReLU's kink, where no finite difference "
+              "matches a derivative)")
     report = check_gradients(net, to_device(x, net.device, dtype=net.dtype),
-                             to_device(t, net.device), mode=args.mode, seed=args.seed)
+                             to_device(t, net.device), mode=mode, seed=args.seed)
     print(report)
     return 0 if report.ok else 1
 
@@ -168,17 +201,49 @@ def _check_train_paths(args: argparse.Namespace):
     return checkpoint, resumed
 
 
-_IMAGE_PIXELS = 28 * 28  # MNIST and Fashion-MNIST, flattened by load_mnist
+_IMAGE_SHAPE = (1, 28, 28)  # MNIST and Fashion-MNIST; load_mnist flattens them to 784
+_IMAGE_PIXELS = 28 * 28
+_HIDDEN_DEFAULT = {"mlp": [100], "convnet": [100], "deepconvnet": [50]}
 
 
-def _make_net(args: argparse.Namespace, input_size: int):
-    from .nets import MultiLayerNet, TwoLayerNet
+def _model_options(args: argparse.Namespace) -> None:
+    """Fill in the model-dependent defaults of ``args``; a flag that does not apply to
+    ``--model`` is a ValueError naming both."""
+    model = args.model
+    if args.filters is not None and model != "convnet":
+        raise ValueError(f"--filters applies to --model convnet, not {model}")
+    if args.dropout is not None and model == "convnet":
+        raise ValueError("--dropout applies to --model mlp and deepconvnet, not convnet "
+                         "(the book's SimpleConvNet has no dropout)")
+    if args.batchnorm and model != "mlp":
+        raise ValueError(f"--batchnorm applies to --model mlp, not {model}")
+    if args.hidden is None:
+        args.hidden = _HIDDEN_DEFAULT[model]
+    elif model != "mlp" and len(args.hidden) != 1:
+        raise ValueError(f"--model {model} has one hidden layer: give --hidden one size, got "
+                         f"{len(args.hidden)}")
+    if model != "mlp" and args.activation != "relu":
+        raise ValueError(f"--activation applies to --model mlp; {model} uses ReLU")
 
-    sizes = [input_size, *args.hidden, 10]
-    if len(args.hidden) == 1 and args.activation == "relu":
-        return TwoLayerNet(*sizes, seed=args.seed, device=args.device, dtype=args.dtype)
-    return MultiLayerNet(sizes, activation=args.activation, seed=args.seed, device=args.device,
-                         dtype=args.dtype)
+
+def _make_net(args: argparse.Namespace):
+    from .nets import DeepConvNet, MultiLayerNet, SimpleConvNet, TwoLayerNet
+
+    where = {"seed": args.seed, "device": args.device, "dtype": args.dtype}
+    decay = {"weight_decay": args.weight_decay}
+    if args.model == "convnet":
+        conv = {"filter_num": args.filters or 30, "filter_size": 5, "pad": 0, "stride": 1}
+        return SimpleConvNet(_IMAGE_SHAPE, conv, args.hidden[0], 10, **decay, **where)
+    if args.model == "deepconvnet":
+        ratio = {} if args.dropout is None else {"dropout_ratio": args.dropout}
+        return DeepConvNet(_IMAGE_SHAPE, hidden_size=args.hidden[0], **ratio, **decay, **where)
+    sizes = [_IMAGE_PIXELS, *args.hidden, 10]
+    if (len(args.hidden) == 1 and args.activation == "relu" and not args.weight_decay
+            and args.dropout is None and not args.batchnorm):
+        return TwoLayerNet(*sizes, **where)
+    extras = {"use_batchnorm": args.batchnorm, "use_dropout": args.dropout is not None,
+              "dropout_ratio": 0.5 if args.dropout is None else args.dropout}
+    return MultiLayerNet(sizes, activation=args.activation, **extras, **decay, **where)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -192,16 +257,19 @@ def _train(args: argparse.Namespace) -> int:
     optimizer = make_optimizer(args.optimizer, args.lr)
     # Every option is checked (by building the net and the trainer) before the data is looked
     # for: a bad flag is reported as such, also where the dataset is missing.
+    _model_options(args)
     if args.compile:
         compiling_backend(args.device, "--compile", "--device")
-    net = _make_net(args, _IMAGE_PIXELS)
+    net = _make_net(args)
     trainer = Trainer(net, optimizer, batch_size=args.batch_size, epochs=args.epochs,
                       seed=args.seed, progress=not args.quiet, checkpoint=checkpoint,
                       checkpoint_every=args.checkpoint_every, compile=args.compile or False)
-    (x, t), (xt, tt) = load_mnist(args.dataset, data_dir=args.data_dir, download=args.download)
-    if x.shape[1:] != (_IMAGE_PIXELS,):
-        raise ValueError(f"the {args.dataset} training images have {x.shape[1:]} values each, "
-                         f"expected {_IMAGE_PIXELS} (28 x 28)")
+    images = args.model != "mlp"
+    (x, t), (xt, tt) = load_mnist(args.dataset, data_dir=args.data_dir, download=args.download,
+                                  flatten=not images)
+    if x.shape[1:] != (_IMAGE_SHAPE if images else (_IMAGE_PIXELS,)):
+        raise ValueError(f"the {args.dataset} training images have shape {x.shape[1:]}, "
+                         f"expected 28 x 28")
     if args.batch_size > x.shape[0]:
         raise ValueError(f"--batch-size {args.batch_size} is larger than the {x.shape[0]} "
                          f"{args.dataset} training images")
@@ -270,10 +338,23 @@ def _add_train_arguments(tr: argparse.ArgumentParser) -> None:
                     "... (default cpu)")
     tr.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     tr.add_argument("--epochs", type=int, default=10)
-    tr.add_argument("--hidden", type=int, nargs="+", default=[100], metavar="N",
-                    help="hidden layer sizes (default 100: TwoLayerNet(784, 100, 10))")
+    tr.add_argument("--model", choices=list(_HIDDEN_DEFAULT), default="mlp",
+                    help="mlp: TwoLayerNet / MultiLayerNet (default); convnet: the book's "
+                    "SimpleConvNet; deepconvnet: the book's DeepConvNet (both on 28x28 images)")
+    tr.add_argument("--hidden", type=int, nargs="+", default=None, metavar="N",
+                    help="hidden layer sizes (mlp, default 100: TwoLayerNet(784, 100, 10)); "
+                    "the affine hidden size of convnet (default 100) and deepconvnet (50)")
     tr.add_argument("--activation", choices=["relu", "sigmoid"], default="relu",
-                    help="activation of a deeper net (TwoLayerNet uses ReLU)")
+                    help="activation of a deeper mlp (TwoLayerNet uses ReLU)")
+    tr.add_argument("--filters", type=int, default=None, metavar="N",
+                    help="convnet: the number of 5x5 filters (default 30)")
+    tr.add_argument("--weight-decay", type=float, default=0.0, metavar="LAMBDA",
+                    help="L2 weight decay on the weights (default 0)")
+    tr.add_argument("--dropout", type=float, default=None, metavar="RATIO",
+                    help="mlp: dropout of RATIO after each hidden layer; deepconvnet: its "
+                    "dropout ratio (default 0.5)")
+    tr.add_argument("--batchnorm", action="store_true",
+                    help="mlp: batch normalization after each hidden affine layer")
     tr.add_argument("--batch-size", type=int, default=100)
     tr.add_argument("--optimizer", choices=list(OPTIMIZERS), default="momentum")
     tr.add_argument("--lr", type=float, default=None, help="learning rate (default: " + ", ".join(
@@ -328,21 +409,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     gc = sub.add_parser(
         "gradcheck",
-        help="check TwoLayerNet's backprop against float64 numerical gradients (the book's check)",
-        description="Reproduces the book's gradient check: TwoLayerNet(784, 50, 10) on 3 samples, "
-        "backprop against centered differences on a float64 host copy, plus the gradients on "
-        "--device against the host's. Exit status 1 when a gradient disagrees.",
+        help="check a net's backprop against float64 numerical gradients (the book's check)",
+        description="Reproduces the book's gradient check: TwoLayerNet(784, 50, 10) on 3 samples "
+        "(--model convnet: SimpleConvNet with 5 filters and 10 hidden units on 28x28 images; "
+        "deepconvnet: DeepConvNet, sampled), backprop against centered differences on a float64 "
+        "host copy, plus the gradients on --device against the host's. Exit status 1 when a "
+        "gradient disagrees.",
     )
-    gc.add_argument("--mode", choices=["full", "sampled", "directional"], default="full",
-                    help="every element (default), 10 random elements per array, or 3 random "
-                    "directions per array")
+    gc.add_argument("--model", choices=list(_GRADCHECK_DEFAULTS), default="mlp")
+    gc.add_argument("--mode", choices=["full", "sampled", "directional"], default=None,
+                    help="every element (default; sampled for deepconvnet), 10 random elements "
+                    "per array, or 3 random directions per array")
     gc.add_argument("--device", default="cpu", help="device string (default: cpu)")
     gc.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     gc.add_argument("--dataset", choices=["fashion-mnist", "mnist", "random"],
                     default="fashion-mnist", help="real data when found (default: fashion-mnist)")
     gc.add_argument("--data-dir", default=None, help="where to look for the dataset first")
     gc.add_argument("--samples", type=int, default=3, help="batch size (default: 3)")
-    gc.add_argument("--hidden", type=int, default=50, help="hidden units (default: 50)")
+    gc.add_argument("--hidden", type=int, default=None,
+                    help="hidden units (default: 50; convnet 10)")
+    gc.add_argument("--filters", type=int, default=None,
+                    help="convnet: the number of filters (default: 5)")
     gc.add_argument("--seed", type=int, default=0)
     gc.set_defaults(func=_gradcheck)
     return parser

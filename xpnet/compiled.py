@@ -65,6 +65,13 @@ class CompiledSteps:
             if not callable(getattr(optimizer, attr, None)):
                 raise TypeError(f"compile needs an xpnet optimizer (SGD, Momentum, AdaGrad, "
                                 f"Adam), got {type(optimizer).__name__} (it has no {attr})")
+        stateful = sorted({type(layer).__name__ for layer in getattr(net, "layers", {}).values()
+                           if getattr(layer, "has_train_mode", False)
+                           or getattr(layer, "state_names", ())})
+        if stateful:
+            raise ValueError(f"compile does not support nets with {', '.join(stateful)} yet "
+                             "(their dropout masks and running statistics change outside the "
+                             "compiled step); train this net without compile")
         self.net, self.optimizer, self.mode = net, optimizer, mode
         self._step = self.backend.jit(self._pure_step_at)
         self._loop = self.backend.jit(self._pure_loop)

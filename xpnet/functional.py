@@ -1,5 +1,5 @@
 """Stateless math on any Array API namespace: affine, sigmoid, softmax, log_softmax, one_hot,
-cross_entropy.
+cross_entropy, and the window helpers of convolution and pooling (im2col, col2im).
 
 Every function takes arrays of one library on one device and returns arrays of
 the same library, device and floating dtype.  The namespace comes from
@@ -18,6 +18,9 @@ from .backend import dtype_name, is_array, is_dtype, namespace, native_device, t
 
 __all__ = [
     "affine",
+    "col2im",
+    "conv_output_size",
+    "im2col",
     "cross_entropy",
     "log_softmax",
     "one_hot",
@@ -293,3 +296,68 @@ def cross_entropy(logits, t, *, check_labels: bool = True):
     rows, from_labels = targets_as_rows(xp, logits, t, check_labels=check_labels)
     row_sums = None if from_labels else xp.sum(rows, axis=1, keepdims=True)
     return softmax_cross_entropy(xp, logits, rows, row_sums)[1]
+
+
+# -- windows: im2col and col2im (convolution and pooling) ---------------------------------------
+
+
+def conv_output_size(size: int, window: int, stride: int, pad: int) -> int:
+    """How many windows of ``window`` fit along an axis of ``size`` padded by ``pad`` on both
+    sides, ``stride`` apart: ``(size + 2 pad - window) // stride + 1`` (0 if none fits)."""
+    return max(0, (size + 2 * pad - window) // stride + 1)
+
+
+def _window_slices(fh: int, fw: int, stride: int, oh: int, ow: int):
+    """``[(rows, cols), ...]`` per window offset (i, j) in row-major order: the strided slices
+    that pick, for every output position, the input element at that offset of its window."""
+    return [(slice(i, i + stride * (oh - 1) + 1, stride), slice(j, j + stride * (ow - 1) + 1, stride))
+            for i in range(fh) for j in range(fw)]
+
+
+def pad_spatial(xp, x, pad: int, value: float = 0.0):
+    """x (N, C, H, W) padded by ``pad`` on both sides of H and W with ``value`` (array-api-extra's
+    ``pad``); x itself when ``pad`` is 0."""
+    if not pad:
+        return x
+    return xpx.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)), constant_values=value, xp=xp)
+
+
+def windows(xp, x, fh: int, fw: int, stride: int, oh: int, ow: int):
+    """The (fh, fw) windows of a padded x (N, C, Hp, Wp), ``stride`` apart, as
+    (N, C, oh, ow, fh * fw): one strided slice per window offset, stacked."""
+    return xp.stack([x[:, :, rows, cols] for rows, cols in _window_slices(fh, fw, stride, oh, ow)],
+                    axis=-1)
+
+
+def im2col(xp, x, fh: int, fw: int, stride: int = 1, pad: int = 0):
+    """x (N, C, H, W) as the rows of its (fh, fw) windows: (N * OH * OW, C * fh * fw), one row
+    per output position (n, oh, ow) in that order, its columns ordered (c, i, j) like
+    ``W.reshape(FN, -1)`` (the book's layout).  Padding with zeros by array-api-extra's ``pad``,
+    the windows by strided slicing and stacking (no integer-array indexing)."""
+    n, c, h, w = x.shape
+    oh, ow = conv_output_size(h, fh, stride, pad), conv_output_size(w, fw, stride, pad)
+    col = windows(xp, pad_spatial(xp, x, pad), fh, fw, stride, oh, ow)  # (N, C, OH, OW, K)
+    col = xp.permute_dims(col, (0, 2, 3, 1, 4))  # (N, OH, OW, C, fh * fw)
+    return xp.reshape(col, (n * oh * ow, c * fh * fw))
+
+
+def scatter_windows(xp, dwin, shape: tuple, fh: int, fw: int, stride: int, pad: int):
+    """The adjoint of :func:`windows` (then of the padding): ``dwin`` (N, C, OH, OW, fh * fw)
+    summed back onto an x of ``shape`` (N, C, H, W), each window offset added at its strided
+    positions with array-api-extra's ``at(...).add(...)`` (in place on a fresh array where the
+    library allows it, functional on JAX); overlapping windows add up."""
+    n, c, h, w = shape
+    oh, ow = dwin.shape[2], dwin.shape[3]
+    dx = xp.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=dwin.dtype, device=native_device(dwin))
+    for k, (rows, cols) in enumerate(_window_slices(fh, fw, stride, oh, ow)):
+        dx = xpx.at(dx)[:, :, rows, cols].add(dwin[..., k], xp=xp)
+    return dx[:, :, pad:pad + h, pad:pad + w] if pad else dx
+
+
+def col2im(xp, col, shape: tuple, fh: int, fw: int, stride: int = 1, pad: int = 0):
+    """The adjoint of :func:`im2col`: rows (N * OH * OW, C * fh * fw) summed back onto an x of
+    ``shape`` (N, C, H, W); where windows overlap their contributions add up."""
+    n, c, h, w = shape
+    oh, ow = conv_output_size(h, fh, stride, pad), conv_output_size(w, fw, stride, pad)
+    dwin = xp.permute_dims(xp.reshape(col, (n, oh, ow, c, fh * fw)), (0, 3, 1, 2, 4))
+    return scatter_windows(xp, dwin, shape, fh, fw, stride, pad)

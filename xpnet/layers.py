@@ -1,5 +1,5 @@
 """Layers with explicit ``forward()`` / ``backward()``: the :class:`Layer` protocol, and Mul,
-Add, Relu, Sigmoid, Affine, SoftmaxWithLoss.
+Add, Relu, Sigmoid, Affine, SoftmaxWithLoss, Convolution, Pooling, BatchNormalization, Dropout.
 
 Each backward sits next to the forward math it differentiates.  The layers are
 written against the Python Array API: they run unchanged on NumPy, CuPy, torch
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 from .backend import (
     HOST_ARRAY,
@@ -36,6 +37,7 @@ from .backend import (
     computes_on_inputs,
     describe,
     device_context,
+    dropout_mask,
     dtype_name,
     is_array,
     is_scalar,
@@ -47,18 +49,29 @@ from .functional import (
     affine,
     check_array,
     check_logits,
+    check_seed,
+    col2im,
+    conv_output_size,
+    im2col,
+    pad_spatial,
     require_array,
+    scatter_windows,
     sigmoid,
     softmax_cross_entropy,
     targets_as_rows,
+    windows,
 )
 
 __all__ = [
     "Add",
     "Affine",
+    "BatchNormalization",
+    "Convolution",
+    "Dropout",
     "ForwardNotCalledError",
     "Layer",
     "Mul",
+    "Pooling",
     "Relu",
     "Sigmoid",
     "SoftmaxWithLoss",
@@ -157,9 +170,21 @@ class Layer:
     ``forward`` and ``backward`` are written as in the book; layers with a
     train/inference difference take ``forward(x, train=True)`` and set the
     class attribute ``has_train_mode = True`` so that networks pass it on.
+
+    Two more class attributes, both empty by default:
+
+    * ``state_names``: attributes that are neither parameters nor a forward's cache but
+      part of the model (BatchNormalization's running mean and variance, Dropout's count
+      of masks drawn): arrays or Python ints, kept by :meth:`reset`, saved with the net,
+      restored from training checkpoints, and put back by the gradient checker before
+      each evaluation;
+    * ``decay_names``: the parameters that a net's ``weight_decay`` applies to (the
+      weights ``W`` of Affine and Convolution; never biases).
     """
 
     param_names: tuple = ()
+    state_names: tuple = ()
+    decay_names: tuple = ()
     has_train_mode: bool = False
     _output = _NOT_RUN  # (library, shape, dtype, device name) of the last forward's output
 
@@ -191,7 +216,7 @@ class Layer:
         """Forget the last forward: ``backward`` raises until ``forward`` runs again, the
         gradients become None, and every other array the layer holds besides its parameters
         (the forward's cache) is dropped."""
-        keep = set(self.param_names)
+        keep = {*self.param_names, *self.state_names}
         for name, value in list(vars(self).items()):
             if name not in keep and is_array(value):
                 setattr(self, name, None)
@@ -447,20 +472,12 @@ class Affine(Layer):
     """
 
     param_names = ("W", "b")
+    decay_names = ("W",)
 
     def __init__(self, W, b, *, input_grad: bool = True):
         xp = namespace(W=W, b=b)
         check_array(xp, W, "W", ndim=2)
-        check_array(xp, b, "b", ndim=1)
-        if b.shape[0] != W.shape[1]:
-            raise ValueError(
-                f"b must have shape (M,) = ({W.shape[1]},) to match W of shape {tuple(W.shape)}, "
-                f"got b of shape {tuple(b.shape)}"
-            )
-        if b.dtype != W.dtype:
-            raise TypeError(
-                f"W and b must share a dtype, got W {dtype_name(W.dtype)} and b {dtype_name(b.dtype)}"
-            )
+        _check_bias(xp, W, b, "(M,)", 1)
         self.W, self.b = W, b
         self.input_grad = bool(input_grad)
         self.x = self.x_shape = self.dW = self.db = None
@@ -559,3 +576,353 @@ class SoftmaxWithLoss(Layer):
             y = y * self._row_sums
         # d/dx of -sum(t * log softmax(x)) / N is (softmax(x) * sum(t) - t) / N, times dout.
         return (y - self.t) * scale
+
+
+# -- chapters 6 to 8: convolution, pooling, batch normalization, dropout -------------------------
+
+
+def _int_option(name: str, value, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``, or a ValueError/TypeError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def _real_option(name: str, value, low: float, high: float, *, high_open: bool = False) -> float:
+    """``value`` as a finite float in [low, high] (or [low, high)), or an error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (low <= value <= high) or (high_open and value == high) or not math.isfinite(value):
+        raise ValueError(f"{name} must be in [{low}, {high}{')' if high_open else ']'}, got {value}")
+    return value
+
+
+def _check_image_batch(xp, x, name: str, channels: int, like) -> None:
+    """Raise unless x is a floating (N, C, H, W) batch with ``channels`` channels in like's dtype."""
+    check_array(xp, x, name)
+    if x.ndim != 4 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty batch of images (N, C, H, W), got shape "
+                         f"{tuple(x.shape)}; load images with load_mnist(..., flatten=False)")
+    if x.shape[1] != channels:
+        raise ValueError(f"{name} of shape {tuple(x.shape)} has {x.shape[1]} channels, but the "
+                         f"layer expects {channels} (axis 1 of (N, C, H, W))")
+    if like is not None and x.dtype != like.dtype:
+        raise TypeError(f"{name} has dtype {dtype_name(x.dtype)} but the layer's parameters have "
+                        f"{dtype_name(like.dtype)}; convert it with "
+                        f"{cast_hint(x, name, dtype_name(like.dtype))}")
+
+
+def _output_size(x_shape, window: tuple, stride: int, pad: int, who: str) -> tuple:
+    """(OH, OW) of windows over x's (H, W); a ValueError naming the shapes if none fits."""
+    oh = conv_output_size(x_shape[2], window[0], stride, pad)
+    ow = conv_output_size(x_shape[3], window[1], stride, pad)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"{who}: a {window[0]}x{window[1]} window with pad {pad} does not fit in "
+                         f"an input of shape {tuple(x_shape)} (H, W = {tuple(x_shape[2:])})")
+    return oh, ow
+
+
+class Convolution(Layer):
+    """2-D convolution (cross-correlation, as in every framework) by im2col.
+
+    Parameters
+    ----------
+    W : array (FN, C, FH, FW), real floating: FN filters of C channels, FH x FW
+    b : array (FN,), W's dtype and device
+    stride : int >= 1, default 1
+    pad : int >= 0, default 0
+        Zeros added on every side of H and W.
+    input_grad : bool, default True
+        Whether ``backward`` computes dx (a net's first layer does not need it: the
+        data's gradient; ``backward`` then returns None).
+
+    ``forward(x)`` takes x (N, C, H, W) and returns (N, FN, OH, OW) with
+    ``OH = (H + 2 pad - FH) // stride + 1`` (likewise OW).  The windows are unrolled into
+    the rows of a matrix (:func:`xpnet.functional.im2col`: strided slices, stacked; the
+    padding by array-api-extra's ``pad``), so the convolution is one matrix product;
+    ``backward`` folds the rows' gradient back with ``col2im`` (array-api-extra's
+    ``at(...).add(...)``: in place where the array allows it, functional on JAX).
+
+    Attributes
+    ----------
+    W, b, stride, pad : as given.  dW, db : gradients from the last backward.
+    col : the unrolled input (N * OH * OW, C * FH * FW) of the last forward.
+    """
+
+    param_names = ("W", "b")
+    decay_names = ("W",)
+
+    def __init__(self, W, b, *, stride: int = 1, pad: int = 0, input_grad: bool = True):
+        xp = namespace(W=W, b=b)
+        check_array(xp, W, "W", ndim=4)
+        _check_bias(xp, W, b, "(FN,)", 0)
+        self.stride, self.pad = _int_option("stride", stride, 1), _int_option("pad", pad, 0)
+        self.W, self.b, self.input_grad = W, b, bool(input_grad)
+        self.col = self.x_shape = self.dW = self.db = None
+
+    def __repr__(self):
+        return (f"Convolution(W: {tuple(self.W.shape)} {dtype_name(self.W.dtype)}, "
+                f"stride={self.stride}, pad={self.pad})")
+
+    def config(self) -> dict:
+        return {"stride": self.stride, "pad": self.pad, "input_grad": self.input_grad}
+
+    def forward(self, x):
+        xp = namespace(x=require_array(x, "x"), W=self.W, b=self.b)
+        fn, c, fh, fw = self.W.shape
+        _check_image_batch(xp, x, "x", c, self.W)
+        oh, ow = _output_size(x.shape, (fh, fw), self.stride, self.pad, "Convolution")
+        self.col, self.x_shape = im2col(xp, x, fh, fw, self.stride, self.pad), tuple(x.shape)
+        # One product for every window: (N OH OW, C FH FW) @ (C FH FW, FN) + b.
+        out = affine(self.col, xp.matrix_transpose(xp.reshape(self.W, (fn, -1))), self.b)
+        return xp.permute_dims(xp.reshape(out, (x.shape[0], oh, ow, fn)), (0, 3, 1, 2))
+
+    def backward(self, dout):
+        xp = namespace(dout=dout, W=self.W)
+        fn, c, fh, fw = self.W.shape
+        # Back to the rows of the product: (N, FN, OH, OW) -> (N OH OW, FN).
+        rows = xp.reshape(xp.permute_dims(dout, (0, 2, 3, 1)), (-1, fn))
+        self.db = xp.sum(rows, axis=0)
+        self.dW = xp.reshape(xp.matrix_transpose(rows) @ self.col, tuple(self.W.shape))
+        if not self.input_grad:
+            return None
+        dcol = rows @ xp.reshape(self.W, (fn, -1))  # d(col) = dout W, then summed per pixel
+        return col2im(xp, dcol, self.x_shape, fh, fw, self.stride, self.pad)
+
+
+def _check_bias(xp, W, b, expected: str, axis: int) -> None:
+    """Raise unless b is a 1-D array of W's dtype with W.shape[axis] elements."""
+    check_array(xp, b, "b", ndim=1)
+    if b.shape[0] != W.shape[axis]:
+        raise ValueError(f"b must have shape {expected} = ({W.shape[axis]},) to match W of shape "
+                         f"{tuple(W.shape)}, got b of shape {tuple(b.shape)}")
+    if b.dtype != W.dtype:
+        raise TypeError(f"W and b must share a dtype, got W {dtype_name(W.dtype)} and "
+                        f"b {dtype_name(b.dtype)}")
+
+
+_POOL_MODES = ("max", "avg")
+
+
+class Pooling(Layer):
+    """Max or average pooling over (pool_h, pool_w) windows of each channel.
+
+    Parameters
+    ----------
+    pool_h, pool_w : int >= 1
+    stride : int >= 1, default the pool size (``pool_h``; non-overlapping windows)
+    pad : int >= 0, default 0
+        Padding on every side of H and W: with -inf for max pooling (a padded position is
+        never the maximum), with zeros for average pooling, which divides by the whole
+        window (padding included), like PyTorch's ``avg_pool2d`` by default.
+    mode : {"max", "avg"}
+
+    ``forward(x)`` takes (N, C, H, W) and returns (N, C, OH, OW).  Max pooling's
+    ``backward`` routes each window's gradient to one position: the first maximum in
+    row-major order within the window when several are equal (``argmax``'s choice, and
+    PyTorch's); average pooling spreads it evenly.  Where windows overlap, the
+    contributions add up.
+    """
+
+    def __init__(self, pool_h: int, pool_w: int, *, stride: int | None = None, pad: int = 0,
+                 mode: str = "max"):
+        self.pool_h, self.pool_w = _int_option("pool_h", pool_h, 1), _int_option("pool_w", pool_w, 1)
+        self.stride = self.pool_h if stride is None else _int_option("stride", stride, 1)
+        self.pad = _int_option("pad", pad, 0)
+        if mode not in _POOL_MODES:
+            raise ValueError(f"mode must be one of {_POOL_MODES}, got {mode!r}")
+        if self.pad and (2 * self.pad > self.pool_h or 2 * self.pad > self.pool_w):
+            raise ValueError(f"pad must be at most half the pool size (pool {self.pool_h}x"
+                             f"{self.pool_w}), got pad={self.pad}: a window of padding alone "
+                             "has no input")
+        self.mode = mode
+        self.arg = self.x_shape = None
+
+    def __repr__(self):
+        return (f"Pooling({self.pool_h}, {self.pool_w}, stride={self.stride}, pad={self.pad}, "
+                f"mode={self.mode!r})")
+
+    def config(self) -> dict:
+        return {"pool_h": self.pool_h, "pool_w": self.pool_w, "stride": self.stride,
+                "pad": self.pad, "mode": self.mode}
+
+    def forward(self, x):
+        xp = namespace(x=require_array(x, "x"))
+        check_array(xp, x, "x")
+        if x.ndim != 4 or x.shape[0] == 0:
+            raise ValueError(f"x must be a non-empty batch of images (N, C, H, W), got shape "
+                             f"{tuple(x.shape)}")
+        window = (self.pool_h, self.pool_w)
+        oh, ow = _output_size(x.shape, window, self.stride, self.pad, "Pooling")
+        fill = -math.inf if self.mode == "max" else 0.0
+        win = windows(xp, pad_spatial(xp, x, self.pad, fill), *window, self.stride, oh, ow)
+        self.x_shape = tuple(x.shape)
+        if self.mode == "avg":
+            return xp.mean(win, axis=-1)
+        self.arg = xp.argmax(win, axis=-1)  # the first maximum of each window
+        return xp.max(win, axis=-1)
+
+    def backward(self, dout):
+        xp = namespace(dout=dout)
+        k = self.pool_h * self.pool_w
+        if self.mode == "avg":  # d mean / d x_i = 1 / k for each of the k positions
+            dwin = xp.broadcast_to((dout / k)[..., None], (*dout.shape, k))
+        else:  # d max / d x_i = 1 at the chosen maximum, 0 elsewhere
+            positions = xp.arange(k, device=native_device(dout))
+            zero = xp.zeros((), dtype=dout.dtype, device=native_device(dout))
+            dwin = xp.where(self.arg[..., None] == positions, dout[..., None], zero)
+        return scatter_windows(xp, dwin, self.x_shape, self.pool_h, self.pool_w, self.stride,
+                               self.pad)
+
+
+class BatchNormalization(Layer):
+    """Batch normalization: ``gamma * (x - mean) / sqrt(var + eps) + beta``.
+
+    Per feature for (N, D) input, per channel for (N, C, H, W) input (the statistics over
+    N, H and W, as PyTorch's ``BatchNorm2d`` and every framework do; the book's code
+    normalizes each pixel of each channel on its own instead).
+
+    Parameters
+    ----------
+    gamma, beta : arrays (D,) or (C,), one dtype and device
+    momentum : float in [0, 1], default 0.9
+        ``running = momentum * running + (1 - momentum) * batch statistic`` (the book's
+        convention; PyTorch's ``momentum`` is 1 minus this).
+    eps : float > 0, default 1e-5
+
+    ``forward(x, train=True)``: in training mode, normalizes with the batch's mean and
+    (biased) variance and updates the running mean and variance; with ``train=False``
+    it uses the running statistics (which start at 0 and 1).  ``backward`` differentiates
+    the mode of the last forward.
+
+    Attributes
+    ----------
+    gamma, beta : parameters; dgamma, dbeta : their gradients.
+    running_mean, running_var : the running statistics (``state_names``: saved with the
+        net and in training checkpoints).
+    """
+
+    param_names = ("gamma", "beta")
+    state_names = ("running_mean", "running_var")
+    has_train_mode = True
+
+    def __init__(self, gamma, beta, *, momentum: float = 0.9, eps: float = 1e-5):
+        xp = namespace(gamma=gamma, beta=beta)
+        check_array(xp, gamma, "gamma", ndim=1)
+        check_array(xp, beta, "beta", ndim=1)
+        if tuple(beta.shape) != tuple(gamma.shape) or beta.dtype != gamma.dtype:
+            raise ValueError(f"gamma and beta must share a shape and dtype, got gamma "
+                             f"{_describe_array(gamma)} and beta {_describe_array(beta)}")
+        self.momentum = _real_option("momentum", momentum, 0.0, 1.0)
+        self.eps = _real_option("eps", eps, 0.0, math.inf)
+        if self.eps == 0.0:
+            raise ValueError("eps must be > 0: it keeps the division finite for a constant feature")
+        self.gamma, self.beta = gamma, beta
+        device = native_device(gamma)
+        self.running_mean = xp.zeros(gamma.shape, dtype=gamma.dtype, device=device)
+        self.running_var = xp.ones(gamma.shape, dtype=gamma.dtype, device=device)
+        self.xn = self.std = self.dgamma = self.dbeta = None
+        self.train_mode = True
+
+    def config(self) -> dict:
+        return {"momentum": self.momentum, "eps": self.eps}
+
+    def _layout(self, xp, x) -> tuple:
+        """(axes of the statistics, shape the (C,) arrays broadcast as) for x; checks x."""
+        check_array(xp, x, "x")
+        d = self.gamma.shape[0]
+        if x.ndim not in (2, 4) or x.shape[1] != d or x.shape[0] == 0:
+            raise ValueError(f"x must be a non-empty batch (N, {d}) or (N, {d}, H, W) for "
+                             f"{d} features, got shape {tuple(x.shape)}")
+        if x.dtype != self.gamma.dtype:
+            raise TypeError(f"x has dtype {dtype_name(x.dtype)} but gamma has "
+                            f"{dtype_name(self.gamma.dtype)}; convert it with "
+                            f"{cast_hint(x, 'x', dtype_name(self.gamma.dtype))}")
+        return ((0,), (1, d)) if x.ndim == 2 else ((0, 2, 3), (1, d, 1, 1))
+
+    def forward(self, x, train: bool = True):
+        xp = namespace(x=require_array(x, "x"), gamma=self.gamma, beta=self.beta)
+        axes, shape = self._layout(xp, x)
+        if train:
+            mean = xp.mean(x, axis=axes, keepdims=True)
+            xc = x - mean
+            var = xp.mean(xc * xc, axis=axes, keepdims=True)  # two passes: no cancellation
+            m = self.momentum
+            self.running_mean = m * self.running_mean + (1 - m) * xp.reshape(mean, (-1,))
+            self.running_var = m * self.running_var + (1 - m) * xp.reshape(var, (-1,))
+        else:
+            xc, var = x - xp.reshape(self.running_mean, shape), xp.reshape(self.running_var, shape)
+        self.std = xp.sqrt(var + self.eps)
+        self.xn, self.train_mode = xc / self.std, bool(train)
+        return xp.reshape(self.gamma, shape) * self.xn + xp.reshape(self.beta, shape)
+
+    def backward(self, dout):
+        xp = namespace(dout=dout, gamma=self.gamma)
+        axes = (0,) if dout.ndim == 2 else (0, 2, 3)
+        self.dbeta = xp.sum(dout, axis=axes)
+        self.dgamma = xp.sum(dout * self.xn, axis=axes)
+        dxn = dout * xp.reshape(self.gamma, (1, -1) if dout.ndim == 2 else (1, -1, 1, 1))
+        if not self.train_mode:  # the statistics are constants
+            return dxn / self.std
+        # The batch mean and variance depend on x too: dx = (dxn - mean(dxn)
+        # - xn * mean(dxn * xn)) / std, the means over the normalized axes.
+        return (dxn - xp.mean(dxn, axis=axes, keepdims=True)
+                - self.xn * xp.mean(dxn * self.xn, axis=axes, keepdims=True)) / self.std
+
+
+def _describe_array(x) -> str:
+    return f"{tuple(x.shape)} {dtype_name(x.dtype)}"
+
+
+class Dropout(Layer):
+    """Inverted dropout: in training, each element is zeroed with probability ``ratio`` and
+    the rest scaled by ``1 / (1 - ratio)``; at inference, the identity (x itself).
+
+    Parameters
+    ----------
+    ratio : float in [0, 1), default 0.5
+    seed : int, default 0
+
+    The k-th mask (``draws`` counts them) comes from NumPy's generator seeded with
+    ``(seed, k)`` on the host and is copied to x's device: the same seed gives the same
+    masks, hence the same training curve, on every backend and dtype, and a run resumed
+    from a checkpoint (which keeps ``draws``) draws what an uninterrupted one would.
+    The copy is one host-to-device transfer per training step (never a read back).
+
+    ``seed`` and ``draws`` are the layer's state (``state_names``): a net saves them with
+    its weights and a training checkpoint restores them.
+    """
+
+    state_names = ("seed", "draws")  # where the stream of masks stands
+    has_train_mode = True
+
+    def __init__(self, ratio: float = 0.5, *, seed: int = 0):
+        self.ratio = _real_option("ratio", ratio, 0.0, 1.0, high_open=True)
+        self.seed = check_seed(seed)
+        self.draws = 0
+        self.mask = None
+
+    def __repr__(self):
+        return f"Dropout(ratio={self.ratio}, seed={self.seed})"
+
+    def config(self) -> dict:
+        return {"ratio": self.ratio}
+
+    def forward(self, x, train: bool = True):
+        xp = namespace(x=require_array(x, "x"))
+        check_array(xp, x, "x")
+        if not train or self.ratio == 0.0:
+            self.mask = None
+            return x
+        self.mask = dropout_mask(x, self.ratio, self.seed, self.draws)
+        self.draws += 1
+        return x * self.mask
+
+    def backward(self, dout):
+        # d(x * mask)/dx = mask; the identity passes dout on (as a new array).
+        if self.mask is None:
+            return namespace(dout=dout).asarray(dout, copy=True)
+        return dout * self.mask

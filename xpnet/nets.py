@@ -1,5 +1,6 @@
 """Networks: :class:`Sequential` (any list of layers and a loss layer), and the book's nets
-as thin constructors of it, :class:`MultiLayerNet` and :class:`TwoLayerNet`.
+as thin constructors of it: :class:`MultiLayerNet`, :class:`TwoLayerNet`,
+:class:`SimpleConvNet` and :class:`DeepConvNet`.
 
 Every parameter array has one owner, the layer that uses it; ``net.params`` is a
 live view onto those layers.  Reading ``net.params["W1"]`` gives the layer's
@@ -29,15 +30,27 @@ from .backend import (
     to_device,
     to_numpy,
 )
-from .functional import check_seed, check_targets
+from .functional import check_seed, check_targets, conv_output_size
 from .gradcheck import numerical_gradients
-from .layers import Affine, Layer, Relu, Sigmoid, SoftmaxWithLoss, layer_class, type_name
+from .layers import (
+    Affine,
+    BatchNormalization,
+    Convolution,
+    Dropout,
+    Layer,
+    Pooling,
+    Relu,
+    Sigmoid,
+    SoftmaxWithLoss,
+    layer_class,
+    type_name,
+)
 
 # Everything that exists only for speed; the library is correct (and slower) without it.
 _fast = (importlib.import_module("._fast", __package__)
          if importlib.util.find_spec("._fast", __package__) else None)
 
-__all__ = ["MultiLayerNet", "Sequential", "TwoLayerNet"]  # exported by xpnet/__init__
+__all__ = ["DeepConvNet", "MultiLayerNet", "Sequential", "SimpleConvNet", "TwoLayerNet"]  # exported by xpnet/__init__
 
 _ACTIVATIONS = {"relu": Relu, "sigmoid": Sigmoid}
 _FLOAT_DTYPES = ("float32", "float64")
@@ -150,6 +163,21 @@ def _own_parameters(layers: dict) -> dict:
     return owners
 
 
+def _own_state(layers: dict) -> dict:
+    """``{"running_mean1": (layer, "running_mean"), ...}``: the layers' ``state_names``,
+    numbered like the parameters."""
+    keys = _book_keys(layer.state_names for layer in layers.values())
+    return {key: (layer, attr) for layer, layer_keys in zip(layers.values(), keys)
+            for attr, key in layer_keys}
+
+
+def _check_weight_decay(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+            math.isfinite(value) and value >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 class Sequential:
     """A network made of a list of layers and a loss layer, with the whole net protocol.
 
@@ -160,6 +188,11 @@ class Sequential:
         ``Affine2``, ... (by class, then rank) in :attr:`layers`.
     loss : Layer, default ``SoftmaxWithLoss()``
         ``forward(scores, t) -> loss`` and ``backward() -> dscores``.
+    weight_decay : float >= 0, default 0
+        L2 weight decay, as in the book: ``0.5 * weight_decay * sum(W ** 2)`` over the
+        weights (each layer's ``decay_names``: the ``W`` of Affine and Convolution, never
+        biases or batch-norm scales) is added to :meth:`loss`, and ``weight_decay * W``
+        to the gradients.
 
     Attributes
     ----------
@@ -169,6 +202,10 @@ class Sequential:
     params : Parameters
         A live view ``{"W1": ..., "b1": ..., "W2": ...}`` onto the layers' parameters:
         the k-th layer with a parameter named W owns W<k>.
+    state : dict
+        The layers' other state (``Layer.state_names``: running statistics, dropout
+        counts), keyed likewise (``running_mean1``, ``draws1``); saved with the net and
+        in training checkpoints, set with :meth:`load_state`.
 
     With plain :class:`xpnet.SGD`, :meth:`train_step` updates every parameter inside the
     backward pass (``xpnet._fast``); any other optimizer gets the gradients, then
@@ -176,14 +213,18 @@ class Sequential:
     ``has_train_mode``; :meth:`gradient` and :meth:`train_step` run in training mode.
     """
 
-    def __init__(self, layers, loss=None):
+    def __init__(self, layers, loss=None, *, weight_decay: float = 0.0):
+        self.weight_decay = _check_weight_decay(weight_decay)
         self.layers = _name_layers(layers)
         self.last_layer = SoftmaxWithLoss() if loss is None else loss
         if not callable(getattr(self.last_layer, "forward", None)) or not callable(
                 getattr(self.last_layer, "backward", None)):
             raise TypeError(f"loss must be a layer with forward(scores, t) and backward(), got "
                             f"{type(self.last_layer).__name__}")
-        self.params = Parameters(_own_parameters(self.layers))
+        owners = _own_parameters(self.layers)
+        self.params = Parameters(owners)
+        self._decayed = [key for key, (layer, attr) in owners.items() if attr in layer.decay_names]
+        self._state = _own_state(self.layers)
         try:
             checks = "check_labels" in inspect.signature(self.last_layer.forward).parameters
         except (TypeError, ValueError):
@@ -240,8 +281,14 @@ class Sequential:
         label range check, for labels the caller has already checked (the Trainer does)."""
         scores = self.predict(x, train=train)
         if self._loss_checks_labels:
-            return self.last_layer.forward(scores, t, check_labels=check_labels)
-        return self.last_layer.forward(scores, t)
+            loss = self.last_layer.forward(scores, t, check_labels=check_labels)
+        else:
+            loss = self.last_layer.forward(scores, t)
+        if self.weight_decay and self._decayed:
+            xp = namespace(loss=loss)
+            loss = loss + 0.5 * self.weight_decay * sum(
+                xp.sum(self.params[key] * self.params[key]) for key in self._decayed)
+        return loss
 
     @computes_on_inputs
     def accuracy(self, x, t, *, batch_size: int | None = None) -> float:
@@ -282,7 +329,11 @@ class Sequential:
         dout = self.last_layer.backward()
         for layer in reversed(self.layers.values()):
             dout = layer.backward(dout)
-        return loss, self.params.gradients()
+        grads = self.params.gradients()
+        if self.weight_decay:  # d/dW of 0.5 lambda sum(W ** 2) is lambda W
+            for key in self._decayed:
+                grads[key] = grads[key] + self.weight_decay * self.params[key]
+        return loss, grads
 
     @computes_on_inputs
     def train_step(self, x, t, optimizer, *, check_labels: bool = True):
@@ -306,6 +357,35 @@ class Sequential:
         host = numerical_gradients(self, x, t)
         return {k: to_device(v, self.device, dtype=self.dtype) for k, v in host.items()}
 
+    # -- state besides the parameters ----------------------------------------------------------
+
+    @property
+    def state(self) -> dict:
+        """``{key: value}`` of the layers' ``state_names`` (arrays on the net's device, ints)."""
+        return {key: getattr(layer, attr) for key, (layer, attr) in self._state.items()}
+
+    def checked_state(self, values: dict, where: str = "state") -> dict:
+        """``values`` (host or device arrays, ints) checked against :attr:`state` and converted
+        to what :meth:`load_state` sets; ValueError naming the key otherwise.  Changes nothing."""
+        values = dict(values)
+        missing, unknown = sorted(set(self._state) - set(values)), sorted(set(values) - set(self._state))
+        if missing or unknown:
+            raise ValueError(f"{where}: state missing {missing}, unexpected {unknown}")
+        return {key: _checked_state_value(f"{where}[{key!r}]", values[key], current)
+                for key, current in self.state.items()}
+
+    def load_state(self, values: dict) -> None:
+        """Set the layers' state from ``values`` (as :attr:`state` gives it, or host copies of
+        it); everything is checked before anything is set."""
+        checked = self.checked_state(values)
+        for key, (layer, attr) in self._state.items():
+            setattr(layer, attr, checked[key])
+
+    def host_state(self) -> dict:
+        """:attr:`state` as host NumPy arrays (ints as 0-d int64), for files."""
+        return {key: np.asarray(value, dtype=np.int64) if isinstance(value, int) else to_numpy(value)
+                for key, value in self.state.items()}
+
     # -- files -----------------------------------------------------------------------------------
 
     def config(self) -> dict:
@@ -314,7 +394,7 @@ class Sequential:
         def describe(layer):
             return {"type": type_name(type(layer)), **layer.config()}
 
-        return {"class": "Sequential", "dtype": self.dtype,
+        return {"class": "Sequential", "dtype": self.dtype, "weight_decay": self.weight_decay,
                 "layers": [describe(layer) for layer in self.layers.values()],
                 "loss": describe(self.last_layer)}
 
@@ -323,8 +403,10 @@ class Sequential:
 
         A model on any device is saved from a host copy and loads on any device.
         """
-        checkpoint.save_model(path, self.config(),
-                              {name: to_numpy(value) for name, value in self.params.items()})
+        arrays = {name: to_numpy(value) for name, value in self.params.items()}
+        arrays.update({checkpoint.STATE_PREFIX + key: value
+                       for key, value in self.host_state().items()})
+        checkpoint.save_model(path, self.config(), arrays)
 
     @classmethod
     def load(cls, path, device: str = "cpu", dtype: str | None = None):
@@ -335,6 +417,7 @@ class Sequential:
         shapes, non-float arrays.  Never unpickles.
         """
         config, arrays = checkpoint.read_model(path)
+        state = checkpoint.split_state(arrays)
         kind = _NET_CLASSES.get(config.get("class"))
         if kind is None or not issubclass(kind, cls):
             raise ValueError(f"{path}: holds a {config.get('class')!r}, which {cls.__name__}.load "
@@ -349,9 +432,11 @@ class Sequential:
             raise ValueError(f"{path}: its config {config} does not build a net: {exc}") from None
         checkpoint.check_param_arrays(path, arrays, expected)
         try:
-            return kind._from_config(config, arrays, device, dtype or config["dtype"])
+            net = kind._from_config(config, arrays, device, dtype or config["dtype"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a foreign config
             raise ValueError(f"{path}: its config {config} does not build a net: {exc}") from None
+        net.load_state(net.checked_state(state, where=str(path)))
+        return net
 
     @classmethod
     def _param_shapes(cls, config: dict, arrays: dict) -> dict:
@@ -376,7 +461,25 @@ class Sequential:
             options = {k: v for k, v in spec.items() if k != "type"}
             layers.append(kind(**params, **options))
         options = {k: v for k, v in config["loss"].items() if k != "type"}
-        return cls(layers, layer_class(config["loss"]["type"])(**options))
+        return cls(layers, layer_class(config["loss"]["type"])(**options),
+                   weight_decay=config.get("weight_decay", 0.0))
+
+
+def _checked_state_value(where: str, value, current):
+    """``value`` for a state entry now holding ``current``: an int >= 0 for an int, else an
+    array of current's shape (finite, converted to its device and dtype)."""
+    if isinstance(current, int):
+        host = np.asarray(to_numpy(value) if not isinstance(value, (int, np.integer)) else value)
+        if host.shape != () or not np.issubdtype(host.dtype, np.integer) or int(host) < 0:
+            raise ValueError(f"{where} must be an int >= 0, got {host.dtype} of shape {host.shape}")
+        return int(host)
+    host = to_numpy(value) if not isinstance(value, np.ndarray) else value
+    if tuple(host.shape) != tuple(current.shape) or not np.issubdtype(host.dtype, np.floating):
+        raise ValueError(f"{where} must be a float array of shape {tuple(current.shape)}, got "
+                         f"{host.dtype} of shape {tuple(host.shape)}")
+    if not np.all(np.isfinite(host)):
+        raise ValueError(f"{where} holds NaN or infinite values")
+    return to_device(host, device_of(current), dtype=dtype_name(current.dtype), copy=True)
 
 
 def _init_std(weight_init, fan_in: int) -> float:
@@ -408,27 +511,137 @@ def _check_sizes(sizes) -> list[int]:
     return [int(s) for s in sizes]
 
 
-def _fully_connected(sizes, activation, weight_init, seed, device, dtype) -> list:
-    """(Affine, activation) * (L - 1), Affine, with normal weights from a seeded host generator."""
+# -- the book's nets, built from a plan -------------------------------------------------------
+#
+# A plan is the list of layers a net is made of, as tuples: ("affine", fan_in, fan_out),
+# ("conv", (FN, C, FH, FW), stride, pad), ("bn", features), ("pool", size, stride),
+# ("dropout", ratio), ("relu",), ("sigmoid",).  The shapes of a saved net's parameters come
+# from its plan before anything is allocated; the net itself is built from the same plan.
+
+
+def _plan_param_names(item) -> tuple:
+    return {"affine": ("W", "b"), "conv": ("W", "b"), "bn": ("gamma", "beta")}.get(item[0], ())
+
+
+def _plan_shapes(plan) -> dict:
+    """``{"W1": shape, "b1": shape, ...}`` of the parameters of ``plan``, numbered as the net
+    numbers them."""
+    shapes = {}
+    keys = _book_keys(_plan_param_names(item) for item in plan)
+    for item, layer_keys in zip(plan, keys):
+        if not layer_keys:
+            continue
+        weight = (item[1], item[2]) if item[0] == "affine" else item[1]
+        for attr, key in layer_keys:
+            if attr == "W":
+                shapes[key] = tuple(weight)
+            elif attr == "b":
+                shapes[key] = (weight[1] if item[0] == "affine" else weight[0],)
+            else:  # gamma, beta
+                shapes[key] = (item[1],)
+    return shapes
+
+
+def _dropout_seeds(seed: int, count: int) -> list:
+    """Distinct seeds for the dropout layers of a net seeded with ``seed`` (two layers with one
+    seed would drop the same positions)."""
+    return [int(child.generate_state(1)[0]) for child in np.random.SeedSequence(seed).spawn(count)]
+
+
+def _build(plan, weight_init, seed, device, dtype) -> list:
+    """The layers of ``plan``: normal weights (std from ``weight_init`` and each layer's fan-in)
+    drawn in order from a host generator seeded with ``seed``, zero biases, batch norm at
+    gamma 1 and beta 0; the first layer computes no gradient for the data."""
     dev = resolve_device(device)
     dt = resolve_dtype(dev.xp, dtype)
     if not dev.xp.isdtype(dt, "real floating"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     rng = np.random.default_rng(check_seed(seed))
+    seeds = iter(_dropout_seeds(seed, sum(item[0] == "dropout" for item in plan)))
+
+    def const(value, n):
+        return to_device(np.full(n, value), dev, dtype=dtype)
+
     layers = []
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        std = _init_std(weight_init, fan_in)
-        W = to_device(std * rng.standard_normal((fan_in, fan_out)), dev, dtype=dtype)
-        b = to_device(np.zeros(fan_out), dev, dtype=dtype)
-        # The first layer's input is the data: its gradient is never needed.
-        layers.append(Affine(W, b, input_grad=i > 0))
-        if i < len(sizes) - 2:
-            layers.append(_ACTIVATIONS[activation]())
+    for kind, *args in plan:
+        if kind in ("affine", "conv"):
+            shape = tuple(args[:2]) if kind == "affine" else args[0]
+            std = _init_std(weight_init, math.prod(shape[:1] if kind == "affine" else shape[1:]))
+            W = to_device(std * rng.standard_normal(shape), dev, dtype=dtype)
+            b = const(0.0, shape[1] if kind == "affine" else shape[0])
+            options = {} if kind == "affine" else {"stride": args[1], "pad": args[2]}
+            layers.append((Affine if kind == "affine" else Convolution)(
+                W, b, input_grad=bool(layers), **options))  # the data needs no gradient
+        elif kind == "bn":
+            layers.append(BatchNormalization(const(1.0, args[0]), const(0.0, args[0])))
+        elif kind == "pool":
+            layers.append(Pooling(args[0], args[0], stride=args[1]))
+        elif kind == "dropout":
+            layers.append(Dropout(args[0], seed=next(seeds)))
+        else:
+            layers.append(_ACTIVATIONS[kind]())
     return layers
 
 
-class MultiLayerNet(Sequential):
-    """A fully connected network: (Affine, activation) * (L - 1), Affine, SoftmaxWithLoss.
+def _check_ratio(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+class _PlannedNet(Sequential):
+    """A book net: a Sequential built from a plan by its constructor, whose arguments (JSON
+    values, besides seed, device and dtype) are its saved config.  (The seed drew the initial
+    weights, which the file holds, and the dropout layers' seeds, which their state holds.)"""
+
+    def _setup(self, args: dict, plan, weight_init, seed, device, dtype, weight_decay):
+        super().__init__(_build(plan, weight_init, seed, device, dtype),
+                         weight_decay=weight_decay)
+        self._args = args
+
+    def config(self) -> dict:
+        """What it takes to rebuild this net (without its weights): its constructor's arguments."""
+        return {"class": type(self).__name__, **self._args, "dtype": self.dtype}
+
+    @classmethod
+    def _plan_of(cls, config: dict) -> list:  # pragma: no cover - every net defines its own
+        raise NotImplementedError
+
+    @classmethod
+    def _param_shapes(cls, config: dict, arrays: dict) -> dict:
+        return _plan_shapes(cls._plan_of(config))
+
+    @classmethod
+    def _from_config(cls, config: dict, arrays: dict, device: str, dtype: str):
+        args = {k: v for k, v in config.items() if k not in ("class", "dtype")}
+        return cls._with_arrays(cls(**args, device=device, dtype=dtype), arrays, device)
+
+    @staticmethod
+    def _with_arrays(net, arrays: dict, device: str):
+        """``net`` with its parameters replaced by the (checked) host ``arrays``."""
+        for name in net.params:
+            net.params[name] = to_device(arrays[name], device, dtype=net.dtype, copy=True)
+        return net
+
+
+def _mlp_plan(sizes, activation, use_batchnorm=False, use_dropout=False, dropout_ratio=0.5):
+    """(Affine, [BatchNormalization], activation, [Dropout]) * (L - 1), Affine."""
+    sizes = _check_sizes(sizes)
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+    plan = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        plan.append(("affine", fan_in, fan_out))
+        if i < len(sizes) - 2:
+            plan += [("bn", fan_out)] * bool(use_batchnorm) + [(activation,)]
+            plan += [("dropout", _check_ratio("dropout_ratio", dropout_ratio))] * bool(use_dropout)
+    return plan
+
+
+class MultiLayerNet(_PlannedNet):
+    """A fully connected network: (Affine, activation) * (L - 1), Affine, SoftmaxWithLoss;
+    with the options of the book's ``MultiLayerNetExtend``, (Affine, BatchNormalization,
+    activation, Dropout) for each hidden layer.
 
     Parameters
     ----------
@@ -438,9 +651,18 @@ class MultiLayerNet(Sequential):
     weight_init : "he", "xavier" or float
         He (sqrt(2 / fan_in)), Xavier (sqrt(1 / fan_in)) or a fixed standard
         deviation for the normal initial weights; biases start at zero.
+    use_batchnorm : bool, default False
+        A :class:`xpnet.BatchNormalization` after each hidden Affine (parameters
+        ``gamma1, beta1, ...``).
+    use_dropout : bool, default False
+        A :class:`xpnet.Dropout` of ``dropout_ratio`` after each hidden activation.
+    dropout_ratio : float in [0, 1), default 0.5
+    weight_decay : float >= 0, default 0
+        L2 weight decay on the W's (see :class:`Sequential`).
     seed : int
-        Seed of the host ``numpy.random.Generator`` the weights are drawn from:
-        the same seed gives the same initial weights on every backend.
+        Seed of the host ``numpy.random.Generator`` the weights are drawn from (the
+        same seed gives the same initial weights on every backend), and of the dropout
+        masks.
     device : str
         A device string (``"cpu"``, ``"cuda"``, ``"torch:cpu"``, ...).
     dtype : {"float32", "float64"}
@@ -448,53 +670,38 @@ class MultiLayerNet(Sequential):
     Attributes
     ----------
     params : Parameters
-        ``W1, b1, ..., WL, bL``, a live view onto the Affine layers.
+        ``W1, b1, ..., WL, bL`` (and ``gamma1, beta1, ...``), a live view onto the layers.
     layers : dict
         ``Affine1, Relu1, ..., AffineL`` in order.
     last_layer : SoftmaxWithLoss
     """
 
-    def __init__(self, sizes, *, activation: str = "relu", weight_init="he", seed: int = 0,
+    def __init__(self, sizes, *, activation: str = "relu", weight_init="he",
+                 use_batchnorm: bool = False, use_dropout: bool = False,
+                 dropout_ratio: float = 0.5, weight_decay: float = 0.0, seed: int = 0,
                  device: str = "cpu", dtype: str = "float32"):
+        plan = _mlp_plan(sizes, activation, use_batchnorm, use_dropout, dropout_ratio)
         sizes = _check_sizes(sizes)
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
-        super().__init__(_fully_connected(sizes, activation, weight_init, seed, device, dtype))
         # A standard deviation is kept as a Python float (a NumPy scalar would not save).
-        self.weight_init = weight_init if isinstance(weight_init, str) else float(weight_init)
-        self.sizes, self.activation = sizes, activation
+        weight_init = weight_init if isinstance(weight_init, str) else float(weight_init)
+        args = {"sizes": sizes, "activation": activation, "weight_init": weight_init,
+                "use_batchnorm": bool(use_batchnorm), "use_dropout": bool(use_dropout),
+                "dropout_ratio": float(dropout_ratio), "weight_decay": float(weight_decay)}
+        self._setup(args, plan, weight_init, seed, device, dtype, weight_decay)
+        self.sizes, self.activation, self.weight_init = sizes, activation, weight_init
 
     def __repr__(self):
-        return (
-            f"{type(self).__name__}(sizes={self.sizes}, activation={self.activation!r}, "
-            f"device={self.device!r}, dtype={self.dtype!r})"
-        )
-
-    def config(self) -> dict:
-        """What it takes to rebuild this net (without its weights)."""
-        return {"class": type(self).__name__, "sizes": self.sizes, "activation": self.activation,
-                "weight_init": self.weight_init, "dtype": self.dtype}
+        extras = "".join(f", {k}={self._args[k]!r}" for k in ("use_batchnorm", "use_dropout",
+                                                              "weight_decay") if self._args[k])
+        return (f"{type(self).__name__}(sizes={self.sizes}, activation={self.activation!r}"
+                f"{extras}, device={self.device!r}, dtype={self.dtype!r})")
 
     @classmethod
-    def _param_shapes(cls, config: dict, arrays: dict) -> dict:
-        sizes = _check_sizes(config["sizes"])
-        shapes = {}
-        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
-            shapes[f"W{i}"], shapes[f"b{i}"] = (fan_in, fan_out), (fan_out,)
-        return shapes
-
-    @classmethod
-    def _from_config(cls, config: dict, arrays: dict, device: str, dtype: str):
-        return cls._with_arrays(cls(config["sizes"], activation=config["activation"],
-                                    weight_init=config["weight_init"], device=device,
-                                    dtype=dtype), arrays, device)
-
-    @staticmethod
-    def _with_arrays(net, arrays: dict, device: str):
-        """``net`` with its parameters replaced by the (checked) host ``arrays``."""
-        for name in net.params:
-            net.params[name] = to_device(arrays[name], device, dtype=net.dtype, copy=True)
-        return net
+    def _plan_of(cls, config: dict) -> list:
+        return _mlp_plan(config["sizes"], config["activation"],
+                         *(config.get(k, d) for k, d in (("use_batchnorm", False),
+                                                         ("use_dropout", False),
+                                                         ("dropout_ratio", 0.5))))
 
 
 class TwoLayerNet(MultiLayerNet):
@@ -521,11 +728,191 @@ class TwoLayerNet(MultiLayerNet):
     @classmethod
     def _from_config(cls, config: dict, arrays: dict, device: str, dtype: str):
         sizes = config["sizes"]
-        if len(sizes) != 3 or config["activation"] != "relu":
-            raise ValueError(f"a TwoLayerNet has 3 sizes and ReLU, got {sizes}, "
-                             f"{config['activation']!r}")
+        if len(sizes) != 3 or config["activation"] != "relu" or any(
+                config.get(k) for k in ("use_batchnorm", "use_dropout", "weight_decay")):
+            raise ValueError(f"a TwoLayerNet has 3 sizes, ReLU and no batch norm, dropout or "
+                             f"weight decay, got {config}")
         return cls._with_arrays(cls(*sizes, weight_init_std=config["weight_init"],
                                     device=device, dtype=dtype), arrays, device)
 
 
-_NET_CLASSES = {c.__name__: c for c in (Sequential, MultiLayerNet, TwoLayerNet)}
+# -- convolutional nets --------------------------------------------------------------------------
+
+_CONV_KEYS = ("filter_num", "filter_size", "pad", "stride")
+
+
+def _check_input_dim(input_dim) -> list:
+    dims = list(input_dim) if isinstance(input_dim, (list, tuple)) else None
+    if dims is None or len(dims) != 3 or not all(
+            isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1 for d in dims):
+        raise ValueError(f"input_dim must be (channels, height, width), three ints >= 1, got "
+                         f"{input_dim!r}")
+    return [int(d) for d in dims]
+
+
+def _check_conv_param(name: str, param) -> dict:
+    if not isinstance(param, dict) or set(param) != set(_CONV_KEYS):
+        raise ValueError(f"{name} must be a dict with the keys {list(_CONV_KEYS)}, got {param!r}")
+    minimum = {"filter_num": 1, "filter_size": 1, "pad": 0, "stride": 1}
+    for key in _CONV_KEYS:
+        v = param[key]
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum[key]:
+            raise ValueError(f"{name}[{key!r}] must be an int >= {minimum[key]}, got {v!r}")
+    return {key: int(param[key]) for key in _CONV_KEYS}
+
+
+def _conv_plan(dims: list, blocks, name: str) -> tuple:
+    """The plan of convolution blocks on inputs of ``dims`` (C, H, W), and the output dims.
+    ``blocks``: ``("conv", param_name, param)``, ``("relu",)`` or ``("pool",)`` (2x2, stride 2)."""
+    plan = []
+    c, h, w = dims
+    for block in blocks:
+        if block[0] == "conv":
+            p = block[2]
+            fs = p["filter_size"]
+            h, w = (conv_output_size(n, fs, p["stride"], p["pad"]) for n in (h, w))
+            plan.append(("conv", (p["filter_num"], c, fs, fs), p["stride"], p["pad"]))
+            c = p["filter_num"]
+            where = f"{block[1]} {p}"
+        elif block[0] == "pool":
+            h, w = conv_output_size(h, 2, 2, 0), conv_output_size(w, 2, 2, 0)
+            plan.append(("pool", 2, 2))
+            where = "2x2 pooling"
+        else:
+            plan.append(block)
+            continue
+        if h < 1 or w < 1:
+            raise ValueError(f"{name}: after {where} nothing is left of an input of (C, H, W) = "
+                             f"{tuple(dims)}; use larger inputs or smaller filters")
+    return plan, c * h * w
+
+
+def _positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def _simple_conv_plan(input_dim, conv_param, hidden_size, output_size) -> list:
+    """Convolution, ReLU, 2x2 max pooling, Affine, ReLU, Affine."""
+    param = _check_conv_param("conv_param", conv_param)
+    convs, features = _conv_plan(_check_input_dim(input_dim),
+                                 [("conv", "conv_param", param), ("relu",), ("pool",)],
+                                 "SimpleConvNet")
+    hidden, out = _positive("hidden_size", hidden_size), _positive("output_size", output_size)
+    return convs + [("affine", features, hidden), ("relu",), ("affine", hidden, out)]
+
+
+class SimpleConvNet(_PlannedNet):
+    """The book's chapter-7 net: Convolution, ReLU, 2x2 max pooling, Affine, ReLU, Affine,
+    SoftmaxWithLoss (parameters W1, b1 of the convolution, W2, b2, W3, b3).
+
+    Parameters
+    ----------
+    input_dim : (C, H, W), default (1, 28, 28)
+    conv_param : dict, default ``{"filter_num": 30, "filter_size": 5, "pad": 0, "stride": 1}``
+    hidden_size, output_size : int, default 100 and 10
+    weight_init_std : float, "he" or "xavier", default 0.01
+        As the book: normal weights of this standard deviation (or He/Xavier by fan-in).
+    weight_decay, seed, device, dtype : see :class:`MultiLayerNet`.
+
+    Inputs are images (N, C, H, W): ``load_mnist(..., flatten=False)``.
+    """
+
+    def __init__(self, input_dim=(1, 28, 28), conv_param=None, hidden_size: int = 100,
+                 output_size: int = 10, weight_init_std=0.01, *, weight_decay: float = 0.0,
+                 seed: int = 0, device: str = "cpu", dtype: str = "float32"):
+        if conv_param is None:
+            conv_param = {"filter_num": 30, "filter_size": 5, "pad": 0, "stride": 1}
+        plan = _simple_conv_plan(input_dim, conv_param, hidden_size, output_size)
+        weight_init_std = (weight_init_std if isinstance(weight_init_std, str)
+                           else float(weight_init_std))
+        args = {"input_dim": _check_input_dim(input_dim),
+                "conv_param": _check_conv_param("conv_param", conv_param),
+                "hidden_size": int(hidden_size), "output_size": int(output_size),
+                "weight_init_std": weight_init_std, "weight_decay": float(weight_decay)}
+        self._setup(args, plan, weight_init_std, seed, device, dtype, weight_decay)
+
+    def __repr__(self):
+        a = self._args
+        return (f"SimpleConvNet(input_dim={tuple(a['input_dim'])}, conv_param={a['conv_param']}, "
+                f"hidden_size={a['hidden_size']}, output_size={a['output_size']}, "
+                f"device={self.device!r}, dtype={self.dtype!r})")
+
+    @classmethod
+    def _plan_of(cls, config: dict) -> list:
+        return _simple_conv_plan(config["input_dim"], config["conv_param"],
+                                 config["hidden_size"], config["output_size"])
+
+
+def _deep_defaults() -> dict:
+    """The book's six 3x3 convolutions: 16, 16, 32, 32, 64, 64 filters, pad 1 (pad 2 for the
+    fourth, which brings 14x14 to 16x16 so that the pooling halves it evenly)."""
+    return {f"conv_param_{i}": {"filter_num": n, "filter_size": 3, "pad": 2 if i == 4 else 1,
+                                "stride": 1}
+            for i, n in enumerate((16, 16, 32, 32, 64, 64), start=1)}
+
+
+def _deep_conv_plan(input_dim, conv_params: dict, hidden_size, output_size, dropout_ratio) -> list:
+    """(Convolution, ReLU, Convolution, ReLU, pooling) * 3, Affine, ReLU, Dropout, Affine,
+    Dropout."""
+    blocks = []
+    for i in range(1, 7):
+        name = f"conv_param_{i}"
+        blocks += [("conv", name, _check_conv_param(name, conv_params[name])), ("relu",)]
+        if i % 2 == 0:
+            blocks.append(("pool",))
+    convs, features = _conv_plan(_check_input_dim(input_dim), blocks, "DeepConvNet")
+    hidden, out = _positive("hidden_size", hidden_size), _positive("output_size", output_size)
+    ratio = _check_ratio("dropout_ratio", dropout_ratio)
+    return convs + [("affine", features, hidden), ("relu",), ("dropout", ratio),
+                    ("affine", hidden, out), ("dropout", ratio)]
+
+
+class DeepConvNet(_PlannedNet):
+    """The book's chapter-8 net: six 3x3 convolutions (16, 16, 32, 32, 64, 64 filters) with
+    ReLU and 2x2 max pooling after each pair, Affine (``hidden_size``), ReLU, Dropout,
+    Affine, Dropout, SoftmaxWithLoss; He initialisation.  Parameters W1..W6, b1..b6 of the
+    convolutions, W7, b7, W8, b8 of the affine layers.
+
+    Parameters
+    ----------
+    input_dim : (C, H, W), default (1, 28, 28)
+    conv_param_1, ..., conv_param_6 : dict, default the book's (see above; pad 1, and 2 for
+        the fourth)
+    hidden_size, output_size : int, default 50 and 10
+    dropout_ratio : float in [0, 1), default 0.5
+    weight_decay, seed, device, dtype : see :class:`MultiLayerNet`.
+    """
+
+    def __init__(self, input_dim=(1, 28, 28), *, conv_param_1=None, conv_param_2=None,
+                 conv_param_3=None, conv_param_4=None, conv_param_5=None, conv_param_6=None,
+                 hidden_size: int = 50, output_size: int = 10, dropout_ratio: float = 0.5,
+                 weight_decay: float = 0.0, seed: int = 0, device: str = "cpu",
+                 dtype: str = "float32"):
+        given = (conv_param_1, conv_param_2, conv_param_3, conv_param_4, conv_param_5,
+                 conv_param_6)
+        params = _deep_defaults()
+        params.update({f"conv_param_{i}": p for i, p in enumerate(given, start=1) if p is not None})
+        plan = _deep_conv_plan(input_dim, params, hidden_size, output_size, dropout_ratio)
+        args = {"input_dim": _check_input_dim(input_dim),
+                **{k: _check_conv_param(k, v) for k, v in params.items()},
+                "hidden_size": int(hidden_size), "output_size": int(output_size),
+                "dropout_ratio": float(dropout_ratio), "weight_decay": float(weight_decay)}
+        self._setup(args, plan, "he", seed, device, dtype, weight_decay)
+
+    def __repr__(self):
+        a = self._args
+        return (f"DeepConvNet(input_dim={tuple(a['input_dim'])}, hidden_size={a['hidden_size']}, "
+                f"output_size={a['output_size']}, dropout_ratio={a['dropout_ratio']}, "
+                f"device={self.device!r}, dtype={self.dtype!r})")
+
+    @classmethod
+    def _plan_of(cls, config: dict) -> list:
+        params = {k: config[k] for k in _deep_defaults()}
+        return _deep_conv_plan(config["input_dim"], params, config["hidden_size"],
+                               config["output_size"], config["dropout_ratio"])
+
+
+_NET_CLASSES = {c.__name__: c for c in (Sequential, MultiLayerNet, TwoLayerNet, SimpleConvNet,
+                                        DeepConvNet)}

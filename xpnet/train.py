@@ -343,6 +343,7 @@ class Trainer:
         files.save_training(path, files.TrainingState(
             net=self._net_config(), trainer=self._settings(history),
             optimizer=self.optimizer.state_dict(), history=history.to_dict(), params=params,
+            net_state=self.net.host_state() if hasattr(self.net, "host_state") else {},
             position={"epoch": position.epoch, "step": position.step,
                       "loss_sum": position.loss_sum, "rng_state": position.rng_state,
                       "global_step": position.global_step}))
@@ -364,12 +365,16 @@ class Trainer:
             self.optimizer.check_state_dict(state.optimizer, self.net.params)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
+        layer_state = (self.net.checked_state(state.net_state, where=str(path))
+                       if hasattr(self.net, "checked_state") else {})
         # Nothing has changed so far; from here on nothing can fail.
         moved = {name: to_device(value, self.net.device, dtype=self.net.dtype, copy=True)
                  for name, value in state.params.items()}
         for name, value in moved.items():
             self.net.params[name] = value
         self.optimizer.load_state_dict(state.optimizer, self.net.device, self.net.params)
+        if layer_state:
+            self.net.load_state(layer_state)
         history.records = records.records
         return position
 
