@@ -307,7 +307,7 @@ def conv_output_size(size: int, window: int, stride: int, pad: int) -> int:
     return max(0, (size + 2 * pad - window) // stride + 1)
 
 
-def _window_slices(fh: int, fw: int, stride: int, oh: int, ow: int):
+def window_slices(fh: int, fw: int, stride: int, oh: int, ow: int) -> list:
     """``[(rows, cols), ...]`` per window offset (i, j) in row-major order: the strided slices
     that pick, for every output position, the input element at that offset of its window."""
     return [(slice(i, i + stride * (oh - 1) + 1, stride), slice(j, j + stride * (ow - 1) + 1, stride))
@@ -322,42 +322,45 @@ def pad_spatial(xp, x, pad: int, value: float = 0.0):
     return xpx.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)), constant_values=value, xp=xp)
 
 
-def windows(xp, x, fh: int, fw: int, stride: int, oh: int, ow: int):
-    """The (fh, fw) windows of a padded x (N, C, Hp, Wp), ``stride`` apart, as
-    (N, C, oh, ow, fh * fw): one strided slice per window offset, stacked."""
-    return xp.stack([x[:, :, rows, cols] for rows, cols in _window_slices(fh, fw, stride, oh, ow)],
-                    axis=-1)
-
-
 def im2col(xp, x, fh: int, fw: int, stride: int = 1, pad: int = 0):
-    """x (N, C, H, W) as the rows of its (fh, fw) windows: (N * OH * OW, C * fh * fw), one row
-    per output position (n, oh, ow) in that order, its columns ordered (c, i, j) like
-    ``W.reshape(FN, -1)`` (the book's layout).  Padding with zeros by array-api-extra's ``pad``,
-    the windows by strided slicing and stacking (no integer-array indexing)."""
+    """The (fh, fw) windows of x (N, C, H, W) as the columns of a matrix (C * fh * fw,
+    N * OH * OW): one column per output position (n, oh, ow), its rows ordered (c, i, j) like
+    ``W.reshape(FN, -1)``, so that ``W.reshape(FN, -1) @ im2col(x)`` is the convolution (the
+    book's im2col matrix, transposed).  Padding with zeros by array-api-extra's ``pad``; the
+    windows by strided slicing of the (C, N, H, W) view, stacked once (no integer-array
+    indexing; each slice copies whole rows, which is why this layout is the fast one)."""
     n, c, h, w = x.shape
     oh, ow = conv_output_size(h, fh, stride, pad), conv_output_size(w, fw, stride, pad)
-    col = windows(xp, pad_spatial(xp, x, pad), fh, fw, stride, oh, ow)  # (N, C, OH, OW, K)
-    col = xp.permute_dims(col, (0, 2, 3, 1, 4))  # (N, OH, OW, C, fh * fw)
-    return xp.reshape(col, (n * oh * ow, c * fh * fw))
-
-
-def scatter_windows(xp, dwin, shape: tuple, fh: int, fw: int, stride: int, pad: int):
-    """The adjoint of :func:`windows` (then of the padding): ``dwin`` (N, C, OH, OW, fh * fw)
-    summed back onto an x of ``shape`` (N, C, H, W), each window offset added at its strided
-    positions with array-api-extra's ``at(...).add(...)`` (in place on a fresh array where the
-    library allows it, functional on JAX); overlapping windows add up."""
-    n, c, h, w = shape
-    oh, ow = dwin.shape[2], dwin.shape[3]
-    dx = xp.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=dwin.dtype, device=native_device(dwin))
-    for k, (rows, cols) in enumerate(_window_slices(fh, fw, stride, oh, ow)):
-        dx = xpx.at(dx)[:, :, rows, cols].add(dwin[..., k], xp=xp)
-    return dx[:, :, pad:pad + h, pad:pad + w] if pad else dx
+    xt = xp.permute_dims(pad_spatial(xp, x, pad), (1, 0, 2, 3))  # (C, N, Hp, Wp)
+    col = xp.stack([xt[:, :, rows, cols] for rows, cols in window_slices(fh, fw, stride, oh, ow)],
+                   axis=1)  # (C, fh * fw, N, OH, OW)
+    return xp.reshape(col, (c * fh * fw, n * oh * ow))
 
 
 def col2im(xp, col, shape: tuple, fh: int, fw: int, stride: int = 1, pad: int = 0):
-    """The adjoint of :func:`im2col`: rows (N * OH * OW, C * fh * fw) summed back onto an x of
-    ``shape`` (N, C, H, W); where windows overlap their contributions add up."""
+    """The adjoint of :func:`im2col`: columns (C * fh * fw, N * OH * OW) summed back onto an
+    x of ``shape`` (N, C, H, W); where windows overlap their contributions add up.  Each
+    window offset is added at its strided positions with array-api-extra's
+    ``at(...).add(...)`` (in place on a fresh array where the library allows it, functional
+    on JAX)."""
     n, c, h, w = shape
     oh, ow = conv_output_size(h, fh, stride, pad), conv_output_size(w, fw, stride, pad)
-    dwin = xp.permute_dims(xp.reshape(col, (n, oh, ow, c, fh * fw)), (0, 3, 1, 2, 4))
-    return scatter_windows(xp, dwin, shape, fh, fw, stride, pad)
+    pieces = xp.reshape(col, (c, fh * fw, n, oh, ow))
+    dx = xp.zeros((c, n, h + 2 * pad, w + 2 * pad), dtype=col.dtype, device=native_device(col))
+    for k, (rows, cols) in enumerate(window_slices(fh, fw, stride, oh, ow)):
+        dx = xpx.at(dx)[:, :, rows, cols].add(pieces[:, k, ...], xp=xp)
+    dx = xp.permute_dims(dx, (1, 0, 2, 3))  # back to (N, C, H, W)
+    return dx[:, :, pad:pad + h, pad:pad + w] if pad else dx
+
+
+def add_at_windows(xp, pieces: list, shape: tuple, fh: int, fw: int, stride: int, pad: int):
+    """Pooling's adjoint: ``pieces[k]`` (N, C, OH, OW), the gradient at window offset k, summed
+    onto an x of ``shape`` (N, C, H, W) at that offset's strided positions (array-api-extra's
+    ``at(...).add(...)``); overlapping windows add up, the padding is cut off."""
+    n, c, h, w = shape
+    oh, ow = pieces[0].shape[2], pieces[0].shape[3]
+    dx = xp.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=pieces[0].dtype,
+                  device=native_device(pieces[0]))
+    for piece, (rows, cols) in zip(pieces, window_slices(fh, fw, stride, oh, ow)):
+        dx = xpx.at(dx)[:, :, rows, cols].add(piece, xp=xp)
+    return dx[:, :, pad:pad + h, pad:pad + w] if pad else dx

@@ -50,16 +50,16 @@ from .functional import (
     check_array,
     check_logits,
     check_seed,
+    add_at_windows,
     col2im,
     conv_output_size,
     im2col,
     pad_spatial,
     require_array,
-    scatter_windows,
     sigmoid,
     softmax_cross_entropy,
     targets_as_rows,
-    windows,
+    window_slices,
 )
 
 __all__ = [
@@ -649,7 +649,7 @@ class Convolution(Layer):
     Attributes
     ----------
     W, b, stride, pad : as given.  dW, db : gradients from the last backward.
-    col : the unrolled input (N * OH * OW, C * FH * FW) of the last forward.
+    col : the unrolled input (C * FH * FW, N * OH * OW) of the last forward.
     """
 
     param_names = ("W", "b")
@@ -676,20 +676,20 @@ class Convolution(Layer):
         _check_image_batch(xp, x, "x", c, self.W)
         oh, ow = _output_size(x.shape, (fh, fw), self.stride, self.pad, "Convolution")
         self.col, self.x_shape = im2col(xp, x, fh, fw, self.stride, self.pad), tuple(x.shape)
-        # One product for every window: (N OH OW, C FH FW) @ (C FH FW, FN) + b.
-        out = affine(self.col, xp.matrix_transpose(xp.reshape(self.W, (fn, -1))), self.b)
-        return xp.permute_dims(xp.reshape(out, (x.shape[0], oh, ow, fn)), (0, 3, 1, 2))
+        # One product for every window: (FN, C FH FW) @ (C FH FW, N OH OW) + b.
+        out = xp.reshape(self.W, (fn, -1)) @ self.col + xp.reshape(self.b, (fn, 1))
+        return xp.permute_dims(xp.reshape(out, (fn, x.shape[0], oh, ow)), (1, 0, 2, 3))
 
     def backward(self, dout):
         xp = namespace(dout=dout, W=self.W)
         fn, c, fh, fw = self.W.shape
-        # Back to the rows of the product: (N, FN, OH, OW) -> (N OH OW, FN).
-        rows = xp.reshape(xp.permute_dims(dout, (0, 2, 3, 1)), (-1, fn))
-        self.db = xp.sum(rows, axis=0)
-        self.dW = xp.reshape(xp.matrix_transpose(rows) @ self.col, tuple(self.W.shape))
+        # Back to the product's layout: (N, FN, OH, OW) -> (FN, N OH OW).
+        d = xp.reshape(xp.permute_dims(dout, (1, 0, 2, 3)), (fn, -1))
+        self.db = xp.sum(d, axis=1)
+        self.dW = xp.reshape(d @ xp.matrix_transpose(self.col), tuple(self.W.shape))
         if not self.input_grad:
             return None
-        dcol = rows @ xp.reshape(self.W, (fn, -1))  # d(col) = dout W, then summed per pixel
+        dcol = xp.matrix_transpose(xp.reshape(self.W, (fn, -1))) @ d  # then summed per pixel
         return col2im(xp, dcol, self.x_shape, fh, fw, self.stride, self.pad)
 
 
@@ -739,7 +739,7 @@ class Pooling(Layer):
                              f"{self.pool_w}), got pad={self.pad}: a window of padding alone "
                              "has no input")
         self.mode = mode
-        self.arg = self.x_shape = None
+        self.arg = self.x_shape = None  # arg: the offset of each window's maximum (max mode)
 
     def __repr__(self):
         return (f"Pooling({self.pool_h}, {self.pool_w}, stride={self.stride}, pad={self.pad}, "
@@ -757,25 +757,31 @@ class Pooling(Layer):
                              f"{tuple(x.shape)}")
         window = (self.pool_h, self.pool_w)
         oh, ow = _output_size(x.shape, window, self.stride, self.pad, "Pooling")
-        fill = -math.inf if self.mode == "max" else 0.0
-        win = windows(xp, pad_spatial(xp, x, self.pad, fill), *window, self.stride, oh, ow)
+        padded = pad_spatial(xp, x, self.pad, -math.inf if self.mode == "max" else 0.0)
+        # One strided view per window offset: k elementwise passes, no (..., k) stack to reduce.
+        pieces = [padded[:, :, rows, cols]
+                  for rows, cols in window_slices(*window, self.stride, oh, ow)]
         self.x_shape = tuple(x.shape)
         if self.mode == "avg":
-            return xp.mean(win, axis=-1)
-        self.arg = xp.argmax(win, axis=-1)  # the first maximum of each window
-        return xp.max(win, axis=-1)
+            return sum(pieces[1:], pieces[0]) / len(pieces)
+        out, arg = pieces[0], xp.zeros(pieces[0].shape, dtype=xp.int32, device=native_device(x))
+        for k, piece in enumerate(pieces[1:], start=1):
+            larger = piece > out  # strictly: a tie keeps the first maximum (row-major)
+            arg = xp.where(larger, xp.asarray(k, dtype=xp.int32, device=native_device(x)), arg)
+            out = xp.maximum(out, piece)  # (NaN propagates, as in max)
+        self.arg = arg
+        return out
 
     def backward(self, dout):
         xp = namespace(dout=dout)
         k = self.pool_h * self.pool_w
         if self.mode == "avg":  # d mean / d x_i = 1 / k for each of the k positions
-            dwin = xp.broadcast_to((dout / k)[..., None], (*dout.shape, k))
+            pieces = [dout / k] * k
         else:  # d max / d x_i = 1 at the chosen maximum, 0 elsewhere
-            positions = xp.arange(k, device=native_device(dout))
             zero = xp.zeros((), dtype=dout.dtype, device=native_device(dout))
-            dwin = xp.where(self.arg[..., None] == positions, dout[..., None], zero)
-        return scatter_windows(xp, dwin, self.x_shape, self.pool_h, self.pool_w, self.stride,
-                               self.pad)
+            pieces = [xp.where(self.arg == i, dout, zero) for i in range(k)]
+        return add_at_windows(xp, pieces, self.x_shape, self.pool_h, self.pool_w, self.stride,
+                              self.pad)
 
 
 class BatchNormalization(Layer):
