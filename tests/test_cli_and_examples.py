@@ -176,6 +176,58 @@ def test_train_command_on_real_fashion_mnist():
     assert accuracy > 0.75, res.stdout
 
 
+def test_train_command_conv_nets_save_and_load(tiny_dataset, tmp_path, capsys):
+    model = tmp_path / "c.npz"
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(tiny_dataset), "--model",
+                 "convnet", "--filters", "4", "--hidden", "8", "--weight-decay", "0.01",
+                 "--epochs", "1", "--batch-size", "20", "--save", str(model), "--quiet"]) == 0
+    net = xpnet.SimpleConvNet.load(model)
+    assert net.config()["conv_param"]["filter_num"] == 4 and net.weight_decay == 0.01
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(tiny_dataset), "--model",
+                 "deepconvnet", "--hidden", "8", "--dropout", "0.2", "--epochs", "1",
+                 "--batch-size", "30", "--save", str(model), "--quiet"]) == 0
+    deep = xpnet.DeepConvNet.load(model)
+    assert deep.config()["dropout_ratio"] == 0.2 and deep.state["draws1"] == 2
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(tiny_dataset), "--hidden",
+                 "8", "--batchnorm", "--dropout", "0.1", "--epochs", "1", "--save", str(model),
+                 "--quiet"]) == 0
+    assert list(xpnet.MultiLayerNet.load(model).params)[2:4] == ["gamma1", "beta1"]
+    capsys.readouterr()
+
+
+def test_gradcheck_command_on_a_conv_net(capsys):
+    assert main(["gradcheck", "--model", "convnet", "--dataset", "random", "--filters", "2",
+                 "--hidden", "4", "--samples", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "SimpleConvNet(2 5x5 filters, 4 hidden) on cpu float32" in out
+    assert "gradient check of SimpleConvNet" in out and ": ok" in out
+
+
+def test_convnet_training_on_a_real_fashion_mnist_subset(tmp_path):
+    """CI's short real training through the CLI: SimpleConvNet on the first 3000 real
+    Fashion-MNIST training images, 2 epochs, tested on 1000 real test images: far above
+    chance (0.1)."""
+    from test_datasets import idx_bytes, write
+
+    from xpnet.datasets import find_dataset, load_mnist
+
+    if find_dataset("fashion-mnist") is None:
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    (x, t), (xt, tt) = load_mnist("fashion-mnist", normalize=False, flatten=False)
+    data = tmp_path / "subset"
+    data.mkdir()
+    for name, a in (("train-images-idx3-ubyte", x[:3000, 0]), ("train-labels-idx1-ubyte", t[:3000]),
+                    ("t10k-images-idx3-ubyte", xt[:1000, 0]), ("t10k-labels-idx1-ubyte", tt[:1000])):
+        write(data / name, idx_bytes(a.astype("uint8")), False)
+    res = subprocess.run([sys.executable, "-m", "xpnet", "train", "--model", "convnet",
+                          "--dataset", "fashion-mnist", "--data-dir", str(data), "--epochs", "2",
+                          "--optimizer", "adam", "--quiet"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    accuracy = float(res.stdout.strip().rsplit(" ", 1)[-1])
+    assert accuracy > 0.7, res.stdout
+
+
 def test_examples_run(tiny_dataset):
     for script, args in (("train_mnist.py", ["--dataset", "mnist", "--iters", "30",
                                              "--data-dir", str(tiny_dataset)]),

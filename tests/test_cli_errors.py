@@ -56,6 +56,19 @@ CASES = {
     "--lr that explodes": (["--optimizer", "sgd", "--lr", "1000"], "the learning rate is"),
     "--compile on NumPy": (["--compile"], "--compile needs a backend that compiles: jax"),
     "--compile of another kind": (["--compile", "fast"], "invalid choice: 'fast'"),
+    "--model of another kind": (["--model", "resnet"], "invalid choice: 'resnet'"),
+    "--filters for an mlp": (["--filters", "4"], "--filters applies to --model convnet, not mlp"),
+    "--dropout for convnet": (["--model", "convnet", "--dropout", "0.3"],
+                              "--dropout applies to --model mlp and deepconvnet"),
+    "--batchnorm for deepconvnet": (["--model", "deepconvnet", "--batchnorm"],
+                                    "--batchnorm applies to --model mlp, not deepconvnet"),
+    "two --hidden sizes for convnet": (["--model", "convnet", "--hidden", "8", "4"],
+                                       "--model convnet has one hidden layer"),
+    "--activation for convnet": (["--model", "convnet", "--activation", "sigmoid"],
+                                 "--activation applies to --model mlp"),
+    "--dropout 1": (["--dropout", "1"], "dropout_ratio must be a number in [0, 1)"),
+    "--weight-decay below 0": (["--weight-decay", "-0.1"], "weight_decay must be a finite number"),
+    "--filters 0": (["--model", "convnet", "--filters", "0"], "filter_num'] must be an int >= 1"),
 }
 
 
@@ -94,6 +107,8 @@ def test_options_are_checked_before_the_data_is_looked_for(tmp_path, extra, matc
 @pytest.mark.parametrize(("argv", "match"), [
     (["gradcheck", "--samples", "0"], "--samples must be >= 1, got 0"),
     (["gradcheck", "--hidden", "0"], "--hidden must be >= 1, got 0"),
+    (["gradcheck", "--filters", "3"], "--filters applies to --model convnet, not mlp"),
+    (["gradcheck", "--model", "convnet", "--filters", "0"], "--filters must be >= 1, got 0"),
     (["gradcheck", "--device", "gpu", "--dataset", "random"], "unknown device 'gpu'"),
 ])
 def test_gradcheck_mistakes_are_one_line_with_exit_2(tmp_path, argv, match):
