@@ -371,3 +371,13 @@ def test_compile_refuses_nets_with_dropout_or_batchnorm():
     net = xpnet.MultiLayerNet([4, 6, 3], use_dropout=True, device="jax:cpu")
     with pytest.raises(ValueError, match="compile does not support nets with Dropout"):
         xpnet.Trainer(net, xpnet.SGD(0.1), compile=True)
+
+
+def test_to_moves_the_layers_state_with_the_parameters():
+    net = xpnet.MultiLayerNet([4, 5, 3], use_batchnorm=True, use_dropout=True)
+    net.to("array_api_strict:device1", "float64")
+    assert device_of(net.state["running_mean1"]).name == "array_api_strict:device1"
+    assert net.state["running_var1"].dtype == net.params["gamma1"].dtype
+    assert net.state["draws1"] == 0
+    x = xpnet.to_device(np.ones((3, 4)), "array_api_strict:device1", dtype="float64")
+    assert net.predict(x).shape == (3, 3)

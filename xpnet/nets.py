@@ -249,14 +249,19 @@ class Sequential:
         return dtype_name(self._first_param().dtype)
 
     def to(self, device: str, dtype: str | None = None):
-        """Move the parameters to ``device`` (and ``dtype``), in place; returns ``self``.
+        """Move the parameters (and the layers' state arrays) to ``device`` (and ``dtype``), in
+        place; returns ``self``.
 
         As with ``torch.nn.Module.to``, create the optimizer after moving the net.
         """
         if dtype is not None and dtype not in _FLOAT_DTYPES:
             raise ValueError(f"dtype must be one of {_FLOAT_DTYPES} or None, got {dtype!r}")
         dev = resolve_device(device)
+        state = {key: value if isinstance(value, int) else to_device(value, dev, dtype=dtype)
+                 for key, value in self.state.items()}  # all converted before anything changes
         self.params.move(lambda value: to_device(value, dev, dtype=dtype))
+        for key, (layer, attr) in self._state.items():
+            setattr(layer, attr, state[key])
         for layer in (*self.layers.values(), self.last_layer):  # caches live on the old device
             if isinstance(layer, Layer):
                 layer.reset()
@@ -374,10 +379,10 @@ class Sequential:
         return {key: _checked_state_value(f"{where}[{key!r}]", values[key], current)
                 for key, current in self.state.items()}
 
-    def load_state(self, values: dict) -> None:
+    def load_state(self, values: dict, where: str = "state") -> None:
         """Set the layers' state from ``values`` (as :attr:`state` gives it, or host copies of
-        it); everything is checked before anything is set."""
-        checked = self.checked_state(values)
+        it); everything is checked before anything is set (errors name ``where``)."""
+        checked = self.checked_state(values, where)
         for key, (layer, attr) in self._state.items():
             setattr(layer, attr, checked[key])
 
@@ -435,7 +440,7 @@ class Sequential:
             net = kind._from_config(config, arrays, device, dtype or config["dtype"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a foreign config
             raise ValueError(f"{path}: its config {config} does not build a net: {exc}") from None
-        net.load_state(net.checked_state(state, where=str(path)))
+        net.load_state(state, where=str(path))
         return net
 
     @classmethod
