@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
+from seeds_numpy import Relu as BookRelu  # noqa: E402 - the book's Relu, as the seeds have it
 
 import xpnet  # noqa: E402
 from xpnet.backend import BackendUnavailableError, resolve_device, to_device  # noqa: E402
@@ -114,18 +115,6 @@ class BookPooling:
         dmax = dmax.reshape(dout.shape + (pool_size,))
         dcol = dmax.reshape(dmax.shape[0] * dmax.shape[1] * dmax.shape[2], -1)
         return col2im(dcol, self.x.shape, self.pool_h, self.pool_w, self.stride, self.pad)
-
-
-class BookRelu:
-    def forward(self, x):
-        self.mask = x <= 0
-        out = x.copy()
-        out[self.mask] = 0
-        return out
-
-    def backward(self, dout):
-        dout[self.mask] = 0
-        return dout
 
 
 class BookAffine:

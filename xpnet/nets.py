@@ -604,6 +604,13 @@ class _PlannedNet(Sequential):
                          weight_decay=weight_decay)
         self._args = args
 
+    _repr_keys: tuple = ()  # the constructor's arguments that repr shows
+
+    def __repr__(self):
+        args = "".join(f"{k}={tuple(v) if isinstance(v, list) else v!r}, "
+                       for k, v in ((k, self._args[k]) for k in self._repr_keys))
+        return f"{type(self).__name__}({args}device={self.device!r}, dtype={self.dtype!r})"
+
     def config(self) -> dict:
         """What it takes to rebuild this net (without its weights): its constructor's arguments."""
         return {"class": type(self).__name__, **self._args, "dtype": self.dtype}
@@ -809,6 +816,8 @@ def _simple_conv_plan(input_dim, conv_param, hidden_size, output_size) -> list:
 
 
 class SimpleConvNet(_PlannedNet):
+    _repr_keys = ("input_dim", "conv_param", "hidden_size", "output_size")
+
     """The book's chapter-7 net: Convolution, ReLU, 2x2 max pooling, Affine, ReLU, Affine,
     SoftmaxWithLoss (parameters W1, b1 of the convolution, W2, b2, W3, b3).
 
@@ -837,12 +846,6 @@ class SimpleConvNet(_PlannedNet):
                 "hidden_size": int(hidden_size), "output_size": int(output_size),
                 "weight_init_std": weight_init_std, "weight_decay": float(weight_decay)}
         self._setup(args, plan, weight_init_std, seed, device, dtype, weight_decay)
-
-    def __repr__(self):
-        a = self._args
-        return (f"SimpleConvNet(input_dim={tuple(a['input_dim'])}, conv_param={a['conv_param']}, "
-                f"hidden_size={a['hidden_size']}, output_size={a['output_size']}, "
-                f"device={self.device!r}, dtype={self.dtype!r})")
 
     @classmethod
     def _plan_of(cls, config: dict) -> list:
@@ -875,6 +878,8 @@ def _deep_conv_plan(input_dim, conv_params: dict, hidden_size, output_size, drop
 
 
 class DeepConvNet(_PlannedNet):
+    _repr_keys = ("input_dim", "hidden_size", "output_size", "dropout_ratio")
+
     """The book's chapter-8 net: six 3x3 convolutions (16, 16, 32, 32, 64, 64 filters) with
     ReLU and 2x2 max pooling after each pair, Affine (``hidden_size``), ReLU, Dropout,
     Affine, Dropout, SoftmaxWithLoss; He initialisation.  Parameters W1..W6, b1..b6 of the
@@ -905,12 +910,6 @@ class DeepConvNet(_PlannedNet):
                 "hidden_size": int(hidden_size), "output_size": int(output_size),
                 "dropout_ratio": float(dropout_ratio), "weight_decay": float(weight_decay)}
         self._setup(args, plan, "he", seed, device, dtype, weight_decay)
-
-    def __repr__(self):
-        a = self._args
-        return (f"DeepConvNet(input_dim={tuple(a['input_dim'])}, hidden_size={a['hidden_size']}, "
-                f"output_size={a['output_size']}, dropout_ratio={a['dropout_ratio']}, "
-                f"device={self.device!r}, dtype={self.dtype!r})")
 
     @classmethod
     def _plan_of(cls, config: dict) -> list:
