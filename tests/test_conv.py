@@ -381,3 +381,18 @@ def test_to_moves_the_layers_state_with_the_parameters():
     assert net.state["draws1"] == 0
     x = xpnet.to_device(np.ones((3, 4)), "array_api_strict:device1", dtype="float64")
     assert net.predict(x).shape == (3, 3)
+
+
+def test_compiled_training_of_a_simple_conv_net_matches_eager(rng):
+    pytest.importorskip("jax")
+    x, t = _images(rng, 60)
+    weights = []
+    for compile in (False, True):
+        net = xpnet.SimpleConvNet((1, 8, 8), {"filter_num": 3, "filter_size": 3, "pad": 1,
+                                              "stride": 1}, 6, 2, weight_init_std="he",
+                                  device="jax:cpu")
+        xpnet.Trainer(net, xpnet.Adam(0.01), batch_size=20, epochs=2, progress=False,
+                      compile=compile).fit(x, t)
+        weights.append({k: to_numpy(v) for k, v in net.params.items()})
+    for k in weights[0]:
+        np.testing.assert_allclose(weights[1][k], weights[0][k], rtol=1e-4, atol=1e-5)
