@@ -189,8 +189,8 @@ def test_train_command_conv_nets_save_and_load(tiny_dataset, tmp_path, capsys):
     deep = xpnet.DeepConvNet.load(model)
     assert deep.config()["dropout_ratio"] == 0.2 and deep.state["draws1"] == 2
     assert main(["train", "--dataset", "mnist", "--data-dir", str(tiny_dataset), "--hidden",
-                 "8", "--batchnorm", "--dropout", "0.1", "--epochs", "1", "--save", str(model),
-                 "--quiet"]) == 0
+                 "8", "--batchnorm", "--dropout", "0.1", "--epochs", "1", "--batch-size", "20",
+                 "--save", str(model), "--quiet"]) == 0
     assert list(xpnet.MultiLayerNet.load(model).params)[2:4] == ["gamma1", "beta1"]
     capsys.readouterr()
 
@@ -204,8 +204,8 @@ def test_gradcheck_command_on_a_conv_net(capsys):
 
 
 def test_convnet_training_on_a_real_fashion_mnist_subset(tmp_path):
-    """CI's short real training through the CLI: SimpleConvNet on the first 3000 real
-    Fashion-MNIST training images, 2 epochs, tested on 1000 real test images: far above
+    """CI's short real training through the CLI: SimpleConvNet on the first 5000 real
+    Fashion-MNIST training images, 3 epochs, tested on 1000 real test images: far above
     chance (0.1)."""
     from test_datasets import idx_bytes, write
 
@@ -216,11 +216,11 @@ def test_convnet_training_on_a_real_fashion_mnist_subset(tmp_path):
     (x, t), (xt, tt) = load_mnist("fashion-mnist", normalize=False, flatten=False)
     data = tmp_path / "subset"
     data.mkdir()
-    for name, a in (("train-images-idx3-ubyte", x[:3000, 0]), ("train-labels-idx1-ubyte", t[:3000]),
+    for name, a in (("train-images-idx3-ubyte", x[:5000, 0]), ("train-labels-idx1-ubyte", t[:5000]),
                     ("t10k-images-idx3-ubyte", xt[:1000, 0]), ("t10k-labels-idx1-ubyte", tt[:1000])):
         write(data / name, idx_bytes(a.astype("uint8")), False)
     res = subprocess.run([sys.executable, "-m", "xpnet", "train", "--model", "convnet",
-                          "--dataset", "fashion-mnist", "--data-dir", str(data), "--epochs", "2",
+                          "--dataset", "fashion-mnist", "--data-dir", str(data), "--epochs", "3",
                           "--optimizer", "adam", "--quiet"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr

@@ -115,11 +115,11 @@ def _gradcheck(args: argparse.Namespace) -> int:
     args.filters = defaults["filters"] if args.filters is None else args.filters
     mode = args.mode or defaults["mode"]
     for flag, value in (("--samples", args.samples), ("--hidden", args.hidden[0]),
-                        ("--filters", args.filters or 1)):
-        if value < 1:
+                        ("--filters", args.filters)):
+        if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     args.weight_decay, args.dropout, args.batchnorm, args.activation = 0.0, None, False, "relu"
-    net = _make_net(args)
+    net = _make_net(args, conv_init="he")
     x, t, what = _book_batch(args.dataset, args.samples, args.seed, args.data_dir,
                              images=args.model != "mlp")
     shape = {"mlp": f"TwoLayerNet(784, {args.hidden[0]}, 10)",
@@ -128,8 +128,10 @@ def _gradcheck(args: argparse.Namespace) -> int:
     print(f"{shape} on {net.device} {net.dtype}, {what}")
     if args.model != "mlp":
         _random_biases(net, args.seed)
-        print("(biases drawn at random, std 0.1: with zero biases the images' blank background "
-              "puts convolution outputs exactly on ReLU's kink, where no finite difference "
+        print("(He-initialised weights and biases drawn at random, std 0.1: with zero biases "
+              "the images' blank background puts convolution outputs exactly on ReLU's kink, "
+              "and with the book's 0.01 weights neighbouring outputs are so close that a "
+              "step of h swaps a pooling window's maximum; at either no finite difference "
               "matches a derivative)")
     report = check_gradients(net, to_device(x, net.device, dtype=net.dtype),
                              to_device(t, net.device), mode=mode, seed=args.seed)
@@ -226,14 +228,17 @@ def _model_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--activation applies to --model mlp; {model} uses ReLU")
 
 
-def _make_net(args: argparse.Namespace):
+def _make_net(args: argparse.Namespace, conv_init=0.01):
+    """The net ``args`` asks for; ``conv_init`` is SimpleConvNet's weight_init_std (the
+    book's 0.01 for training)."""
     from .nets import DeepConvNet, MultiLayerNet, SimpleConvNet, TwoLayerNet
 
     where = {"seed": args.seed, "device": args.device, "dtype": args.dtype}
     decay = {"weight_decay": args.weight_decay}
     if args.model == "convnet":
-        conv = {"filter_num": args.filters or 30, "filter_size": 5, "pad": 0, "stride": 1}
-        return SimpleConvNet(_IMAGE_SHAPE, conv, args.hidden[0], 10, **decay, **where)
+        filters = 30 if args.filters is None else args.filters
+        conv = {"filter_num": filters, "filter_size": 5, "pad": 0, "stride": 1}
+        return SimpleConvNet(_IMAGE_SHAPE, conv, args.hidden[0], 10, conv_init, **decay, **where)
     if args.model == "deepconvnet":
         ratio = {} if args.dropout is None else {"dropout_ratio": args.dropout}
         return DeepConvNet(_IMAGE_SHAPE, hidden_size=args.hidden[0], **ratio, **decay, **where)
