@@ -109,16 +109,15 @@ def _gradcheck(args: argparse.Namespace) -> int:
     from .gradcheck import check_gradients
 
     defaults = _GRADCHECK_DEFAULTS[args.model]
-    if args.filters is not None and defaults["filters"] is None:
-        raise ValueError(f"--filters applies to --model convnet, not {args.model}")
+    args.weight_decay, args.dropout, args.batchnorm, args.activation = 0.0, None, False, "relu"
     args.hidden = [defaults["hidden"] if args.hidden is None else args.hidden]
+    _model_options(args)  # --filters only with convnet
     args.filters = defaults["filters"] if args.filters is None else args.filters
     mode = args.mode or defaults["mode"]
     for flag, value in (("--samples", args.samples), ("--hidden", args.hidden[0]),
                         ("--filters", args.filters)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
-    args.weight_decay, args.dropout, args.batchnorm, args.activation = 0.0, None, False, "relu"
     net = _make_net(args, conv_init="he")
     x, t, what = _book_batch(args.dataset, args.samples, args.seed, args.data_dir,
                              images=args.model != "mlp")

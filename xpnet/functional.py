@@ -346,17 +346,18 @@ def col2im(xp, col, shape: tuple, fh: int, fw: int, stride: int = 1, pad: int = 
     n, c, h, w = shape
     oh, ow = conv_output_size(h, fh, stride, pad), conv_output_size(w, fw, stride, pad)
     pieces = xp.reshape(col, (c, fh * fw, n, oh, ow))
-    dx = xp.zeros((c, n, h + 2 * pad, w + 2 * pad), dtype=col.dtype, device=native_device(col))
-    for k, (rows, cols) in enumerate(window_slices(fh, fw, stride, oh, ow)):
-        dx = xpx.at(dx)[:, :, rows, cols].add(pieces[:, k, ...], xp=xp)
-    dx = xp.permute_dims(dx, (1, 0, 2, 3))  # back to (N, C, H, W)
-    return dx[:, :, pad:pad + h, pad:pad + w] if pad else dx
+    # Summed in the (C, N, H, W) layout of the columns, then viewed as (N, C, H, W).
+    dx = add_at_windows(xp, [pieces[:, k, ...] for k in range(fh * fw)], (c, n, h, w), fh, fw,
+                        stride, pad)
+    return xp.permute_dims(dx, (1, 0, 2, 3))
 
 
 def add_at_windows(xp, pieces: list, shape: tuple, fh: int, fw: int, stride: int, pad: int):
-    """Pooling's adjoint: ``pieces[k]`` (N, C, OH, OW), the gradient at window offset k, summed
-    onto an x of ``shape`` (N, C, H, W) at that offset's strided positions (array-api-extra's
-    ``at(...).add(...)``); overlapping windows add up, the padding is cut off."""
+    """The adjoint of taking windows (pooling's, and :func:`col2im`'s): ``pieces[k]``
+    (A, B, OH, OW), the gradient at window offset k, summed onto an array of ``shape``
+    (A, B, H, W) at that offset's strided positions (array-api-extra's ``at(...).add(...)``:
+    in place on a fresh array where the library allows it, functional on JAX); overlapping
+    windows add up, the padding is cut off."""
     n, c, h, w = shape
     oh, ow = pieces[0].shape[2], pieces[0].shape[3]
     dx = xp.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=pieces[0].dtype,

@@ -600,13 +600,14 @@ def _real_option(name: str, value, low: float, high: float, *, high_open: bool =
     return value
 
 
-def _check_image_batch(xp, x, name: str, channels: int, like) -> None:
-    """Raise unless x is a floating (N, C, H, W) batch with ``channels`` channels in like's dtype."""
+def _check_image_batch(xp, x, name: str, channels: int | None = None, like=None) -> None:
+    """Raise unless x is a floating (N, C, H, W) batch (with ``channels`` channels and in
+    like's dtype, where given)."""
     check_array(xp, x, name)
     if x.ndim != 4 or x.shape[0] == 0:
         raise ValueError(f"{name} must be a non-empty batch of images (N, C, H, W), got shape "
                          f"{tuple(x.shape)}; load images with load_mnist(..., flatten=False)")
-    if x.shape[1] != channels:
+    if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{name} of shape {tuple(x.shape)} has {x.shape[1]} channels, but the "
                          f"layer expects {channels} (axis 1 of (N, C, H, W))")
     if like is not None and x.dtype != like.dtype:
@@ -751,10 +752,7 @@ class Pooling(Layer):
 
     def forward(self, x):
         xp = namespace(x=require_array(x, "x"))
-        check_array(xp, x, "x")
-        if x.ndim != 4 or x.shape[0] == 0:
-            raise ValueError(f"x must be a non-empty batch of images (N, C, H, W), got shape "
-                             f"{tuple(x.shape)}")
+        _check_image_batch(xp, x, "x")
         window = (self.pool_h, self.pool_w)
         oh, ow = _output_size(x.shape, window, self.stride, self.pad, "Pooling")
         padded = pad_spatial(xp, x, self.pad, -math.inf if self.mode == "max" else 0.0)
