@@ -3,8 +3,10 @@
 One SGD epoch on 60,000 samples of 784 features, 10 classes (seeded random data; the
 values do not change the work), for each configuration:
 
-* xpnet through its Trainer, on every backend asked for (``--backends``), and on NumPy
-  once more with its BLAS fast path off (what the fused SGD step gains from it);
+* xpnet through its Trainer, on every backend asked for (``--backends``); on NumPy that is
+  the fused loop (numba, ``xpnet._fused``) with the thread policy's BLAS threads, and once
+  more each: the layers' own steps (as without numba), the fused loop on every core (what
+  the policy gives up on an idle machine), and the layers with the BLAS fast path off;
 * the seeds' NumPy implementation (``seeds_numpy.py``: layer classes as in the notes);
 * PyTorch eager with autograd (``nn.Linear`` layers, ``F.cross_entropy``, ``torch.optim.SGD``),
   and with ``--torch-compile`` the same model through ``torch.compile``;
@@ -14,27 +16,34 @@ values do not change the work), for each configuration:
   batches) as a ``jit`` step and as a ``lax.scan`` epoch;
 * the floor: only the five matrix products a step cannot avoid (x W1, h W2, dW2 = h^T dout,
   dh = dout W2^T, dW1 = x^T dh, and one more pair per extra layer), on NumPy for the CPU
-  contenders (JAX's CPU ones too) and on CuPy for the GPU ones;
+  contenders (JAX's CPU ones too), on one BLAS thread and on every core, and on CuPy for the
+  GPU ones;
 * for scale, the batch gather alone: taking each shuffled batch of x and t out of the dataset
   (what every contender but the floor does each step, as the Trainer does it), no math.
 
 The contenders run interleaved, one epoch each per round, after a warm-up round; each
 figure is the median over the rounds (compiling happens in the warm-up).  Columns: the
-ratio to the floor, to xpnet's NumPy (CPU) or CuPy (GPU) Trainer, and to the hand-written
-JAX scan on the same kind of device.  Also reported: the peak memory an xpnet NumPy
-training run allocates beyond the dataset and the parameters (tracemalloc).
+threads each contender's products run on, the ratio to the floor on those threads, to
+xpnet's NumPy (CPU) or CuPy (GPU) Trainer, and to the hand-written JAX scan on the same kind
+of device.  With ``--busy`` each round runs every contender twice, on the quiet machine and
+beside one competing CPU-bound process that the benchmark starts and stops itself (another
+user's job), and two more columns give the busy epoch and its ratio to the quiet one.  Also
+reported: the peak memory an xpnet NumPy training run allocates beyond the dataset and the
+parameters (tracemalloc), and the machine, with every BLAS library's thread count.
 
-Run:  python benchmarks/bench_train.py [--rounds 5] [--configs small ...] [--backends cpu jax:cpu ...]
-Nothing else should run on the machine meanwhile: BLAS threads that compete for the cores
-spin, and slow everything down by an order of magnitude.
+Run:  python benchmarks/bench_train.py [--rounds 5] [--configs small ...] [--backends cpu jax:cpu ...] [--busy]
+Nothing else should run on the machine meanwhile (besides --busy's own competitor).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import math
+import os
 import statistics
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -68,13 +77,16 @@ def make_data(seed: int = 0):
 # -- contenders: each returns a function that runs one epoch and returns its seconds ----------
 
 
-def xpnet_epoch(sizes, batch, device, x, t, *, blas_fast_path=True, compile=False):
+def xpnet_epoch(sizes, batch, device, x, t, *, blas_fast_path=True, compile=False,
+                numba=True, blas_threads=None):
     """xpnet's Trainer; ``blas_fast_path=False`` runs it with the gemm of
     ``_fast.matmul_accumulate`` turned off (NumPy's ctypes BLAS, CuPy's cublas.gemm: then the
-    library's matmul and an in-place add); ``compile`` is the Trainer's (JAX devices)."""
+    library's matmul and an in-place add); ``numba=False`` without the fused loop (the layers'
+    own steps, as without numba installed); ``compile`` and ``blas_threads`` are the
+    Trainer's.  Returns (run one epoch -> seconds, the BLAS threads it uses)."""
     net = xpnet.MultiLayerNet(sizes, weight_init="he", device=device, dtype="float32")
     trainer = xpnet.Trainer(net, xpnet.SGD(LR), batch_size=batch, epochs=1, progress=False,
-                            compile=compile)
+                            compile=compile, blas_threads=blas_threads)
     x_dev, t_dev = to_device(x, device), to_device(t, device, dtype="int64")
 
     def run():
@@ -83,12 +95,15 @@ def xpnet_epoch(sizes, batch, device, x, t, *, blas_fast_path=True, compile=Fals
         saved = {key: _fast._state[key] for key in ("calls", "cupy")}
         if not blas_fast_path:  # NumPy's gemm through ctypes, and CuPy's cublas.gemm
             _fast._state.update(calls={}, cupy=None)
+        os.environ["XPNET_NO_NUMBA"] = "0" if numba else "1"
         try:
             return trainer.fit(x_dev, t_dev).seconds[0]
         finally:
             _fast._state.update(saved)
+            os.environ.pop("XPNET_NO_NUMBA")
 
-    return run
+    threads = _fast.thread_policy(net, (D,), batch, blas_threads)[0]
+    return run, "-" if threads is None else threads
 
 
 def seeds_epoch(sizes, batch, x, t):
@@ -282,62 +297,141 @@ def _host_of(device: str) -> str:
     return "cuda" if "cuda" in device.split(":") else "cpu"
 
 
+def _limited(run, threads):
+    """``run`` with NumPy's BLAS on ``threads`` threads (threadpoolctl) while it runs."""
+    def limited():
+        with _fast.blas_threads(threads):
+            return run()
+    return limited
+
+
+CORES = _fast.usable_cores()
+
+
 def _contenders(sizes, batch, backends, x, t, *, has_torch: bool, gpu: bool,
                 torch_compile: bool = False) -> dict:
-    """``{name: (run one epoch -> seconds, device)}`` for one configuration."""
+    """``{name: (run one epoch -> seconds, device, threads)}`` for one configuration; threads:
+    the BLAS threads it uses (an int), or a description of another library's own pool."""
     contenders = {}
     for dev in backends:
         if resolve_device(dev).library == "jax":
-            contenders[f"xpnet {dev} eager"] = (xpnet_epoch(sizes, batch, dev, x, t), dev)
+            xla = f"XLA's own ({CORES} cores)"
+            run, _ = xpnet_epoch(sizes, batch, dev, x, t)
+            contenders[f"xpnet {dev} eager"] = (run, dev, xla)
             for mode in ("step", "epoch"):
-                contenders[f"xpnet {dev} compiled {mode}"] = (
-                    xpnet_epoch(sizes, batch, dev, x, t, compile=mode), dev)
+                run, _ = xpnet_epoch(sizes, batch, dev, x, t, compile=mode)
+                contenders[f"xpnet {dev} compiled {mode}"] = (run, dev, xla)
             contenders[f"JAX by hand {dev}, jit step"] = (
-                jax_epoch(sizes, batch, dev, x, t, scan=False), dev)
+                jax_epoch(sizes, batch, dev, x, t, scan=False), dev, xla)
             contenders[f"JAX by hand {dev}, lax.scan epoch"] = (
-                jax_epoch(sizes, batch, dev, x, t, scan=True), dev)
+                jax_epoch(sizes, batch, dev, x, t, scan=True), dev, xla)
             continue
-        contenders[f"xpnet {dev}"] = (xpnet_epoch(sizes, batch, dev, x, t), dev)
+        run, threads = xpnet_epoch(sizes, batch, dev, x, t)
+        contenders[f"xpnet {dev}"] = (run, dev, threads)
+        if dev == "cpu":
+            if _fast.fused_module() is not None:
+                run, threads = xpnet_epoch(sizes, batch, dev, x, t, numba=False)
+                contenders[f"xpnet {dev}, layers (no numba)"] = (run, dev, threads)
+            run, threads = xpnet_epoch(sizes, batch, dev, x, t, blas_threads=CORES)
+            contenders[f"xpnet {dev}, all {CORES} cores"] = (run, dev, threads)
         if (dev == "cpu" and _fast.library() is not None) or (
                 dev.startswith("cuda") and _fast._cupy_gemm() is not None):
-            contenders[f"xpnet {dev}, no BLAS fast path"] = (
-                xpnet_epoch(sizes, batch, dev, x, t, blas_fast_path=False), dev)
+            run, threads = xpnet_epoch(sizes, batch, dev, x, t, blas_fast_path=False,
+                                       numba=False)
+            contenders[f"xpnet {dev}, layers, no BLAS fast path"] = (run, dev, threads)
     seeds = seeds_epoch(sizes, batch, x, t) if "cpu" in backends else None
     if seeds is not None:
-        contenders["seeds-style NumPy"] = (seeds, "cpu")
+        contenders["seeds-style NumPy"] = (seeds, "cpu", CORES)
     if has_torch:
+        import torch
+
         if "cpu" in backends:
-            contenders["PyTorch eager cpu"] = (torch_epoch(sizes, batch, "cpu", x, t), "cpu")
+            pool = f"torch's own ({torch.get_num_threads()})"
+            contenders["PyTorch eager cpu"] = (torch_epoch(sizes, batch, "cpu", x, t), "cpu",
+                                               pool)
             if torch_compile:
                 contenders["PyTorch torch.compile cpu"] = (
-                    torch_epoch(sizes, batch, "cpu", x, t, compiled=True), "cpu")
+                    torch_epoch(sizes, batch, "cpu", x, t, compiled=True), "cpu", pool)
         if gpu and "cuda" in backends:
-            contenders["PyTorch eager cuda"] = (torch_epoch(sizes, batch, "cuda", x, t), "cuda")
+            contenders["PyTorch eager cuda"] = (torch_epoch(sizes, batch, "cuda", x, t), "cuda",
+                                                "-")
     return contenders
 
 
-def _time_rounds(runs: dict, rounds: int) -> dict:
-    """Median seconds of each run over ``rounds`` interleaved rounds, after a warm-up round."""
-    times = {k: [] for k in runs}
+def _floors(sizes, batch, x, t, hosts) -> dict:
+    """The floor (on one thread and on every core, on the CPU) and the batch gather alone."""
+    rows = {}
+    for host in sorted(hosts):
+        try:  # on NumPy or CuPy (a JAX-only GPU machine has no "cuda" floor)
+            if host == "cpu":
+                for threads in sorted({1, CORES}):
+                    rows[f"floor cpu (matmuls only), {threads} thread(s)"] = (
+                        _limited(floor_epoch(sizes, batch, host), threads), host, threads)
+            else:
+                rows[f"floor {host} (matmuls only)"] = (floor_epoch(sizes, batch, host), host,
+                                                        "-")
+            rows[f"batch gather only, {host} (no math)"] = (gather_epoch(batch, host, x, t),
+                                                           host, "-")
+        except (BackendUnavailableError, ValueError):
+            pass
+    return rows
+
+
+class Competitor:
+    """One CPU-bound process (a Python busy loop) competing for the cores, as another user's
+    job would; started and stopped by the benchmark (a context manager)."""
+
+    def __enter__(self):
+        self.process = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(0.3)  # running before the timing starts
+        return self
+
+    def __exit__(self, *exc):
+        self.process.kill()
+        self.process.wait()
+        return False
+
+
+def _time_rounds(runs: dict, rounds: int, busy: bool = False) -> dict:
+    """``{(name, mode): median seconds}`` over ``rounds`` interleaved rounds after a warm-up
+    round; mode "quiet", and with ``busy`` also "busy": each round runs every contender once
+    on the quiet machine, then once more beside a :class:`Competitor`."""
+    modes = ("quiet", "busy") if busy else ("quiet",)
+    times = {(k, mode): [] for k in runs for mode in modes}
     for r in range(rounds + 1):  # round 0 is the warm-up (and the compiling)
-        for k, f in runs.items():
-            secs = f()
-            if r:
-                times[k].append(secs)
-    return {k: statistics.median(v) for k, v in times.items()}
+        for mode in modes:
+            with Competitor() if mode == "busy" else contextlib.nullcontext():
+                for k, f in runs.items():
+                    secs = f()
+                    if r:
+                        times[k, mode].append(secs)
+    return {key: statistics.median(v) for key, v in times.items()}
 
 
-def _print_rows(sizes, batch, rows: dict, med: dict) -> None:
-    for k, (_, dev) in rows.items():
+def _floor_of(med: dict, host: str, threads, mode: str):
+    """The floor a contender is measured against: on the CPU, the floor with its BLAS thread
+    count (every core for a library with its own pool)."""
+    if host != "cpu":
+        return med.get((f"floor {host} (matmuls only)", mode))
+    k = threads if isinstance(threads, int) else CORES
+    return med.get((f"floor cpu (matmuls only), {k} thread(s)", mode))
+
+
+def _print_rows(sizes, batch, rows: dict, med: dict, busy: bool) -> None:
+    for k, (_, dev, threads) in rows.items():
         host = _host_of(dev)
-        floor = med.get(f"floor {host} (matmuls only)")
-        ref = med.get(f"xpnet {host}")
-        jax_ref = next((v for name, v in med.items()
-                        if name.startswith("JAX by hand") and name.endswith("lax.scan epoch")
+        quiet = med[k, "quiet"]
+        floor = _floor_of(med, host, threads, "quiet")
+        ref = med.get((f"xpnet {host}", "quiet"))
+        jax_ref = next((v for (name, mode), v in med.items()
+                        if mode == "quiet" and name.startswith("JAX by hand")
+                        and name.endswith("lax.scan epoch")
                         and _host_of(name.split()[3].rstrip(",")) == host), None)
-        cells = [f"{med[k] / r:.2f}x" if r else "-" for r in (floor, ref, jax_ref)]
-        print(f"| {'-'.join(map(str, sizes))} | {batch} | {k} | {med[k] * 1e3:.0f} ms | "
-              f"{N / med[k]:,.0f} | " + " | ".join(cells) + " |")
+        cells = [f"{quiet / r:.2f}x" if r else "-" for r in (floor, ref, jax_ref)]
+        if busy:
+            cells += [f"{med[k, 'busy'] * 1e3:.0f} ms", f"{med[k, 'busy'] / quiet:.2f}x"]
+        print(f"| {'-'.join(map(str, sizes))} | {batch} | {k} | {threads} | {quiet * 1e3:.0f} ms "
+              f"| {N / quiet:,.0f} | " + " | ".join(cells) + " |")
     sys.stdout.flush()
 
 
@@ -380,6 +474,9 @@ def main() -> None:
     p.add_argument("--torch-compile", action="store_true",
                    help="also PyTorch through torch.compile on the CPU (needs a C++ compiler)")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--busy", action="store_true",
+                   help="also time every contender beside one competing CPU-bound process "
+                   "(started and stopped by the benchmark), interleaved with the quiet runs")
     args = p.parse_args()
     gpu, backends, configs = _defaults(args)
     try:
@@ -391,23 +488,21 @@ def main() -> None:
     x, t = make_data()
 
     print(f"SGD epoch on {N} x {D} float32, {C} classes; median of {args.rounds} interleaved "
-          "epochs after a warm-up\n")
-    print("| config | batch | contender | epoch | samples/s | vs floor | vs xpnet NumPy/CuPy "
-          "| vs JAX by hand (scan) |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
+          "epochs after a warm-up" + ("; busy: beside one competing CPU-bound process" if
+                                      args.busy else "") + "\n")
+    print("The floor a row is compared with is the one on its BLAS thread count (every core "
+          "for the libraries with their own thread pools).\n")
+    print("| config | batch | contender | threads | epoch | samples/s | vs floor | vs xpnet "
+          "NumPy/CuPy | vs JAX by hand (scan) |" + (" busy epoch | busy / quiet |"
+                                                     if args.busy else ""))
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.busy else ""))
     for name in configs:
         sizes, batch = CONFIGS[name]
         rows = _contenders(sizes, batch, backends, x, t, has_torch=has_torch, gpu=gpu,
                            torch_compile=args.torch_compile)
-        for host in sorted({_host_of(d) for _, d in rows.values()}):
-            try:  # on NumPy or CuPy (a JAX-only GPU machine has no "cuda" floor)
-                rows[f"floor {host} (matmuls only)"] = (floor_epoch(sizes, batch, host), host)
-                rows[f"batch gather only, {host} (no math)"] = (
-                    gather_epoch(batch, host, x, t), host)
-            except (BackendUnavailableError, ValueError):
-                pass
-        med = _time_rounds({k: f for k, (f, _) in rows.items()}, args.rounds)
-        _print_rows(sizes, batch, rows, med)
+        rows.update(_floors(sizes, batch, x, t, {_host_of(d) for _, d, _ in rows.values()}))
+        med = _time_rounds({k: f for k, (f, _, _) in rows.items()}, args.rounds, args.busy)
+        _print_rows(sizes, batch, rows, med, args.busy)
 
     if not args.no_memory:
         print("\nPeak memory of an xpnet NumPy training run (2 epochs), beyond the dataset "

@@ -424,6 +424,11 @@ net = xpnet.MultiLayerNet([6, 5, 3], seed=1, dtype="float64")
 opt = xpnet.SGD(0.1)
 losses = [float(net.train_step(x, t, opt)) for _ in range(5)]
 report = xpnet.check_gradients(net, x, t)
+history = xpnet.Trainer(xpnet.MultiLayerNet([6, 5, 3]), xpnet.Momentum(0.1), batch_size=8,
+                        epochs=2, progress=False).fit(x, t)
+assert history.config["step"] == "layers", history.config
+assert history.config["blas_threads"] is None, history.config
+assert history.train_loss[1] < history.train_loss[0], history.train_loss
 print(json.dumps({"losses": losses, "ok": report.ok, "steps": opt.steps,
                   "W1": net.params["W1"].tolist()}))
 """

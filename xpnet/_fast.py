@@ -33,16 +33,18 @@ library an array belongs to is still asked of :mod:`xpnet.backend`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import importlib
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 
 from . import functional
-from .backend import backend_of, dtype_name, is_dtype, is_writable, namespace
+from .backend import backend_of, dtype_name, is_dtype, is_gpu_device, is_writable, namespace
 from .layers import Affine
 from .optim import SGD
 
@@ -360,3 +362,221 @@ def _affine_backward_sgd(layer: Affine, dout, lr: float, decay: float = 0.0):
         layer.b = layer.b - step
     layer.dW = layer.db = None
     return dx
+
+
+# -- the BLAS thread policy --------------------------------------------------------------------
+
+# A step whose largest product has fewer multiply-adds than this runs its BLAS on one thread.
+# On an idle machine a second thread speeds such products up 1.5-1.6x (100 x 784 x 50), but
+# as soon as another process holds a core, OpenBLAS's threads wait for each other in every
+# product and an epoch takes 3-30x longer (benchmarks/bench_train.py --busy measures both).
+# From here on (the 784-1024-10 net with batch 256: 205M; batch 100 and a 400-wide layer:
+# 31M) the products gain 1.7-2x on an idle machine and every usable core is taken.
+PARALLEL_MIN_WORK = 1 << 25
+
+_THREADS_ENV = "XPNET_BLAS_THREADS"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def largest_product(net, sample_shape: tuple, batch_size: int) -> int:
+    """Multiply-adds of the largest matrix product in a training step of ``net`` on batches
+    of ``batch_size`` samples of ``sample_shape``: an Affine layer's ``x W``, a
+    Convolution's ``W col`` (the backward products have the same size).  Layers it does not
+    know keep the shape and count for nothing."""
+    from .layers import Convolution, Pooling
+
+    shape, largest = tuple(sample_shape), 0
+    for layer in getattr(net, "layers", {}).values():
+        if type(layer) is Affine:
+            largest = max(largest, batch_size * math.prod(layer.W.shape))
+            shape = (layer.W.shape[1],)
+        elif type(layer) in (Convolution, Pooling) and len(shape) == 3:
+            window = (tuple(layer.W.shape[2:]) if type(layer) is Convolution
+                      else (layer.pool_h, layer.pool_w))
+            oh, ow = (functional.conv_output_size(size, w, layer.stride, layer.pad)
+                      for size, w in zip(shape[1:], window))
+            if type(layer) is Convolution:
+                largest = max(largest, batch_size * oh * ow * math.prod(layer.W.shape))
+                shape = (layer.W.shape[0], oh, ow)
+            else:
+                shape = (shape[0], oh, ow)
+    return largest
+
+
+def thread_policy(net, sample_shape: tuple, batch_size: int, threads=None) -> tuple:
+    """``(threads, reason)``: how many threads the BLAS products of a training run use.
+
+    ``threads`` (an int >= 1) or the environment variable ``XPNET_BLAS_THREADS`` decide if
+    given; otherwise one thread where the step's largest product (:func:`largest_product`)
+    is under :data:`PARALLEL_MIN_WORK` multiply-adds, every usable core from there on.
+    ``threads`` is None for a net that is not on the CPU (its GPU does the products).
+    """
+    if is_gpu_device(net.device):
+        return None, f"{net.device}: not the CPU's BLAS"
+    if threads is not None:
+        return threads, "set by the caller"
+    env = os.environ.get(_THREADS_ENV, "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"{_THREADS_ENV} must be a whole number >= 1, got {env!r}")
+        return int(env), f"set by {_THREADS_ENV}"
+    work = largest_product(net, sample_shape, batch_size)
+    if work < PARALLEL_MIN_WORK:
+        return 1, (f"auto: largest product {work / 1e6:.1f}M multiply-adds < "
+                   f"{PARALLEL_MIN_WORK / 1e6:.1f}M")
+    cores = usable_cores()
+    return cores, f"auto: largest product {work / 1e6:.1f}M multiply-adds, all {cores} cores"
+
+
+@contextlib.contextmanager
+def blas_threads(threads: int | None):
+    """Within the block, the BLAS libraries of the process (NumPy's OpenBLAS, ...) use
+    ``threads`` threads (threadpoolctl); None leaves them as they are."""
+    if threads is None:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads, user_api="blas"):
+        yield
+
+
+def blas_info() -> list:
+    """``[(library, version, threads), ...]`` of the BLAS libraries loaded (threadpoolctl)."""
+    from threadpoolctl import threadpool_info
+
+    return [(p.get("internal_api"), p.get("version"), p.get("num_threads"))
+            for p in threadpool_info() if p.get("user_api") == "blas"]
+
+
+# -- the fused training loop (numba, xpnet._fused) -----------------------------------------------
+
+
+def fused_module():
+    """:mod:`xpnet._fused`, or None: numba is not installed (``pip install 'xpnet[fast]'``),
+    ``XPNET_NO_NUMBA=1`` is set, or NumPy's BLAS is not one :func:`gemm` can call."""
+    if os.environ.get("XPNET_NO_NUMBA", "") not in ("", "0") or library() is None:
+        return None
+    if "fused" not in _state:
+        try:
+            _state["fused"] = importlib.import_module("._fused", __package__)
+        except ImportError:  # numba (or its llvmlite) missing or not loadable
+            _state["fused"] = None
+    return _state["fused"]
+
+
+def _address(dtype) -> int:
+    """The address of NumPy's CBLAS gemm for ``dtype`` (see :func:`gemm`)."""
+    lib = ctypes.CDLL(library(), mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    return ctypes.cast(getattr(lib, _SYMBOLS[np.dtype(dtype)][0]), ctypes.c_void_p).value
+
+
+def _mlp_affines(net):
+    """The Affine layers of a :class:`xpnet.Sequential` that is exactly Affine, act, Affine,
+    ..., Affine with one activation class (Relu or Sigmoid) and SoftmaxWithLoss, and whether
+    it is Sigmoid; else None."""
+    from .layers import Relu, Sigmoid, SoftmaxWithLoss
+    from .nets import Sequential
+
+    # What the loop stands in for must be Sequential's own: a net whose class or instance
+    # changes its step, loss or forward pass (to log, clip, crash...) keeps its own.
+    steps = ("train_step", "loss", "predict", "loss_and_gradient")
+    if not isinstance(net, Sequential) or any(
+            name in vars(net) or getattr(type(net), name) is not getattr(Sequential, name)
+            for name in steps):
+        return None
+    layers = list(net.layers.values())
+    if type(getattr(net, "last_layer", None)) is not SoftmaxWithLoss or len(layers) % 2 != 1:
+        return None
+    affines, acts = layers[::2], {type(layer) for layer in layers[1::2]}
+    if any(type(layer) is not Affine for layer in affines) or len(acts) > 1 \
+            or not acts <= {Relu, Sigmoid}:
+        return None
+    return affines, acts == {Sigmoid}
+
+
+def fused_steps(net, optimizer, x, t, batch_size: int):
+    """A :class:`FusedSteps` for training ``net`` with ``optimizer`` on ``(x, t)``, or None
+    where the fused loop does not apply: it takes plain :class:`xpnet.SGD` and
+    :class:`xpnet.Momentum` (their exact classes), a net of Affine layers with Relu or
+    Sigmoid between them and SoftmaxWithLoss (the book's TwoLayerNet and MultiLayerNet
+    without batch norm or dropout), integer labels, float32 or float64 NumPy arrays."""
+    from .optim import Momentum
+
+    fused = fused_module()
+    structure = _mlp_affines(net)
+    if fused is None or structure is None or type(optimizer) not in (SGD, Momentum):
+        return None
+    arrays = [x, *(getattr(layer, name) for layer in structure[0] for name in ("W", "b"))]
+    if not all(type(a) is np.ndarray for a in (*arrays, t)):  # NumPy's own arrays only
+        return None
+    if x.dtype not in _SYMBOLS or not all(a.dtype == x.dtype and a.flags.c_contiguous
+                                          and a.flags.aligned for a in arrays) \
+            or not all(a.flags.writeable for a in arrays[1:]):
+        return None
+    if t.ndim != 1 or t.dtype != np.int64:
+        return None
+    return FusedSteps(fused, net, optimizer, structure, batch_size)
+
+
+class FusedSteps:
+    """Runs a range of the Trainer's steps in one call of :func:`xpnet._fused.mlp_steps`.
+
+    The same steps as the layers' ``train_step`` (up to rounding): weight decay, SGD's or
+    Momentum's update, ``optimizer.steps``.  The batch buffers are allocated once; each call
+    reads the parameters (and Momentum's velocities) afresh from the net and the optimizer,
+    so parameters replaced between calls are the ones trained.
+    """
+
+    def __init__(self, fused, net, optimizer, structure, batch_size: int):
+        affines, self.sigmoid = structure
+        self.fused, self.net, self.optimizer, self.affines = fused, net, optimizer, affines
+        dtype = affines[0].W.dtype
+        widths = [affines[0].W.shape[0]] + [layer.W.shape[1] for layer in affines]
+        self.acts = tuple(np.empty((batch_size, w), dtype=dtype) for w in widths)
+        self.grads = tuple(np.empty((batch_size, w), dtype=dtype) for w in widths)
+        self.bias_grads = tuple(np.empty_like(layer.b) for layer in affines)
+        self.momentum = type(optimizer) is not SGD
+        self.weight_grads = (tuple(np.empty_like(layer.W) for layer in affines) if self.momentum
+                             else None)
+        self.address = _address(dtype)
+        self.losses = np.empty(0)
+
+    def _velocities(self):
+        """Momentum's ``v`` of every W and b (zeros on the first step), in the optimizer."""
+        names = {id(value): name for name, value in self.net.params.items()}
+        v = {}
+        for layer in self.affines:
+            for attr in ("W", "b"):
+                p = getattr(layer, attr)
+                v[attr, id(layer)] = self.optimizer._slots(np, names[id(p)], p)["v"]
+        return (tuple(v["W", id(layer)] for layer in self.affines),
+                tuple(v["b", id(layer)] for layer in self.affines))
+
+    def run(self, x, t, order, start: int, stop: int, batch_size: int):
+        """Steps ``start .. stop - 1`` of the epoch whose samples come in ``order``:
+        ``(steps taken, their batch-size weighted losses as a float64 array)``."""
+        if self.losses.shape[0] < stop - start:
+            self.losses = np.empty(stop - start)
+        Ws = tuple(layer.W for layer in self.affines)
+        bs = tuple(layer.b for layer in self.affines)
+        opt, decay = self.optimizer, float(getattr(self.net, "weight_decay", 0.0))
+        if self.momentum:
+            (vWs, vbs), gWs, momentum = self._velocities(), self.weight_grads, opt.momentum
+        else:  # unused by SGD: any arrays of the right types
+            vWs, vbs, gWs, momentum = Ws, bs, Ws, -1.0
+        self.fused.mlp_steps(self.address, np.reshape(x, (x.shape[0], -1)), t, order, start,
+                             stop, batch_size, Ws, bs, self.acts, self.grads, self.sigmoid,
+                             float(opt.lr), decay, float(momentum), vWs, vbs, gWs,
+                             self.bias_grads, self.losses)
+        opt.steps += stop - start
+        for layer in self.affines:
+            layer.dW = layer.db = None
+        return stop - start, self.losses[:stop - start].copy()

@@ -60,16 +60,34 @@ def _self_tests(devices: list, require_gpu: bool) -> int:
 def _fast_paths() -> str:
     """What xpnet._fast (everything that exists only for speed) offers on this machine."""
     import importlib.util
-    import os
 
     if importlib.util.find_spec("xpnet._fast") is None:
         return "none (xpnet/_fast.py is not installed): the portable Array API code runs"
     from . import _fast
 
     blas = _fast.library()
-    return ("fused SGD step; BLAS for the fused SGD step and bias: " + os.path.basename(blas)
-            if blas else "fused SGD step; no BLAS fast path: the fused SGD step and bias use "
-            "NumPy's matmul")
+    lines = [("fused SGD step; BLAS for the fused SGD step and bias: " + os.path.basename(blas)
+              if blas else "fused SGD step; no BLAS fast path: the fused SGD step and bias use "
+              "NumPy's matmul")]
+    if _fast.fused_module() is not None:
+        import numba
+
+        lines.append(f"fused training loop: numba {numba.__version__} (SGD and Momentum on "
+                     "multilayer perceptrons, NumPy)")
+    else:
+        lines.append("fused training loop: off (" + (
+            "XPNET_NO_NUMBA is set" if os.environ.get("XPNET_NO_NUMBA", "") not in ("", "0")
+            else "no BLAS fast path" if blas is None
+            else "numba is not installed: pip install 'xpnet[fast]'") + ")")
+    env = os.environ.get("XPNET_BLAS_THREADS")
+    loaded = ", ".join(f"{api} {version}: {threads} thread(s)"
+                       for api, version, threads in _fast.blas_info()) or "none found"
+    lines.append("BLAS threads in training: " + (
+        f"{env} (XPNET_BLAS_THREADS)" if env else
+        f"1 where a step's largest product is under {_fast.PARALLEL_MIN_WORK / 1e6:.1f}M "
+        f"multiply-adds, else all {_fast.usable_cores()} usable cores (override: "
+        "--threads, Trainer(blas_threads=), XPNET_BLAS_THREADS)") + f"; loaded BLAS: {loaded}")
+    return "\n  ".join(lines)  # the first on the "fast paths:" line, the others below it
 
 
 def _book_batch(dataset: str, n: int, seed: int, data_dir, images: bool = False):
@@ -264,10 +282,13 @@ def _train(args: argparse.Namespace) -> int:
     _model_options(args)
     if args.compile:
         compiling_backend(args.device, "--compile", "--device")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     net = _make_net(args)
     trainer = Trainer(net, optimizer, batch_size=args.batch_size, epochs=args.epochs,
                       seed=args.seed, progress=not args.quiet, checkpoint=checkpoint,
-                      checkpoint_every=args.checkpoint_every, compile=args.compile or False)
+                      checkpoint_every=args.checkpoint_every, compile=args.compile or False,
+                      blas_threads=args.threads)
     images = args.model != "mlp"
     (x, t), (xt, tt) = load_mnist(args.dataset, data_dir=args.data_dir, download=args.download,
                                   flatten=not images)
@@ -288,6 +309,9 @@ def _train(args: argparse.Namespace) -> int:
     with np.errstate(all="ignore"):  # the Trainer reports divergence itself, by epoch and step
         history = trainer.fit(x, t, xt, tt, on_epoch=_epoch_reporter(args, say),
                               resume=args.resume)
+    config = history.config
+    say(f"steps: {config['step']}; BLAS threads: {config['blas_threads'] or 'the library default'}"
+        f" ({config['thread_policy']})")
     _write_outputs(args, net, history, say)
     print(f"final test accuracy: {history.test_accuracy[-1]:.4f}")
     return 0
@@ -380,6 +404,10 @@ def _add_train_arguments(tr: argparse.ArgumentParser) -> None:
                     default=None,
                     help="run the training as compiled programs (JAX devices: --device jax:cpu "
                     "or jax:cuda:N): each epoch as one loop (the default), or each step")
+    tr.add_argument("--threads", type=int, default=None, metavar="N",
+                    help="BLAS threads for the CPU's matrix products (default: xpnet decides by "
+                    "their size: 1 for small nets, so a busy machine does not stall them, every "
+                    "core for large ones; also XPNET_BLAS_THREADS)")
     tr.add_argument("--quiet", action="store_true",
                     help="print only the final test accuracy")
 

@@ -14,6 +14,8 @@ Rules of the loop (they keep a GPU busy):
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import inspect
 import json
 import math
@@ -42,6 +44,10 @@ from .compiled import CompiledSteps, compile_mode
 from .functional import check_label_range, check_seed, check_target_rows
 
 __all__ = ["DivergenceError", "History", "Trainer"]
+
+# Everything that exists only for speed (the thread policy, the fused loop); optional.
+_fast = (importlib.import_module("._fast", __package__)
+         if importlib.util.find_spec("._fast", __package__) else None)
 
 
 class DivergenceError(FloatingPointError):
@@ -244,11 +250,25 @@ class Trainer:
         program per step.  Checkpoints, resume, Ctrl-C (seen between the compiled loops)
         and divergence detection work as without it; results equal the eager ones up to
         rounding.
+    blas_threads : int, optional
+        Threads for the CPU's matrix products (NumPy's BLAS) during :meth:`fit`.  By default
+        xpnet decides (``xpnet._fast.thread_policy``): one thread where the step's largest
+        product is small, so a busy machine does not stall training, every usable core for
+        large ones; the environment variable ``XPNET_BLAS_THREADS`` overrides it for every
+        run.  The choice and its reason are recorded in ``History.config`` (the thread count
+        changes results in the last digits).
+
+    On NumPy with numba installed (``pip install 'xpnet[fast]'``), SGD and Momentum training
+    of the book's multilayer perceptrons (Affine, Relu or Sigmoid, ..., SoftmaxWithLoss,
+    integer labels; no batch norm or dropout) runs as one compiled loop over the steps
+    (``xpnet._fused``), with the same results up to rounding; ``History.config["step"]``
+    says which way a run went.
     """
 
     def __init__(self, net, optimizer, *, batch_size: int = 100, epochs: int = 10, seed: int = 0,
                  progress: bool = True, eval_batch_size: int = 1000, log_every: int = 50,
-                 checkpoint=None, checkpoint_every: int | None = None, compile=False):
+                 checkpoint=None, checkpoint_every: int | None = None, compile=False,
+                 blas_threads: int | None = None):
         _check_protocol("net", net, ("params", "loss", "accuracy", "device", "dtype"),
                         "an xpnet net (Sequential, TwoLayerNet, ...)")
         _check_protocol("optimizer", optimizer, ("update", "state_dict"),
@@ -268,6 +288,8 @@ class Trainer:
                 raise ValueError("checkpoint_every needs a checkpoint path")
         self.checkpoint_every = checkpoint_every
         self.compile = compile_mode(compile)
+        self.blas_threads = None if blas_threads is None else _positive_int("blas_threads",
+                                                                             blas_threads)
         self._compiled = None if self.compile is None else CompiledSteps(net, optimizer,
                                                                          self.compile)
 
@@ -438,14 +460,18 @@ class Trainer:
             return lambda xb, tb: step(xb, tb, opt, check_labels=False)
         return lambda xb, tb: step(xb, tb, opt)
 
-    def _advance_function(self):
+    def _advance_function(self, run: _Run):
         """``advance(run, order, i, stop) -> (steps taken, their weighted losses)``: steps
         ``i, i + 1, ...`` (at least one, none at or after ``stop``) of an epoch whose samples
-        come in ``order``.  Eagerly one step; compiled, up to ``stop`` in one program."""
+        come in ``order``.  Eagerly one step; compiled or fused, up to ``stop`` in one call."""
         b = self.batch_size
-        if self._compiled is not None:
-            compiled = self._compiled
-            return lambda run, order, i, stop: compiled.run(run.x, run.t, order, i, stop, b)
+        loop = self._compiled
+        if loop is None and _fast is not None:
+            loop = _fast.fused_steps(self.net, self.optimizer, run.x, run.t, b)
+        run.history.config["step"] = ("compiled" if self._compiled is not None else
+                                      "fused loop (numba)" if loop is not None else "layers")
+        if loop is not None:
+            return lambda run, order, i, stop: loop.run(run.x, run.t, order, i, stop, b)
         step = self._step_function()
 
         def eager(run, order, i, stop):
@@ -515,8 +541,10 @@ class Trainer:
 
     def _fit(self, x_train, t_train, x_test, t_test, on_epoch, resume) -> History:
         run = self._start(x_train, t_train, x_test, t_test, resume)
-        advance = self._advance_function()
-        with _DeferredInterrupt(self.checkpoint is not None) as run.interrupt:
+        advance = self._advance_function(run)
+        threads = run.history.config["blas_threads"]
+        with _DeferredInterrupt(self.checkpoint is not None) as run.interrupt, \
+                (_fast.blas_threads(threads) if _fast is not None else contextlib.nullcontext()):
             for epoch in range(run.position.epoch, self.epochs + 1):
                 record = self._epoch(run, epoch, advance)
                 run.history.records.append(record)
@@ -546,6 +574,9 @@ class Trainer:
             "epochs": self.epochs, "seed": self.seed, "device": net.device, "dtype": net.dtype,
             "train_samples": x.shape[0], "compile": self.compile or False,
         })
+        history.config["blas_threads"], history.config["thread_policy"] = (
+            _fast.thread_policy(net, tuple(x.shape[1:]), self.batch_size, self.blas_threads)
+            if _fast is not None else (None, "the BLAS library's own (no xpnet._fast)"))
         run = _Run(x, t, test, namespace(x=x), np.random.default_rng(self.seed), history,
                    _Position())
         if resume is not None:
