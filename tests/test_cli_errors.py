@@ -136,7 +136,10 @@ def test_a_closed_pipe_is_one_line(data, tmp_path):
 
 def test_ctrl_c_while_the_data_loads_is_one_line_and_130(data, tmp_path):
     env = {**os.environ, "HOME": str(tmp_path)}
-    code = ("import time, xpnet.datasets as d, xpnet.cli as c\n"
+    # Ctrl-C as a terminal delivers it (a test run started in the background passes SIGINT on
+    # ignored, and Python then installs no KeyboardInterrupt handler).
+    code = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "import time, xpnet.datasets as d, xpnet.cli as c\n"
             "real = d.load_mnist\n"
             "def slow(*a, **k):\n"
             "    print('loading', flush=True); time.sleep(30); return real(*a, **k)\n"
