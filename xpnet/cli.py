@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import math
 import os
 import platform
@@ -30,6 +32,7 @@ def _info(args: argparse.Namespace) -> int:
             line += f"  ({entry['note']})"
         print(line)
     print(f"fast paths: {_fast_paths()}")
+    print(f"distributed: {_distributed_info()}")
     if not (args.check or args.require_gpu):
         return 0
     return _self_tests([d for entry in backends for d in entry["devices"]], args.require_gpu)
@@ -88,6 +91,23 @@ def _fast_paths() -> str:
         f"multiply-adds, else all {_fast.usable_cores()} usable cores (override: "
         "--threads, Trainer(blas_threads=), XPNET_BLAS_THREADS)") + f"; loaded BLAS: {loaded}")
     return "\n  ".join(lines)  # the first on the "fast paths:" line, the others below it
+
+
+def _distributed_info() -> str:
+    """Whether ``xpnet train --distributed`` can run: mpi4py, and an mpiexec on the PATH (MPI
+    itself is not started here)."""
+    import importlib.metadata
+    import shutil
+
+    try:
+        version = importlib.metadata.version("mpi4py")
+    except importlib.metadata.PackageNotFoundError:
+        return "mpi4py is not installed (pip install 'xpnet[mpi]' for mpiexec -n N xpnet train " \
+               "--distributed)"
+    launcher = shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep
+                            + os.environ.get("PATH", ""))
+    return f"mpi4py {version}; " + (f"mpiexec: {launcher}" if launcher else
+                                    "no mpiexec found on the PATH")
 
 
 def _book_batch(dataset: str, n: int, seed: int, data_dir, images: bool = False):
@@ -269,12 +289,35 @@ def _make_net(args: argparse.Namespace, conv_init=0.01):
 
 
 def _train(args: argparse.Namespace) -> int:
+    dist = None
+    if args.distributed:  # under mpiexec: one process per rank, rank 0 prints and writes
+        from .distributed import Context, local_device
+
+        dist = Context.world()
+        args.device = local_device(args.device, dist)
+    say = (lambda *a: None) if args.quiet or (dist and not dist.root) else print
+    with dist.together() if dist else contextlib.nullcontext():
+        trainer, data = _train_setup(args, say, dist)
+    with np.errstate(all="ignore"):  # the Trainer reports divergence itself, by epoch and step
+        history = trainer.fit(*data, on_epoch=_epoch_reporter(args, say), resume=args.resume)
+    config = history.config
+    say(f"steps: {config['step']}; BLAS threads: {config['blas_threads'] or 'the library default'}"
+        f" ({config['thread_policy']})")
+    with dist.together() if dist else contextlib.nullcontext():
+        if dist is None or dist.root:
+            _write_outputs(args, trainer.net, history, say)
+    if dist is None or dist.root:
+        print(f"final test accuracy: {history.test_accuracy[-1]:.4f}")
+    return 0
+
+
+def _train_setup(args: argparse.Namespace, say, dist):
+    """The trainer and the data ``xpnet train``'s flags ask for, every flag checked first."""
     from .backend import compiling_backend
     from .datasets import load_mnist
     from .optim import make_optimizer
     from .train import Trainer
 
-    say = (lambda *a: None) if args.quiet else print
     checkpoint, resumed = _check_train_paths(args)
     optimizer = make_optimizer(args.optimizer, args.lr)
     # Every option is checked (by building the net and the trainer) before the data is looked
@@ -288,7 +331,7 @@ def _train(args: argparse.Namespace) -> int:
     trainer = Trainer(net, optimizer, batch_size=args.batch_size, epochs=args.epochs,
                       seed=args.seed, progress=not args.quiet, checkpoint=checkpoint,
                       checkpoint_every=args.checkpoint_every, compile=args.compile or False,
-                      blas_threads=args.threads)
+                      blas_threads=args.threads, distributed=dist is not None)
     images = args.model != "mlp"
     (x, t), (xt, tt) = load_mnist(args.dataset, data_dir=args.data_dir, download=args.download,
                                   flatten=not images)
@@ -298,23 +341,16 @@ def _train(args: argparse.Namespace) -> int:
     if args.batch_size > x.shape[0]:
         raise ValueError(f"--batch-size {args.batch_size} is larger than the {x.shape[0]} "
                          f"{args.dataset} training images")
+    processes = f", {dist.size} processes" if dist else ""
     say(f"{net!r}, {optimizer!r}, batch {args.batch_size}, {args.epochs} epoch(s), "
-        f"{x.shape[0]} {args.dataset} training images")
+        f"{x.shape[0]} {args.dataset} training images{processes}")
     if resumed is not None:
         where = resumed.position
         say(f"resuming {args.resume}: epoch {where.get('epoch')}, step {where.get('step')} of "
             f"{math.ceil(x.shape[0] / args.batch_size)}")
     args.interrupted_note = (f"; the checkpoint is saved: continue with --resume {checkpoint}"
                              if checkpoint else "")
-    with np.errstate(all="ignore"):  # the Trainer reports divergence itself, by epoch and step
-        history = trainer.fit(x, t, xt, tt, on_epoch=_epoch_reporter(args, say),
-                              resume=args.resume)
-    config = history.config
-    say(f"steps: {config['step']}; BLAS threads: {config['blas_threads'] or 'the library default'}"
-        f" ({config['thread_policy']})")
-    _write_outputs(args, net, history, say)
-    print(f"final test accuracy: {history.test_accuracy[-1]:.4f}")
-    return 0
+    return trainer, (x, t, xt, tt)
 
 
 # A softmax loss far above a uniform guess's (log 10 for 10 classes) is a run gone wrong.
@@ -404,6 +440,10 @@ def _add_train_arguments(tr: argparse.ArgumentParser) -> None:
                     default=None,
                     help="run the training as compiled programs (JAX devices: --device jax:cpu "
                     "or jax:cuda:N): each epoch as one loop (the default), or each step")
+    tr.add_argument("--distributed", action="store_true",
+                    help="data-parallel training over MPI: start it with mpiexec -n N xpnet "
+                    "train --distributed (needs pip install 'xpnet[mpi]'); each process takes "
+                    "an even share of every batch, rank 0 prints and writes the files")
     tr.add_argument("--threads", type=int, default=None, metavar="N",
                     help="BLAS threads for the CPU's matrix products (default: xpnet decides by "
                     "their size: 1 for small nets, so a busy machine does not stall them, every "
@@ -479,27 +519,44 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     """Run a command; the one place that turns an expected failure into one line on stderr
     and an exit status: 2 for a usage, input or file error (and a diverged training),
-    130 for Ctrl-C.  (1, "a gradient disagrees", is gradcheck's own answer.)"""
+    130 for Ctrl-C.  (1, "a gradient disagrees", is gradcheck's own answer.)  In a
+    distributed run every rank raises the same error, and only rank 0 prints it."""
     from .datasets import DatasetNotFoundError
     from .train import DivergenceError
 
     name = f"xpnet {args.command}"
+    tell = functools.partial(print, file=sys.stderr)
+    if getattr(args, "distributed", False):
+        from .distributed import rank_from_environment
+
+        if rank_from_environment() not in (None, 0):
+            tell = _silent
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print(f"{name}: interrupted{getattr(args, 'interrupted_note', '')}", file=sys.stderr)
+        tell(f"{name}: interrupted{getattr(args, 'interrupted_note', '')}")
         return 130
     except BrokenPipeError:  # xpnet train | head -1: the reader has gone
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        print(f"{name}: error: the output was closed before the command finished",
-              file=sys.stderr)
+        tell(f"{name}: error: the output was closed before the command finished")
         return 2
     except DatasetNotFoundError as exc:  # its message says where it looked and what to do
-        print(f"{name}: {exc}", file=sys.stderr)
+        tell(f"{name}: {exc}")
         return 2
     except (DivergenceError, ValueError, TypeError, OSError) as exc:
-        print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
+        tell(f"{name}: error: {_one_line(exc)}")
         return 2
+    except Exception as exc:
+        if not getattr(exc, "xpnet_agreed", False):
+            raise
+        # Another process's error in a distributed run, raised here too (as its class where
+        # it can be rebuilt): the same line and status as on the process that had it.
+        tell(f"{name}: error: {_one_line(exc)}")
+        return 2
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
 
 
 def _one_line(exc: BaseException) -> str:

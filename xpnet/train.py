@@ -21,6 +21,7 @@ import json
 import math
 import numbers
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,13 @@ __all__ = ["DivergenceError", "History", "Trainer"]
 # Everything that exists only for speed (the thread policy, the fused loop); optional.
 _fast = (importlib.import_module("._fast", __package__)
          if importlib.util.find_spec("._fast", __package__) else None)
+
+
+def _distributed_context():
+    """The MPI context of this process (:mod:`xpnet.distributed`; mpi4py is imported here)."""
+    from .distributed import Context
+
+    return Context.world()
 
 
 class DivergenceError(FloatingPointError):
@@ -258,6 +266,19 @@ class Trainer:
         run.  The choice and its reason are recorded in ``History.config`` (the thread count
         changes results in the last digits).
 
+    distributed : bool, default False
+        Data-parallel training over MPI (:mod:`xpnet.distributed`; start the processes with
+        ``mpiexec -n N``): every process holds the net and takes an even share of each global
+        batch of ``batch_size``; the gradients are summed across the processes (weighted by
+        their shares) and every process takes the same update, so N processes train what one
+        does, up to rounding.  Rank 0's parameters are broadcast at the start; losses and
+        accuracies are global; only rank 0 shows a progress bar and writes checkpoints; an
+        error on one process is raised, the same, on all.  The fused steps (the SGD step fused
+        into backprop, the fused loop) do not apply: each step is ``loss_and_gradient``, an
+        allreduce, ``optimizer.update``.  A checkpoint resumes with any number of processes
+        (the global batches do not depend on it).  Batch normalization normalizes each
+        process's share, and dropout draws its masks per process.
+
     On NumPy with numba installed (``pip install 'xpnet[fast]'``), SGD and Momentum training
     of the book's multilayer perceptrons (Affine, Relu or Sigmoid, ..., SoftmaxWithLoss,
     integer labels; no batch norm or dropout) runs as one compiled loop over the steps
@@ -268,7 +289,7 @@ class Trainer:
     def __init__(self, net, optimizer, *, batch_size: int = 100, epochs: int = 10, seed: int = 0,
                  progress: bool = True, eval_batch_size: int = 1000, log_every: int = 50,
                  checkpoint=None, checkpoint_every: int | None = None, compile=False,
-                 blas_threads: int | None = None):
+                 blas_threads: int | None = None, distributed: bool = False):
         _check_protocol("net", net, ("params", "loss", "accuracy", "device", "dtype"),
                         "an xpnet net (Sequential, TwoLayerNet, ...)")
         _check_protocol("optimizer", optimizer, ("update", "state_dict"),
@@ -288,6 +309,13 @@ class Trainer:
                 raise ValueError("checkpoint_every needs a checkpoint path")
         self.checkpoint_every = checkpoint_every
         self.compile = compile_mode(compile)
+        if not isinstance(distributed, bool):
+            raise TypeError(f"distributed must be True or False, got {distributed!r}")
+        if distributed and self.compile is not None:
+            raise ValueError("distributed=True and compile= do not go together: a distributed "
+                             "step exchanges gradients between the processes, which a compiled "
+                             "loop cannot do")
+        self._dist = _distributed_context() if distributed else None
         self.blas_threads = None if blas_threads is None else _positive_int("blas_threads",
                                                                              blas_threads)
         self._compiled = None if self.compile is None else CompiledSteps(net, optimizer,
@@ -355,13 +383,18 @@ class Trainer:
     def save_checkpoint(self, path, position: _Position, history: History) -> None:
         """Write the training state atomically; refuses (DivergenceError) a non-finite one."""
         params = {name: to_numpy(value) for name, value in self.net.params.items()}
-        for name, value in params.items():
+        for name, value in params.items():  # the same on every process of a distributed run
             if not np.all(np.isfinite(value)):
                 raise DivergenceError(
                     f"{name} became NaN or infinite by epoch {position.epoch}, step "
                     f"{position.step}: the learning rate is probably too high; the checkpoint "
                     "on disk is left as it was"
                 )
+        with self._together():  # written by rank 0 alone; its failure stops every process
+            if self._dist is None or self._dist.root:
+                self._write_checkpoint(path, position, history, params)
+
+    def _write_checkpoint(self, path, position: _Position, history: History, params) -> None:
         files.save_training(path, files.TrainingState(
             net=self._net_config(), trainer=self._settings(history),
             optimizer=self.optimizer.state_dict(), history=history.to_dict(), params=params,
@@ -465,6 +498,8 @@ class Trainer:
         ``i, i + 1, ...`` (at least one, none at or after ``stop``) of an epoch whose samples
         come in ``order``.  Eagerly one step; compiled or fused, up to ``stop`` in one call."""
         b = self.batch_size
+        if self._dist is not None:
+            return self._distributed_advance(run)
         loop = self._compiled
         if loop is None and _fast is not None:
             loop = _fast.fused_steps(self.net, self.optimizer, run.x, run.t, b)
@@ -490,12 +525,12 @@ class Trainer:
             stop = min(stop, (i // self.log_every + 1) * self.log_every)
         return stop
 
-    @staticmethod
-    def _drain(run: _Run, pending: list, epoch: int, first_step: int) -> float:
+    def _drain(self, run: _Run, pending: list, epoch: int, first_step: int) -> float:
         """Sum the weighted losses of ``pending`` (0-d, or 1-d from a compiled loop; one
         device read); raise on NaN/inf, naming the step."""
         if not pending:
             return 0.0
+        cause = _likely_cause if self._dist is None else self._distributed_cause
         xp = run.xp
         if any(p.ndim for p in pending):
             chunk = xp.concat([xp.reshape(p, (-1,)) for p in pending])
@@ -507,7 +542,7 @@ class Trainer:
             bad = int(np.flatnonzero(~np.isfinite(values))[0])
             raise DivergenceError(
                 f"the training loss became {values[bad]} at epoch {epoch}, step "
-                f"{first_step + bad + 1}: {_likely_cause(run)}"
+                f"{first_step + bad + 1}: {cause(run)}"
             )
         pending.clear()
         return total
@@ -540,8 +575,24 @@ class Trainer:
             return self._fit(x_train, t_train, x_test, t_test, on_epoch, resume)
 
     def _fit(self, x_train, t_train, x_test, t_test, on_epoch, resume) -> History:
-        run = self._start(x_train, t_train, x_test, t_test, resume)
-        advance = self._advance_function(run)
+        if self._dist is None:
+            return self._run_epochs(x_train, t_train, x_test, t_test, on_epoch, resume)
+        try:
+            return self._run_epochs(x_train, t_train, x_test, t_test, on_epoch, resume)
+        except Exception as exc:
+            if not getattr(exc, "xpnet_agreed", False) and not isinstance(exc, DivergenceError):
+                # Raised on this process alone, where the others may wait for it in an
+                # exchange: stop them all rather than leave them hanging.
+                print(f"xpnet: rank {self._dist.rank}: {type(exc).__name__}: {exc}",
+                      file=sys.stderr, flush=True)
+                self._dist.comm.Abort(1)
+            raise
+
+    def _run_epochs(self, x_train, t_train, x_test, t_test, on_epoch, resume) -> History:
+        together = self._together
+        with together():
+            run = self._start(x_train, t_train, x_test, t_test, resume)
+        advance = self._advance_function(run)  # (distributed: rank 0's weights to every rank)
         threads = run.history.config["blas_threads"]
         with _DeferredInterrupt(self.checkpoint is not None) as run.interrupt, \
                 (_fast.blas_threads(threads) if _fast is not None else contextlib.nullcontext()):
@@ -553,8 +604,13 @@ class Trainer:
                                              run.position.global_step)
                     self.save_checkpoint(self.checkpoint, run.position, run.history)
                 if on_epoch is not None:
-                    on_epoch(record)
+                    with together():
+                        on_epoch(record)
         return run.history
+
+    def _together(self):
+        """A block whose exception, on any process of a distributed run, is raised on all."""
+        return contextlib.nullcontext() if self._dist is None else self._dist.together()
 
     def _start(self, x_train, t_train, x_test, t_test, resume) -> _Run:
         """Validate and move the data, set up the history, and restore ``resume`` if given."""
@@ -575,7 +631,9 @@ class Trainer:
             "train_samples": x.shape[0], "compile": self.compile or False,
         })
         history.config["blas_threads"], history.config["thread_policy"] = (
-            _fast.thread_policy(net, tuple(x.shape[1:]), self.batch_size, self.blas_threads)
+            _fast.thread_policy(net, tuple(x.shape[1:]), self.batch_size, self.blas_threads,
+                                processes_per_node=1 if self._dist is None
+                                else self._dist.local_size)
             if _fast is not None else (None, "the BLAS library's own (no xpnet._fast)"))
         run = _Run(x, t, test, namespace(x=x), np.random.default_rng(self.seed), history,
                    _Position())
@@ -583,6 +641,8 @@ class Trainer:
             run.position = self._restore(resume, history)
             history.config["resumed_from"] = str(resume)
             run.rng.bit_generator.state = run.position.rng_state
+        if self._dist is not None:
+            history.config["processes"] = self._dist.size
         return run
 
     def _epoch(self, run: _Run, epoch: int, advance) -> dict:
@@ -594,7 +654,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, initial=run.position.step, desc=f"epoch {epoch}/{self.epochs}",
-                   unit="batch", disable=None if self.progress else True, leave=True,
+                   unit="batch", leave=True, disable=None if self.progress and (
+                       self._dist is None or self._dist.root) else True,
                    dynamic_ncols=True)
         try:
             start = time.perf_counter()
@@ -616,6 +677,8 @@ class Trainer:
         steps = math.ceil(n / b)
         order = to_device(run.rng.permutation(n), self.net.device, dtype="int64")
         shown, pending = bar.disable is False, []
+        if self._dist is not None:  # the losses are read at the same steps on every process
+            shown = self._dist.bcast(shown)
         i = position.step
         while i < steps:
             count, losses = advance(run, order, i,
@@ -640,6 +703,8 @@ class Trainer:
     def _record(self, run: _Run, epoch: int, seconds: float) -> dict:
         """The epoch's record: its mean loss and the accuracies, evaluated in batches."""
         accuracy = self.net.accuracy if self._compiled is None else self._compiled.accuracy
+        if self._dist is not None:
+            accuracy = self._distributed_accuracy
         return {
             "epoch": epoch,
             "train_loss": run.position.loss_sum / run.n,
@@ -649,3 +714,62 @@ class Trainer:
             "seconds": seconds,
             "samples_per_second": run.n / seconds if seconds > 0 else math.inf,
         }
+
+    # -- distributed (xpnet.distributed) ------------------------------------------------------
+
+    def _distributed_advance(self, run: _Run):
+        """One data-parallel step: this process's share of the global batch, its gradients,
+        their weighted sum over the processes (one exchange), the same update everywhere."""
+        from .distributed import reducer
+
+        dist, net, opt, b = self._dist, self.net, self.optimizer, self.batch_size
+        dist.broadcast_params(net.params)  # every process starts from rank 0's weights
+        exchange = reducer(dist, net.params)
+        run.history.config["step"] = f"distributed ({exchange.kind})"
+        gradients = getattr(net, "loss_and_gradient", None)
+        if gradients is None:
+            def gradients(x, t, check_labels=True):
+                return net.loss(x, t), net.gradient(x, t)
+
+        def advance(run, order, i, stop):
+            first, count = i * b, min((i + 1) * b, run.n) - i * b
+            lo, hi = dist.shard(count)
+            loss = grads = error = None
+            try:
+                if hi > lo:
+                    ids = order[first + lo:first + hi]
+                    xb, tb = run.xp.take(run.x, ids, axis=0), run.xp.take(run.t, ids, axis=0)
+                    loss, grads = gradients(xb, tb, check_labels=False)
+            except Exception as exc:  # noqa: BLE001 - agreed on by every process below
+                error, loss, grads = exc, None, None
+            summed, mean, failed, interrupted = exchange.reduce(
+                grads, loss, (hi - lo) / count, error is not None, run.interrupt.requested)
+            if failed:
+                dist.agree(error)
+            run.interrupt.requested = interrupted
+            opt.update(net.params, summed)
+            return 1, to_device(np.asarray(mean * count), net.device) if isinstance(
+                mean, float) else mean * count
+        return advance
+
+    def _distributed_accuracy(self, x, t, *, batch_size: int) -> float:
+        """The accuracy over all of ``x``: each process evaluates its share, the counts of
+        correct answers are summed."""
+        lo, hi = self._dist.shard(x.shape[0])
+        correct, error = 0, None
+        try:
+            if hi > lo:
+                fraction = self.net.accuracy(x[lo:hi, ...], t[lo:hi, ...], batch_size=batch_size)
+                correct = round(fraction * (hi - lo))
+        except Exception as exc:  # noqa: BLE001 - agreed on by every process
+            error = exc
+        return sum(self._dist.gather(correct, error)) / x.shape[0]
+
+    def _distributed_cause(self, run: _Run) -> str:
+        """Why the global loss diverged, the same on every process: the first rank whose data
+        explain it, else the learning rate."""
+        causes = self._dist.gather(_likely_cause(run))
+        for rank, cause in enumerate(causes):
+            if "learning rate" not in cause:
+                return f"on rank {rank}, {cause}"
+        return causes[0]
