@@ -98,6 +98,28 @@ def test_fused_loop_takes_image_shaped_inputs_and_a_twolayernet(monkeypatch):
 
 
 @fused
+def test_fused_loop_takes_weights_replaced_between_epochs(monkeypatch):
+    # A transposed (F-ordered) or read-only W assigned between epochs is trained as its value.
+    x, t = _data(n=300)
+    nets = []
+    for numba in (True, False):
+        monkeypatch.setenv("XPNET_NO_NUMBA", "0" if numba else "1")
+        net = xpnet.MultiLayerNet([784, 20, 10], dtype="float64")
+        trainer = xpnet.Trainer(net, xpnet.Momentum(0.05), epochs=2, progress=False)
+
+        def replace(record, net=net):
+            net.params["W2"] = np.asfortranarray(np.array(net.params["W2"]))
+            frozen = np.array(net.params["b1"])
+            frozen.flags.writeable = False
+            net.params["b1"] = frozen
+
+        trainer.fit(x.astype(np.float64), t, on_epoch=replace)
+        nets.append(net)
+    for key in nets[0].params:
+        np.testing.assert_allclose(nets[0].params[key], nets[1].params[key], rtol=1e-11)
+
+
+@fused
 def test_fused_loop_leaves_the_data_as_it_was(monkeypatch):
     x, t = _data()
     x0, t0 = x.copy(), t.copy()

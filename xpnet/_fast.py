@@ -531,6 +531,22 @@ def fused_steps(net, optimizer, x, t, batch_size: int):
     return FusedSteps(fused, net, optimizer, structure, batch_size)
 
 
+def _c_array(owner, name: str):
+    """``owner``'s array ``name`` (an attribute, or a key of a dict), replaced by a C-contiguous,
+    writable copy of itself where it is not one (the compiled loop reads its rows by stride:
+    a transposed or read-only array assigned between epochs would be read wrongly)."""
+    get = owner.get if isinstance(owner, dict) else lambda key: getattr(owner, key)
+    a = get(name)
+    if not (type(a) is np.ndarray and a.flags.c_contiguous and a.flags.aligned
+            and a.flags.writeable):
+        a = np.array(a, order="C")
+        if isinstance(owner, dict):
+            owner[name] = a
+        else:
+            setattr(owner, name, a)
+    return a
+
+
 class FusedSteps:
     """Runs a range of the Trainer's steps in one call of :func:`xpnet._fused.mlp_steps`.
 
@@ -561,7 +577,8 @@ class FusedSteps:
         for layer in self.affines:
             for attr in ("W", "b"):
                 p = getattr(layer, attr)
-                v[attr, id(layer)] = self.optimizer._slots(np, names[id(p)], p)["v"]
+                slots = self.optimizer._slots(np, names[id(p)], p)
+                v[attr, id(layer)] = _c_array(slots, "v")
         return (tuple(v["W", id(layer)] for layer in self.affines),
                 tuple(v["b", id(layer)] for layer in self.affines))
 
@@ -570,8 +587,8 @@ class FusedSteps:
         ``(steps taken, their batch-size weighted losses as a float64 array)``."""
         if self.losses.shape[0] < stop - start:
             self.losses = np.empty(stop - start)
-        Ws = tuple(layer.W for layer in self.affines)
-        bs = tuple(layer.b for layer in self.affines)
+        Ws = tuple(_c_array(layer, "W") for layer in self.affines)
+        bs = tuple(_c_array(layer, "b") for layer in self.affines)
         opt, decay = self.optimizer, float(getattr(self.net, "weight_decay", 0.0))
         if self.momentum:
             (vWs, vbs), gWs, momentum = self._velocities(), self.weight_grads, opt.momentum
