@@ -69,6 +69,7 @@ CASES = {
     "--dropout 1": (["--dropout", "1"], "dropout_ratio must be a number in [0, 1)"),
     "--weight-decay below 0": (["--weight-decay", "-0.1"], "weight_decay must be a finite number"),
     "--filters 0": (["--model", "convnet", "--filters", "0"], "filter_num'] must be an int >= 1"),
+    "--threads 0": (["--threads", "0"], "--threads must be >= 1, got 0"),
 }
 
 
@@ -84,6 +85,18 @@ def test_train_mistakes_are_one_line_with_exit_2(data, tmp_path, case):
     if "explodes" not in case and "batch-size" not in case and "hidden" not in case:
         assert res.stdout == ""  # refused before the data was loaded
     assert (tmp_path / "old.npz").read_bytes() == b"an existing checkpoint"
+    CLI_CHECKED["count"] += 1
+
+
+def test_a_bad_thread_count_in_the_environment_is_one_line_before_the_data(tmp_path):
+    (tmp_path / "empty").mkdir()
+    env = {**os.environ, "HOME": str(tmp_path), "XPNET_BLAS_THREADS": "many"}
+    res = subprocess.run([sys.executable, "-m", "xpnet", "train", "--dataset", "mnist",
+                          "--data-dir", "empty"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 2 and res.stdout == "", res.stdout + res.stderr
+    assert res.stderr.strip() == ("xpnet train: error: XPNET_BLAS_THREADS must be a whole "
+                                  "number >= 1, got 'many'")
     CLI_CHECKED["count"] += 1
 
 

@@ -278,6 +278,20 @@ def test_cli_error_is_one_line_from_rank_0(tmp_path):
     assert "Traceback" not in run.stderr
 
 
+def test_cli_refuses_distributed_with_compile_in_one_line(tmp_path):
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("JAX is not installed (--compile needs a JAX device)")
+    run = subprocess.run(
+        [MPIEXEC, "-n", "2", sys.executable, "-m", "xpnet", "train", "--distributed",
+         "--dataset", "mnist", "--data-dir", str(tmp_path), "--device", "jax:cpu", "--compile"],
+        capture_output=True, text=True, timeout=240, env=ENV, cwd=tmp_path)
+    assert run.returncode == 2, run.stdout + run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.startswith("xpnet train")]
+    assert lines == ["xpnet train: error: distributed=True and compile= do not go together: a "
+                     "distributed step exchanges gradients between the processes, which a "
+                     "compiled loop cannot do"], run.stderr
+
+
 def test_distributed_without_mpi_runs_as_one_process():
     # Started without mpiexec, a distributed Trainer is a world of one process.
     net, history = _single("sgd", 100, epochs=1)

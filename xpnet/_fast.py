@@ -425,11 +425,9 @@ def thread_policy(net, sample_shape: tuple, batch_size: int, threads=None, *,
         return None, f"{net.device}: not the CPU's BLAS"
     if threads is not None:
         return threads, "set by the caller"
-    env = os.environ.get(_THREADS_ENV, "").strip()
-    if env:
-        if not env.isdigit() or int(env) < 1:
-            raise ValueError(f"{_THREADS_ENV} must be a whole number >= 1, got {env!r}")
-        return int(env), f"set by {_THREADS_ENV}"
+    env = threads_from_environment()
+    if env is not None:
+        return env, f"set by {_THREADS_ENV}"
     work = largest_product(net, sample_shape, batch_size)
     if work < PARALLEL_MIN_WORK:
         return 1, (f"auto: largest product {work / 1e6:.1f}M multiply-adds < "
@@ -438,6 +436,17 @@ def thread_policy(net, sample_shape: tuple, batch_size: int, threads=None, *,
     share = f" (this process's share of {processes_per_node})" if processes_per_node > 1 else ""
     return cores, (f"auto: largest product {work / 1e6:.1f}M multiply-adds, all {cores} "
                    f"cores{share}")
+
+
+def threads_from_environment() -> int | None:
+    """``XPNET_BLAS_THREADS`` as an int, None where it is unset or empty; ValueError naming it
+    where it is not a whole number >= 1."""
+    env = os.environ.get(_THREADS_ENV, "").strip()
+    if not env:
+        return None
+    if not env.isdigit() or int(env) < 1:
+        raise ValueError(f"{_THREADS_ENV} must be a whole number >= 1, got {env!r}")
+    return int(env)
 
 
 @contextlib.contextmanager

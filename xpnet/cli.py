@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib.util
 import math
 import os
 import platform
@@ -327,6 +328,10 @@ def _train_setup(args: argparse.Namespace, say, dist):
         compiling_backend(args.device, "--compile", "--device")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if importlib.util.find_spec("xpnet._fast") is not None:
+        from . import _fast
+
+        _fast.threads_from_environment()  # a bad XPNET_BLAS_THREADS, before the data loads
     net = _make_net(args)
     trainer = Trainer(net, optimizer, batch_size=args.batch_size, epochs=args.epochs,
                       seed=args.seed, progress=not args.quiet, checkpoint=checkpoint,
