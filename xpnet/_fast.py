@@ -15,6 +15,12 @@ measure it):
   the bias broadcast into the output, then ``x W`` accumulated onto it by the same gemm;
   ``torch.addmm`` on torch.
 * **Thresholds**: :data:`BLAS_MIN_OUTPUT`.
+* **The BLAS thread policy** (:func:`thread_policy`, applied by the Trainer with
+  :func:`blas_threads`): one thread for small products, every core for large ones
+  (:data:`PARALLEL_MIN_WORK`).
+* **The fused training loop** (:func:`fused_steps`, running :mod:`xpnet._fused` with numba):
+  SGD and Momentum training of multilayer perceptrons on NumPy, one compiled call per range
+  of steps.
 
 Which BLAS
 ----------
@@ -50,12 +56,22 @@ from .optim import SGD
 
 __all__ = [
     "BLAS_MIN_OUTPUT",
+    "PARALLEL_MIN_WORK",
+    "FusedSteps",
+    "blas_info",
+    "blas_threads",
+    "fused_module",
+    "fused_steps",
     "fuses",
     "gemm",
+    "largest_product",
     "library",
     "matmul_accumulate",
     "matmul_add",
     "sgd_train_step",
+    "thread_policy",
+    "threads_from_environment",
+    "usable_cores",
 ]
 
 # -- NumPy's BLAS through ctypes ---------------------------------------------------------------
@@ -370,8 +386,8 @@ def _affine_backward_sgd(layer: Affine, dout, lr: float, decay: float = 0.0):
 # On an idle machine a second thread speeds such products up 1.5-1.6x (100 x 784 x 50), but
 # as soon as another process holds a core, OpenBLAS's threads wait for each other in every
 # product and an epoch takes 3-30x longer (benchmarks/bench_train.py --busy measures both).
-# From here on (the 784-1024-10 net with batch 256: 205M; batch 100 and a 400-wide layer:
-# 31M) the products gain 1.7-2x on an idle machine and every usable core is taken.
+# From here on (the 784-1024-10 net with batch 256: 205M; SimpleConvNet's convolution at
+# batch 100: 43M) the products gain 1.7-2x on an idle machine and every usable core is taken.
 PARALLEL_MIN_WORK = 1 << 25
 
 _THREADS_ENV = "XPNET_BLAS_THREADS"
