@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -37,40 +36,36 @@ CONFIGS = {"small": ([784, 50, 10], 100), "wide": ([784, 1024, 10], 256),
            "deep": ([784, 4096, 4096, 10], 1024)}
 
 
-def plain(args) -> None:
-    """The reference: one process, the Trainer without ``distributed`` (the fused loop where
-    it applies, the BLAS threads of the thread policy)."""
+def _training(args, device: str, **trainer_options):
+    """The configuration's net on ``device``, trained (one warm-up epoch, then ``--epochs``):
+    ``(net, history, median timed epoch, steps per epoch)``."""
     import xpnet
 
     sizes, batch = CONFIGS[args.config]
-    rng = np.random.default_rng(0)
-    x = rng.random((args.samples, sizes[0]), dtype=np.float32)
-    t = rng.integers(0, sizes[-1], args.samples)
-    net = xpnet.MultiLayerNet(sizes, weight_init="he", device=args.device, dtype="float32")
-    history = xpnet.Trainer(net, xpnet.SGD(0.01), batch_size=batch, epochs=args.epochs + 1,
-                            progress=False).fit(x, t)
-    epoch = statistics.median(history.seconds[1:])
-    print("RESULT " + json.dumps({
-        "processes": 1, "epoch": epoch, "step": epoch / -(-args.samples // batch),
-        "allreduce": 0.0, "bytes": 0, "kind": history.config["step"],
-        "threads": history.config["blas_threads"]}), flush=True)
-
-
-def worker(args) -> None:
-    import xpnet
-    from xpnet.distributed import Context, local_device, reducer
-
-    context = Context()
-    sizes, batch = CONFIGS[args.config]
-    device = local_device(args.device, context)
     rng = np.random.default_rng(0)
     x = rng.random((args.samples, sizes[0]), dtype=np.float32)
     t = rng.integers(0, sizes[-1], args.samples)
     net = xpnet.MultiLayerNet(sizes, weight_init="he", device=device, dtype="float32")
-    trainer = xpnet.Trainer(net, xpnet.SGD(0.01), batch_size=batch, epochs=args.epochs + 1,
-                            progress=False, distributed=True)
-    history = trainer.fit(x, t)
-    epoch = statistics.median(history.seconds[1:])  # the first epoch warms up
+    history = xpnet.Trainer(net, xpnet.SGD(0.01), batch_size=batch, epochs=args.epochs + 1,
+                            progress=False, **trainer_options).fit(x, t)
+    return net, history, statistics.median(history.seconds[1:]), -(-args.samples // batch)
+
+
+def plain(args) -> None:
+    """The reference: one process, the Trainer without ``distributed`` (the fused loop where
+    it applies, the BLAS threads of the thread policy)."""
+    _, history, epoch, steps = _training(args, args.device)
+    print("RESULT " + json.dumps({
+        "processes": 1, "epoch": epoch, "step": epoch / steps, "allreduce": 0.0, "bytes": 0,
+        "kind": history.config["step"], "threads": history.config["blas_threads"]}), flush=True)
+
+
+def worker(args) -> None:
+    from xpnet.distributed import Context, local_device, reducer
+
+    context = Context.world()
+    net, history, epoch, steps = _training(args, local_device(args.device, context),
+                                           distributed=True)
     exchange = reducer(context, net.params)
     grads = dict(net.params)
     times = []
@@ -80,7 +75,6 @@ def worker(args) -> None:
         exchange.reduce(grads, 1.0, 0.5, False, False)
         times.append(time.perf_counter() - start)
     if context.root:
-        steps = -(-args.samples // batch)
         print("RESULT " + json.dumps({
             "processes": context.size, "epoch": epoch, "step": epoch / steps,
             "allreduce": statistics.median(times), "bytes": exchange.nbytes,
@@ -88,8 +82,9 @@ def worker(args) -> None:
 
 
 def run(processes: int, args) -> dict:
-    mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent) + os.pathsep
-                           + os.environ.get("PATH", ""))
+    from xpnet.distributed import find_mpiexec
+
+    mpiexec = find_mpiexec()
     if mpiexec is None:
         sys.exit("bench_distributed: mpiexec not found: pip install 'xpnet[mpi]'")
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}

@@ -10,15 +10,14 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import xpnet
+from xpnet.distributed import find_mpiexec
 
-MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent) + os.pathsep
-                       + os.environ.get("PATH", ""))
+MPIEXEC = find_mpiexec()
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("mpi4py") is None or MPIEXEC is None,
     reason="MPI is not installed (pip install 'xpnet[mpi]' brings mpi4py and Open MPI)")
@@ -65,10 +64,14 @@ def _results(run) -> dict:
     return out
 
 
-def _single(optimizer, batch, epochs=3, dtype="float64"):
+def _data():
+    """The scripts' data (COMMON's data()), in this process."""
     rng = np.random.default_rng(0)
-    x = rng.random((530, 20)).astype(np.float64)
-    t = rng.integers(0, 4, 530)
+    return rng.random((530, 20)).astype(np.float64), rng.integers(0, 4, 530)
+
+
+def _single(optimizer, batch, epochs=3, dtype="float64"):
+    x, t = _data()
     net = xpnet.MultiLayerNet([20, 16, 4], dtype=dtype, weight_decay=0.01)
     opt = {"sgd": xpnet.SGD(0.1), "adam": xpnet.Adam(0.01)}[optimizer]
     history = xpnet.Trainer(net, opt, batch_size=batch, epochs=epochs, progress=False).fit(
@@ -125,8 +128,7 @@ def test_other_backends_take_the_host_path(tmp_path, device):
              loss=h.train_loss, config=h.config)
         """, tmp_path)
     assert run.returncode == 0, run.stderr
-    rng = np.random.default_rng(0)
-    x, t = rng.random((530, 20)).astype(np.float64), rng.integers(0, 4, 530)
+    x, t = _data()
     net = xpnet.MultiLayerNet([20, 16, 4], dtype="float64", weight_decay=0.01)
     history = xpnet.Trainer(net, xpnet.Adam(0.01), epochs=2, progress=False).fit(x, t)
     for r in _results(run).values():
@@ -241,8 +243,7 @@ def test_checkpoint_from_rank_0_resumes_to_the_uninterrupted_result(tmp_path):
     shutil.copy(tmp_path / "first.npz", tmp_path / "ck.npz")
     alone = _mpirun(script, tmp_path, 1, "resume")
     assert alone.returncode == 0, alone.stderr
-    rng = np.random.default_rng(0)
-    x, t = rng.random((530, 20)).astype(np.float64), rng.integers(0, 4, 530)
+    x, t = _data()
     net = xpnet.MultiLayerNet([20, 16, 4], dtype="float64")
     xpnet.Trainer(net, xpnet.Adam(0.01), epochs=3, progress=False).fit(x, t)
     for result in (*_results(resumed).values(), *_results(alone).values()):
@@ -295,8 +296,7 @@ def test_cli_refuses_distributed_with_compile_in_one_line(tmp_path):
 def test_distributed_without_mpi_runs_as_one_process():
     # Started without mpiexec, a distributed Trainer is a world of one process.
     net, history = _single("sgd", 100, epochs=1)
-    rng = np.random.default_rng(0)
-    x, t = rng.random((530, 20)).astype(np.float64), rng.integers(0, 4, 530)
+    x, t = _data()
     alone = xpnet.MultiLayerNet([20, 16, 4], dtype="float64", weight_decay=0.01)
     h = xpnet.Trainer(alone, xpnet.SGD(0.1), epochs=1, progress=False, distributed=True).fit(
         x, t, x[:100], t[:100])

@@ -60,6 +60,7 @@ __all__ = [
     "FusedSteps",
     "blas_info",
     "blas_threads",
+    "env_flag",
     "fused_module",
     "fused_steps",
     "fuses",
@@ -96,7 +97,7 @@ def _numpy_blas_is_ilp64_scipy_openblas() -> bool:
 
 def _load():
     """The loaded scipy-openblas of NumPy and its gemm functions, or (None, {})."""
-    if os.environ.get("XPNET_NO_BLAS_FAST_PATH", "") not in ("", "0"):
+    if env_flag("XPNET_NO_BLAS_FAST_PATH"):
         return None, {}
     if not hasattr(os, "RTLD_NOLOAD") or not _numpy_blas_is_ilp64_scipy_openblas():
         return None, {}
@@ -123,12 +124,20 @@ def _load():
     return None, {}
 
 
+def env_flag(name: str) -> bool:
+    """Whether the environment variable ``name`` (``XPNET_NO_BLAS_FAST_PATH``,
+    ``XPNET_NO_NUMBA``) is set to anything but empty or ``0``."""
+    return os.environ.get(name, "") not in ("", "0")
+
+
 def library() -> str | None:
     """Path of the BLAS library the fast path calls, or None where there is no fast path."""
     if "library" not in _state:
         path, functions = _load()
         _state["library"] = path
         _state["calls"] = {dtype: _make_call(f) for dtype, f in functions.items()}
+        _state["addresses"] = {dtype: ctypes.cast(f, ctypes.c_void_p).value
+                               for dtype, f in functions.items()}
     return _state["library"]
 
 
@@ -492,7 +501,7 @@ def blas_info() -> list:
 def fused_module():
     """:mod:`xpnet._fused`, or None: numba is not installed (``pip install 'xpnet[fast]'``),
     ``XPNET_NO_NUMBA=1`` is set, or NumPy's BLAS is not one :func:`gemm` can call."""
-    if os.environ.get("XPNET_NO_NUMBA", "") not in ("", "0") or library() is None:
+    if env_flag("XPNET_NO_NUMBA") or library() is None:
         return None
     if "fused" not in _state:
         try:
@@ -500,12 +509,6 @@ def fused_module():
         except ImportError:  # numba (or its llvmlite) missing or not loadable
             _state["fused"] = None
     return _state["fused"]
-
-
-def _address(dtype) -> int:
-    """The address of NumPy's CBLAS gemm for ``dtype`` (see :func:`gemm`)."""
-    lib = ctypes.CDLL(library(), mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-    return ctypes.cast(getattr(lib, _SYMBOLS[np.dtype(dtype)][0]), ctypes.c_void_p).value
 
 
 def _mlp_affines(net):
@@ -547,8 +550,7 @@ def fused_steps(net, optimizer, x, t, batch_size: int):
     arrays = [x, *(getattr(layer, name) for layer in structure[0] for name in ("W", "b"))]
     if not all(type(a) is np.ndarray for a in (*arrays, t)):  # NumPy's own arrays only
         return None
-    if x.dtype not in _SYMBOLS or not all(a.dtype == x.dtype and a.flags.c_contiguous
-                                          and a.flags.aligned for a in arrays) \
+    if x.dtype not in _SYMBOLS or not all(a.dtype == x.dtype and _fits_blas(a) for a in arrays) \
             or not all(a.flags.writeable for a in arrays[1:]):
         return None
     if t.ndim != 1 or t.dtype != np.int64:
@@ -562,8 +564,7 @@ def _c_array(owner, name: str):
     a transposed or read-only array assigned between epochs would be read wrongly)."""
     get = owner.get if isinstance(owner, dict) else lambda key: getattr(owner, key)
     a = get(name)
-    if not (type(a) is np.ndarray and a.flags.c_contiguous and a.flags.aligned
-            and a.flags.writeable):
+    if not (type(a) is np.ndarray and _fits_blas(a) and a.flags.writeable):
         a = np.array(a, order="C")
         if isinstance(owner, dict):
             owner[name] = a
@@ -587,12 +588,16 @@ class FusedSteps:
         dtype = affines[0].W.dtype
         widths = [affines[0].W.shape[0]] + [layer.W.shape[1] for layer in affines]
         self.acts = tuple(np.empty((batch_size, w), dtype=dtype) for w in widths)
-        self.grads = tuple(np.empty((batch_size, w), dtype=dtype) for w in widths)
+        # The gradients of the scores and the hidden layers (the inputs' is never made: a
+        # placeholder of the tuple's type keeps its index).
+        self.grads = tuple(np.empty((batch_size, w) if i else (1, 1), dtype=dtype)
+                           for i, w in enumerate(widths))
         self.bias_grads = tuple(np.empty_like(layer.b) for layer in affines)
         self.momentum = type(optimizer) is not SGD
         self.weight_grads = (tuple(np.empty_like(layer.W) for layer in affines) if self.momentum
                              else None)
-        self.address = _address(dtype)
+        library()
+        self.address = _state["addresses"][np.dtype(dtype)]  # NumPy's CBLAS gemm (see gemm)
         self.losses = np.empty(0)
 
     def _velocities(self):

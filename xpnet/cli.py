@@ -80,7 +80,7 @@ def _fast_paths() -> str:
                      "multilayer perceptrons, NumPy)")
     else:
         lines.append("fused training loop: off (" + (
-            "XPNET_NO_NUMBA is set" if os.environ.get("XPNET_NO_NUMBA", "") not in ("", "0")
+            "XPNET_NO_NUMBA is set" if _fast.env_flag("XPNET_NO_NUMBA")
             else "no BLAS fast path" if blas is None
             else "numba is not installed: pip install 'xpnet[fast]'") + ")")
     env = os.environ.get("XPNET_BLAS_THREADS")
@@ -98,15 +98,15 @@ def _distributed_info() -> str:
     """Whether ``xpnet train --distributed`` can run: mpi4py, and an mpiexec on the PATH (MPI
     itself is not started here)."""
     import importlib.metadata
-    import shutil
+
+    from .distributed import find_mpiexec
 
     try:
         version = importlib.metadata.version("mpi4py")
     except importlib.metadata.PackageNotFoundError:
         return "mpi4py is not installed (pip install 'xpnet[mpi]' for mpiexec -n N xpnet train " \
                "--distributed)"
-    launcher = shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep
-                            + os.environ.get("PATH", ""))
+    launcher = find_mpiexec()
     return f"mpi4py {version}; " + (f"mpiexec: {launcher}" if launcher else
                                     "no mpiexec found on the PATH")
 

