@@ -129,7 +129,8 @@ def test_trainer_rejects_bad_settings(kwargs, exc, match):
     "x, t, exc, match",
     [
         (np.ones((4, 2), np.uint8), np.zeros(4, np.int64), TypeError, "dtype uint8.*x / 255"),
-        (np.ones((4, 3), np.float32), np.zeros(4, np.int64), ValueError, "input size is 2"),
+        (np.ones((4, 3), np.float32), np.zeros(4, np.int64), ValueError,
+         r"x_train of shape \(4, 3\) .*3 features per sample, but W of shape \(2, 3\) expects 2"),
         (np.ones((4, 2), np.float32), np.zeros(5, np.int64), ValueError, "4 samples but t_train has 5"),
         (np.ones((4, 2), np.float32), np.array([0, 1, 2, 3]), ValueError, r"t_train holds class labels outside \[0, 3\)"),
         (np.ones((4, 2), np.float32), np.zeros((4, 1), np.int64), ValueError, r"shape \(N,\)"),

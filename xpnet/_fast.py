@@ -607,10 +607,45 @@ class FusedSteps:
         for layer in self.affines:
             for attr in ("W", "b"):
                 p = getattr(layer, attr)
+                if id(p) not in names:
+                    raise ValueError("the fused training loop refuses to run: a layer it trains "
+                                     "is no longer one of the net's (its layers were replaced)")
                 slots = self.optimizer._slots(np, names[id(p)], p)
                 v[attr, id(layer)] = _c_array(slots, "v")
+                if v[attr, id(layer)].shape != p.shape:
+                    raise ValueError(f"the optimizer's velocity of {names[id(p)]} has shape "
+                                     f"{v[attr, id(layer)].shape}, the parameter {p.shape}")
         return (tuple(v["W", id(layer)] for layer in self.affines),
                 tuple(v["b", id(layer)] for layer in self.affines))
+
+    def _refuse_unless_fits(self, x, t, order, start, stop, batch_size, Ws, bs) -> None:
+        """Raise ValueError unless every array the compiled loop reads or writes is where its
+        indices will look: the loop itself checks no bound, so nothing it is handed may
+        send it outside a buffer (O(N) integer reductions, once per call)."""
+        widths = tuple(a.shape[1] for a in self.acts)
+        shapes = tuple((a, b) for a, b in zip(widths[:-1], widths[1:]))
+        n, steps = x.shape[0], -(-x.shape[0] // max(batch_size, 1))
+        problems = []
+        if tuple(W.shape for W in Ws) != shapes or tuple(b.shape for b in bs) != tuple(
+                (w,) for w in widths[1:]):
+            problems.append(f"the weights are {[tuple(W.shape) for W in Ws]}, the loop was set "
+                            f"up for {list(shapes)}")
+        if type(x) is not np.ndarray or x.ndim != 2 or x.shape[1] != widths[0] \
+                or x.dtype != self.acts[0].dtype or not _fits_blas(x):
+            problems.append(f"x must be a C-contiguous {self.acts[0].dtype} array (N, "
+                            f"{widths[0]}), got {getattr(x, 'dtype', type(x))} "
+                            f"{tuple(getattr(x, 'shape', ()))}")
+        elif type(t) is not np.ndarray or t.dtype != np.int64 or t.shape != (n,) or (
+                n and not (0 <= int(t.min()) and int(t.max()) < widths[-1])):
+            problems.append(f"t must hold {n} int64 labels in [0, {widths[-1]})")
+        elif type(order) is not np.ndarray or order.dtype != np.int64 or order.shape != (n,) \
+                or not (0 <= int(order.min()) and int(order.max()) < n):
+            problems.append(f"order must be a permutation of range({n}) as int64")
+        if batch_size != self.acts[0].shape[0] or not 0 <= start < stop <= steps:
+            problems.append(f"steps {start}..{stop} of batch {batch_size} (the loop's buffers "
+                            f"hold batches of {self.acts[0].shape[0]}, an epoch has {steps})")
+        if problems:
+            raise ValueError("the fused training loop refuses to run: " + "; ".join(problems))
 
     def run(self, x, t, order, start: int, stop: int, batch_size: int):
         """Steps ``start .. stop - 1`` of the epoch whose samples come in ``order``:
@@ -619,12 +654,14 @@ class FusedSteps:
             self.losses = np.empty(stop - start)
         Ws = tuple(_c_array(layer, "W") for layer in self.affines)
         bs = tuple(_c_array(layer, "b") for layer in self.affines)
+        x = np.reshape(x, (x.shape[0], -1)) if x.ndim > 2 else x
+        self._refuse_unless_fits(x, t, order, start, stop, batch_size, Ws, bs)
         opt, decay = self.optimizer, float(getattr(self.net, "weight_decay", 0.0))
         if self.momentum:
             (vWs, vbs), gWs, momentum = self._velocities(), self.weight_grads, opt.momentum
         else:  # unused by SGD: any arrays of the right types
             vWs, vbs, gWs, momentum = Ws, bs, Ws, -1.0
-        self.fused.mlp_steps(self.address, np.reshape(x, (x.shape[0], -1)), t, order, start,
+        self.fused.mlp_steps(self.address, x, t, order, start,
                              stop, batch_size, Ws, bs, self.acts, self.grads, self.sigmoid,
                              float(opt.lr), decay, float(momentum), vWs, vbs, gWs,
                              self.bias_grads, self.losses)

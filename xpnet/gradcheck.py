@@ -50,6 +50,7 @@ import copy
 import inspect
 import math
 import types
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -296,7 +297,7 @@ def _device_compare(row: GradientRow, device_grad, host_grad: np.ndarray, dtype:
 def _state_keeper(obj):
     """A function that puts the state (``state_names``) of ``obj``'s layers (or of ``obj``, a
     layer) back to what it is now.  Layers rebind, never write into, their state arrays."""
-    layers = obj.layers.values() if isinstance(getattr(obj, "layers", None), dict) else [obj]
+    layers = obj.layers.values() if isinstance(getattr(obj, "layers", None), Mapping) else [obj]
     saved = [(layer, name, getattr(layer, name)) for layer in layers
              for name in getattr(layer, "state_names", ())]
 

@@ -15,7 +15,7 @@ import importlib.util
 import inspect
 import math
 import numbers
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 
 import numpy as np
 
@@ -56,12 +56,57 @@ _ACTIVATIONS = {"relu": Relu, "sigmoid": Sigmoid}
 _FLOAT_DTYPES = ("float32", "float64")
 
 
+class Layers(MutableMapping):
+    """A net's layers by name, in order: ``net.layers``.
+
+    Replacing a layer (``net.layers["Affine2"] = xpnet.Affine(W, b)``) re-derives the
+    net's parameters from the new list at once, so ``net.params``, ``save`` and training
+    all see the layer that is there (checked first: an xpnet.Layer whose arrays no other
+    layer owns; a refused one changes nothing).  Names cannot be added or removed: build a
+    new :class:`Sequential` for another architecture.
+    """
+
+    def __init__(self, net, named: dict):
+        self._net, self._layers = net, named
+        self.version = 0  # counts replacements: what a runner built from the layers checks
+
+    def __getitem__(self, name):
+        return self._layers[name]
+
+    def __setitem__(self, name, layer):
+        if name not in self._layers:
+            raise KeyError(f"{type(self._net).__name__} has no layer {name!r} to replace (its "
+                           f"layers are {list(self._layers)}); build a new Sequential to add one")
+        named = _name_layers({**self._layers, name: layer})
+        self._net._own(named)  # checks every array's owner before anything changes
+        self._layers = named
+        self.version += 1
+
+    def __delitem__(self, name):
+        raise TypeError("a network's layers cannot be removed; build a new Sequential")
+
+    def __iter__(self):
+        return iter(self._layers)
+
+    def __len__(self):
+        return len(self._layers)
+
+    def values(self):  # the dict's own views: iterated in C at every step
+        return self._layers.values()
+
+    def items(self):
+        return self._layers.items()
+
+    def __repr__(self):
+        return f"Layers({', '.join(self._layers)})"
+
+
 class Parameters(MutableMapping):
     """A live ``{name: array}`` view onto the parameters of the layers that own them.
 
     Assignment replaces the layer's array and must keep its shape, dtype and
     device (a ValueError/TypeError says which differs); names cannot be added
-    or removed.
+    or removed.  Replacing a layer of the net (:class:`Layers`) re-derives the names.
     """
 
     def __init__(self, owners: dict):
@@ -116,8 +161,8 @@ class Parameters(MutableMapping):
 def _name_layers(layers) -> dict:
     """``{"Affine1": ..., "Relu1": ..., "Affine2": ...}``: each layer named by its class and
     its rank among the layers of that class (a dict of layers keeps its own names)."""
-    if isinstance(layers, dict):
-        named = dict(layers)
+    if isinstance(layers, Mapping):
+        named = dict(layers.items())
     else:
         named, seen = {}, {}
         for layer in layers:
@@ -196,8 +241,8 @@ class Sequential:
 
     Attributes
     ----------
-    layers : dict
-        The layers, in order.
+    layers : Layers
+        The layers by name, in order (a mapping; replacing one re-derives ``params``).
     last_layer : the loss layer.
     params : Parameters
         A live view ``{"W1": ..., "b1": ..., "W2": ...}`` onto the layers' parameters:
@@ -215,21 +260,27 @@ class Sequential:
 
     def __init__(self, layers, loss=None, *, weight_decay: float = 0.0):
         self.weight_decay = _check_weight_decay(weight_decay)
-        self.layers = _name_layers(layers)
+        named = _name_layers(layers)
         self.last_layer = SoftmaxWithLoss() if loss is None else loss
         if not callable(getattr(self.last_layer, "forward", None)) or not callable(
                 getattr(self.last_layer, "backward", None)):
             raise TypeError(f"loss must be a layer with forward(scores, t) and backward(), got "
                             f"{type(self.last_layer).__name__}")
-        owners = _own_parameters(self.layers)
-        self.params = Parameters(owners)
-        self._decayed = [key for key, (layer, attr) in owners.items() if attr in layer.decay_names]
-        self._state = _own_state(self.layers)
+        self.params = Parameters({})
+        self._own(named)
+        self.layers = Layers(self, named)
         try:
             checks = "check_labels" in inspect.signature(self.last_layer.forward).parameters
         except (TypeError, ValueError):
             checks = False
         self._loss_checks_labels = checks
+
+    def _own(self, named: dict) -> None:
+        """Derive the parameter and state tables from the layers ``named`` (checked first)."""
+        owners = _own_parameters(named)
+        self.params._owners = owners
+        self._decayed = [key for key, (layer, attr) in owners.items() if attr in layer.decay_names]
+        self._state = _own_state(named)
 
     # -- where the net lives -------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ from .backend import (
 )
 from .compiled import CompiledSteps, compile_mode
 from .functional import check_label_range, check_seed, check_target_rows
+from .layers import Layer
 
 __all__ = ["DivergenceError", "History", "Trainer"]
 
@@ -338,18 +339,45 @@ class Trainer:
         n = x.shape[0]
         if x.ndim < 2 or n == 0:
             raise ValueError(f"{x_name} must be a non-empty batch (N, D), got shape {tuple(x.shape)}")
-        sizes = getattr(self.net, "sizes", None)
-        if sizes and math.prod(x.shape[1:]) != sizes[0]:
-            raise ValueError(
-                f"{x_name} of shape {tuple(x.shape)} has {math.prod(x.shape[1:])} features per "
-                f"sample, but the net's input size is {sizes[0]}"
-            )
         if not _all_finite(xp, x):
             raise ValueError(f"{x_name} holds NaN or infinite values")
+        if t.ndim == 0:
+            raise ValueError(f"{t_name} must hold one target per sample, got a 0-d array")
         if t.shape[0] != n:
             raise ValueError(f"{x_name} has {n} samples but {t_name} has {t.shape[0]}")
-        t_dev = self._prepare_targets(xp, t, t_name, sizes[-1] if sizes else None)
+        classes = self._classes(x, x_name)
+        t_dev = self._prepare_targets(xp, t, t_name, classes)
         return to_device(x, self.net.device, dtype=self.net.dtype), t_dev
+
+    def _classes(self, x, x_name: str) -> int | None:
+        """How many classes the net scores, found by running its own layers on the first
+        sample of ``x`` (inference mode: no running statistic or dropout draw changes); a
+        sample the layers refuse is an error naming ``x_name``.  Nets without ``predict``
+        are asked for ``sizes``; None where neither tells."""
+        net, shape = self.net, tuple(x.shape)
+        predict = getattr(net, "predict", None)
+        if not callable(predict):
+            sizes = getattr(net, "sizes", None)
+            if sizes and math.prod(shape[1:]) != sizes[0]:
+                raise ValueError(f"{x_name} of shape {shape} has {math.prod(shape[1:])} "
+                                 f"features per sample, but the net's input size is {sizes[0]}")
+            return sizes[-1] if sizes else None
+        sample = to_device(x[:1, ...], net.device, dtype=net.dtype)
+        try:
+            scores = predict(sample)
+        except (ValueError, TypeError) as exc:
+            kind = type(exc) if isinstance(exc, TypeError) and not isinstance(
+                exc, ValueError) else ValueError
+            raise kind(f"{x_name} of shape {shape} does not fit the net's layers (tried on "
+                       f"its first sample): {exc}") from None
+        finally:
+            for layer in getattr(net, "layers", {}).values():
+                if isinstance(layer, Layer):
+                    layer.reset()  # the probe's caches
+        if getattr(scores, "ndim", None) != 2:
+            raise ValueError(f"the net turns {x_name} of shape {shape} into an output of shape "
+                             f"{tuple(getattr(scores, 'shape', ()))}, not scores (N, C)")
+        return int(scores.shape[1])
 
     def _prepare_targets(self, xp, t, t_name: str, classes: int | None):
         """Check labels (their range, once) or target rows, and move them to the net."""
