@@ -208,3 +208,18 @@ def test_distributed_runs_check_labels_from_the_layers_before_any_step(tmp_path)
                          text=True, timeout=240, env=env)
     assert run.returncode == 0, run.stderr
     assert run.stdout.count(r"ERROR t_train holds class labels outside [0, 3)") == 2, run.stdout
+def test_a_layer_replaced_between_epochs_is_the_one_trained(step_path):
+    net, rng = _mlp(), np.random.default_rng(0)
+    x, t = rng.random((40, 6), dtype=np.float32), rng.integers(0, 3, 40)
+    replacement = xpnet.Affine(np.full((5, 3), 0.1, np.float32), np.zeros(3, np.float32))
+
+    def swap(record):
+        if record["epoch"] == 1:
+            net.layers["Affine2"] = replacement
+
+    xpnet.Trainer(net, xpnet.Momentum(0.1), batch_size=10, epochs=2, progress=False).fit(
+        x, t, on_epoch=swap)
+    assert net.params["W2"] is replacement.W
+    assert not np.allclose(replacement.W, 0.1)  # trained in epoch 2
+
+

@@ -274,7 +274,7 @@ def test_compiled_divergence_names_the_epoch_and_step_like_eager():
 
 def test_hyperparameters_are_arguments_of_the_compiled_program():
     net, opt, trainer, _ = _fit("epoch", epochs=1)
-    compiled = trainer._compiled._loop
+    compiled = trainer.compiled_steps._loop
     traces = compiled._cache_size()
     opt.lr = 0.0  # a schedule, e.g. in on_epoch: no recompiling, and it takes effect
     before = _host(net)
@@ -297,7 +297,7 @@ def test_host_checks_happen_once_before_compiling():
     nan[3, 1] = np.nan
     with pytest.raises(ValueError, match="x_train holds NaN"):
         trainer.fit(nan, t)
-    assert trainer._compiled._loop._cache_size() == 0  # nothing was traced
+    assert trainer.compiled_steps._loop._cache_size() == 0  # nothing was traced
 
 
 @pytest.mark.parametrize("device", ["cpu", "array_api_strict", "torch:cpu"])

@@ -31,6 +31,15 @@ from .nets import *  # noqa: F403 - Sequential, TwoLayerNet, MultiLayerNet, ...
 from .optim import *  # noqa: F403 - SGD, Momentum, AdaGrad, Adam, Optimizer
 from .train import DivergenceError, History, Trainer
 
+# Everything that exists only for speed, imported here and nowhere else: it fills the slots
+# of xpnet.speedups and registers its runner with xpnet.runners.  Without the file, the
+# library is the same, slower.
+import importlib.util as _util
+
+if _util.find_spec("._fast", __name__) is not None:
+    from . import _fast  # noqa: F401
+del _util
+
 __all__ = sorted([
     *layers.__all__,
     *nets.__all__,

@@ -49,10 +49,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import functional
+from . import functional, runners, speedups
 from .backend import backend_of, dtype_name, is_dtype, is_gpu_device, is_writable, namespace
-from .layers import Affine
-from .optim import SGD
+from .layers import Affine, Convolution, Pooling, Relu, Sigmoid, SoftmaxWithLoss, unchecked
+from .nets import runs_plain_steps
+from .optim import SGD, Momentum
 
 __all__ = [
     "BLAS_MIN_OUTPUT",
@@ -300,8 +301,13 @@ def matmul_add(a, b, bias):
     if not (a.dtype == b.dtype == bias.dtype):
         raise TypeError(f"a, b and bias must share a dtype, got {dtype_name(a.dtype)}, "
                         f"{dtype_name(b.dtype)} and {dtype_name(bias.dtype)}")
-    if isinstance(a, np.ndarray):
-        blas = gemm(a.dtype)
+    return _affine_kernel(a, b, bias)
+
+
+def _affine_kernel(a, b, bias):
+    """:func:`matmul_add` of arrays the caller checked (:data:`xpnet.speedups.affine`)."""
+    if type(a) is np.ndarray:
+        blas = _state["calls"].get(a.dtype) if "calls" in _state else gemm(a.dtype)
         if (blas is not None and a.shape[0] * b.shape[1] >= BLAS_MIN_OUTPUT and a.shape[1]
                 and _fits_blas(a) and _fits_blas(b)):
             out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
@@ -311,13 +317,12 @@ def matmul_add(a, b, bias):
     elif _is_library(a, "torch"):
         return bias.addmm(a, b)
     out = a @ b
-    if is_writable(out):  # a fresh array of ours: add in place, one pass and no temporary
+    if type(out) is np.ndarray or is_writable(out):  # ours: add in place, one pass, no temporary
         out += bias
         return out
     return out + bias
 
 
-functional.KERNELS["affine"] = matmul_add
 
 
 # -- the fused SGD step ------------------------------------------------------------------------
@@ -332,7 +337,7 @@ def fuses(optimizer) -> bool:
     return type(optimizer) is SGD
 
 
-def sgd_train_step(net, x, t, optimizer, **loss_options):
+def sgd_train_step(net, x, t, optimizer, check_labels=True):
     """One plain-SGD step of a :class:`xpnet.Sequential` net, fused into its backward pass.
 
     The same as ``loss, grads = net.loss_and_gradient(x, t)`` and
@@ -345,19 +350,29 @@ def sgd_train_step(net, x, t, optimizer, **loss_options):
     Returns the loss (before the step).
     """
     lr, decay = optimizer.lr, getattr(net, "weight_decay", 0.0)
-    loss = net.loss(x, t, train=True, **loss_options)
-    dout = net.last_layer.backward()
-    for layer in reversed(list(net.layers.values())):
-        dout = _affine_backward_sgd(layer, dout, lr, decay) if type(layer) is Affine \
-            else _backward_sgd(layer, dout, lr, decay)
-    optimizer.steps += 1
+    if check_labels is None:  # the Trainer's step: data checked once, the layers' math alone
+        loss = net.unchecked_loss(x, t)
+        dout = unchecked(net.last_layer, "backward")(net.last_layer)
+        for backward, layer in net._backwards:
+            dout = _affine_backward_sgd(layer, dout, lr, decay, False) if type(layer) is Affine \
+                else _backward_sgd(layer, dout, lr, decay, backward)
+    else:
+        loss = net.loss(x, t, train=True, check_labels=check_labels)
+        dout = net.last_layer.backward()
+        for layer in reversed(list(net.layers.values())):
+            dout = _affine_backward_sgd(layer, dout, lr, decay) if type(layer) is Affine \
+                else _backward_sgd(layer, dout, lr, decay)
+    optimizer.record_steps(1)
     return loss
 
 
-def _backward_sgd(layer, dout, lr: float, decay: float = 0.0):
-    """Any layer: its backward, then ``p += -lr * g`` for each of its parameters (SGD's update),
-    with ``g + decay * p`` for its ``decay_names`` (weight decay)."""
-    dx = layer.backward(dout)
+def _backward_sgd(layer, dout, lr: float, decay: float = 0.0, backward=None):
+    """Any layer: its backward (``backward(layer, dout)`` where given: unchecked), then
+    ``p += -lr * g`` for each of its parameters (SGD's update), with ``g + decay * p`` for
+    its ``decay_names`` (weight decay)."""
+    dx = layer.backward(dout) if backward is None else backward(layer, dout)
+    if not layer.param_names:
+        return dx
     for name, g in layer.grads.items():
         p = getattr(layer, name)
         if decay and name in layer.decay_names:
@@ -369,10 +384,11 @@ def _backward_sgd(layer, dout, lr: float, decay: float = 0.0):
     return dx
 
 
-def _affine_backward_sgd(layer: Affine, dout, lr: float, decay: float = 0.0):
+def _affine_backward_sgd(layer: Affine, dout, lr: float, decay: float = 0.0, check=True):
     """Affine's backward fused with ``W -= lr (x^T dout + decay W)``, ``b -= lr sum_n dout``."""
-    layer.check_dout(dout)
-    xp = namespace(dout=dout, W=layer.W)
+    if check:
+        layer.check_dout(dout)
+    xp = namespace(dout)
     dx = layer.input_gradient(xp, dout)  # before W changes
     if decay:  # W - lr decay W, then the product accumulated onto it
         if is_writable(layer.W):
@@ -415,8 +431,6 @@ def largest_product(net, sample_shape: tuple, batch_size: int) -> int:
     of ``batch_size`` samples of ``sample_shape``: an Affine layer's ``x W``, a
     Convolution's ``W col`` (the backward products have the same size).  Layers it does not
     know keep the shape and count for nothing."""
-    from .layers import Convolution, Pooling
-
     shape, largest = tuple(sample_shape), 0
     for layer in getattr(net, "layers", {}).values():
         if type(layer) is Affine:
@@ -515,15 +529,9 @@ def _mlp_affines(net):
     """The Affine layers of a :class:`xpnet.Sequential` that is exactly Affine, act, Affine,
     ..., Affine with one activation class (Relu or Sigmoid) and SoftmaxWithLoss, and whether
     it is Sigmoid; else None."""
-    from .layers import Relu, Sigmoid, SoftmaxWithLoss
-    from .nets import Sequential
-
     # What the loop stands in for must be Sequential's own: a net whose class or instance
     # changes its step, loss or forward pass (to log, clip, crash...) keeps its own.
-    steps = ("train_step", "loss", "predict", "loss_and_gradient")
-    if not isinstance(net, Sequential) or any(
-            name in vars(net) or getattr(type(net), name) is not getattr(Sequential, name)
-            for name in steps):
+    if not runs_plain_steps(net):
         return None
     layers = list(net.layers.values())
     if type(getattr(net, "last_layer", None)) is not SoftmaxWithLoss or len(layers) % 2 != 1:
@@ -541,8 +549,6 @@ def fused_steps(net, optimizer, x, t, batch_size: int):
     :class:`xpnet.Momentum` (their exact classes), a net of Affine layers with Relu or
     Sigmoid between them and SoftmaxWithLoss (the book's TwoLayerNet and MultiLayerNet
     without batch norm or dropout), integer labels, float32 or float64 NumPy arrays."""
-    from .optim import Momentum
-
     fused = fused_module()
     structure = _mlp_affines(net)
     if fused is None or structure is None or type(optimizer) not in (SGD, Momentum):
@@ -573,7 +579,12 @@ def _c_array(owner, name: str):
     return a
 
 
-class FusedSteps:
+def _fused_runner(trainer, run):
+    """The runner factory registered with :mod:`xpnet.runners`: :func:`fused_steps`."""
+    return fused_steps(trainer.net, trainer.optimizer, run.x, run.t, trainer.batch_size)
+
+
+class FusedSteps(runners.Runner):
     """Runs a range of the Trainer's steps in one call of :func:`xpnet._fused.mlp_steps`.
 
     The same steps as the layers' ``train_step`` (up to rounding): weight decay, SGD's or
@@ -584,7 +595,9 @@ class FusedSteps:
 
     def __init__(self, fused, net, optimizer, structure, batch_size: int):
         affines, self.sigmoid = structure
-        self.fused, self.net, self.optimizer, self.affines = fused, net, optimizer, affines
+        super().__init__(net, optimizer, batch_size)
+        self.fused, self.affines = fused, affines
+        self.name = "fused loop (numba)"
         dtype = affines[0].W.dtype
         widths = [affines[0].W.shape[0]] + [layer.W.shape[1] for layer in affines]
         self.acts = tuple(np.empty((batch_size, w), dtype=dtype) for w in widths)
@@ -610,7 +623,7 @@ class FusedSteps:
                 if id(p) not in names:
                     raise ValueError("the fused training loop refuses to run: a layer it trains "
                                      "is no longer one of the net's (its layers were replaced)")
-                slots = self.optimizer._slots(np, names[id(p)], p)
+                slots = self.optimizer.slots(names[id(p)], p)
                 v[attr, id(layer)] = _c_array(slots, "v")
                 if v[attr, id(layer)].shape != p.shape:
                     raise ValueError(f"the optimizer's velocity of {names[id(p)]} has shape "
@@ -647,6 +660,9 @@ class FusedSteps:
         if problems:
             raise ValueError("the fused training loop refuses to run: " + "; ".join(problems))
 
+    def advance(self, run, order, start: int, stop: int) -> tuple:
+        return self.run(run.x, run.t, order, start, stop, self.batch_size)
+
     def run(self, x, t, order, start: int, stop: int, batch_size: int):
         """Steps ``start .. stop - 1`` of the epoch whose samples come in ``order``:
         ``(steps taken, their batch-size weighted losses as a float64 array)``."""
@@ -665,7 +681,44 @@ class FusedSteps:
                              stop, batch_size, Ws, bs, self.acts, self.grads, self.sigmoid,
                              float(opt.lr), decay, float(momentum), vWs, vbs, gWs,
                              self.bias_grads, self.losses)
-        opt.steps += stop - start
+        opt.record_steps(stop - start)
         for layer in self.affines:
             layer.dW = layer.db = None
         return stop - start, self.losses[:stop - start].copy()
+
+
+# -- where this module plugs in (xpnet/__init__.py imports it, once) -------------------------------
+
+
+def describe() -> list:
+    """Lines for ``xpnet info``: the BLAS fast path, the fused loop, the BLAS thread policy."""
+    blas = library()
+    lines = [("fused SGD step; BLAS for the fused SGD step and bias: " + os.path.basename(blas)
+              if blas else "fused SGD step; no BLAS fast path: the fused SGD step and bias use "
+              "NumPy's matmul")]
+    if fused_module() is not None:
+        lines.append(f"fused training loop: numba {importlib.import_module('numba').__version__}"
+                     " (SGD and Momentum on multilayer perceptrons, NumPy)")
+    else:
+        lines.append("fused training loop: off (" + (
+            "XPNET_NO_NUMBA is set" if env_flag("XPNET_NO_NUMBA")
+            else "no BLAS fast path" if blas is None
+            else "numba is not installed: pip install 'xpnet[fast]'") + ")")
+    env = os.environ.get(_THREADS_ENV)
+    loaded = ", ".join(f"{api} {version}: {threads} thread(s)"
+                       for api, version, threads in blas_info()) or "none found"
+    lines.append("BLAS threads in training: " + (
+        f"{env} ({_THREADS_ENV})" if env else
+        f"1 where a step's largest product is under {PARALLEL_MIN_WORK / 1e6:.1f}M "
+        f"multiply-adds, else all {usable_cores()} usable cores (override: "
+        f"--threads, Trainer(blas_threads=), {_THREADS_ENV})") + f"; loaded BLAS: {loaded}")
+    return lines
+
+
+speedups.affine = _affine_kernel
+speedups.sgd_step = sgd_train_step
+speedups.thread_policy = thread_policy
+speedups.blas_threads = blas_threads
+speedups.threads_from_environment = threads_from_environment
+speedups.describe = describe
+runners.register(_fused_runner)

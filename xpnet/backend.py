@@ -867,11 +867,14 @@ def namespace(*arrays, **named_arrays):
     global _NUMPY_NAMESPACE
     # Fast path, taken at every layer call on the CPU: NumPy arrays only, one device.
     values = named_arrays.values() if not arrays else (*arrays, *named_arrays.values())
-    if values and all(type(a) is np.ndarray for a in values):
-        if _NUMPY_NAMESPACE is None:
-            _NUMPY_NAMESPACE = array_api_compat.array_namespace(np.empty(0))
-        return _NUMPY_NAMESPACE
-    return _checked_namespace(arrays, named_arrays)
+    for a in values:  # a plain loop: no generator to resume per array
+        if type(a) is not np.ndarray:
+            return _checked_namespace(arrays, named_arrays)
+    if not values:
+        return _checked_namespace(arrays, named_arrays)
+    if _NUMPY_NAMESPACE is None:
+        _NUMPY_NAMESPACE = array_api_compat.array_namespace(np.empty(0))
+    return _NUMPY_NAMESPACE
 
 
 def _checked_namespace(arrays, named_arrays):

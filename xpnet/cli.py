@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import importlib.util
 import math
 import os
 import platform
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import __version__, distributed, speedups
 from .backend import available_backends, is_gpu_device, self_test, to_device
 from .checkpoint import read_training
 from .optim import DEFAULT_LR, OPTIMIZERS
@@ -32,8 +31,10 @@ def _info(args: argparse.Namespace) -> int:
         if entry["note"]:
             line += f"  ({entry['note']})"
         print(line)
-    print(f"fast paths: {_fast_paths()}")
-    print(f"distributed: {_distributed_info()}")
+    print("fast paths: " + ("\n  ".join(speedups.describe()) if speedups.describe else
+                            "none (xpnet/_fast.py is not installed): the portable Array API "
+                            "code runs"))
+    print(f"distributed: {distributed.describe()}")
     if not (args.check or args.require_gpu):
         return 0
     return _self_tests([d for entry in backends for d in entry["devices"]], args.require_gpu)
@@ -59,56 +60,6 @@ def _self_tests(devices: list, require_gpu: bool) -> int:
               "backends above for why", file=sys.stderr)
         return 1
     return 1 if failed else 0
-
-
-def _fast_paths() -> str:
-    """What xpnet._fast (everything that exists only for speed) offers on this machine."""
-    import importlib.util
-
-    if importlib.util.find_spec("xpnet._fast") is None:
-        return "none (xpnet/_fast.py is not installed): the portable Array API code runs"
-    from . import _fast
-
-    blas = _fast.library()
-    lines = [("fused SGD step; BLAS for the fused SGD step and bias: " + os.path.basename(blas)
-              if blas else "fused SGD step; no BLAS fast path: the fused SGD step and bias use "
-              "NumPy's matmul")]
-    if _fast.fused_module() is not None:
-        import numba
-
-        lines.append(f"fused training loop: numba {numba.__version__} (SGD and Momentum on "
-                     "multilayer perceptrons, NumPy)")
-    else:
-        lines.append("fused training loop: off (" + (
-            "XPNET_NO_NUMBA is set" if _fast.env_flag("XPNET_NO_NUMBA")
-            else "no BLAS fast path" if blas is None
-            else "numba is not installed: pip install 'xpnet[fast]'") + ")")
-    env = os.environ.get("XPNET_BLAS_THREADS")
-    loaded = ", ".join(f"{api} {version}: {threads} thread(s)"
-                       for api, version, threads in _fast.blas_info()) or "none found"
-    lines.append("BLAS threads in training: " + (
-        f"{env} (XPNET_BLAS_THREADS)" if env else
-        f"1 where a step's largest product is under {_fast.PARALLEL_MIN_WORK / 1e6:.1f}M "
-        f"multiply-adds, else all {_fast.usable_cores()} usable cores (override: "
-        "--threads, Trainer(blas_threads=), XPNET_BLAS_THREADS)") + f"; loaded BLAS: {loaded}")
-    return "\n  ".join(lines)  # the first on the "fast paths:" line, the others below it
-
-
-def _distributed_info() -> str:
-    """Whether ``xpnet train --distributed`` can run: mpi4py, and an mpiexec on the PATH (MPI
-    itself is not started here)."""
-    import importlib.metadata
-
-    from .distributed import find_mpiexec
-
-    try:
-        version = importlib.metadata.version("mpi4py")
-    except importlib.metadata.PackageNotFoundError:
-        return "mpi4py is not installed (pip install 'xpnet[mpi]' for mpiexec -n N xpnet train " \
-               "--distributed)"
-    launcher = find_mpiexec()
-    return f"mpi4py {version}; " + (f"mpiexec: {launcher}" if launcher else
-                                    "no mpiexec found on the PATH")
 
 
 def _book_batch(dataset: str, n: int, seed: int, data_dir, images: bool = False):
@@ -328,10 +279,6 @@ def _train_setup(args: argparse.Namespace, say, dist):
         compiling_backend(args.device, "--compile", "--device")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if importlib.util.find_spec("xpnet._fast") is not None:
-        from . import _fast
-
-        _fast.threads_from_environment()  # a bad XPNET_BLAS_THREADS, before the data loads
     net = _make_net(args)
     trainer = Trainer(net, optimizer, batch_size=args.batch_size, epochs=args.epochs,
                       seed=args.seed, progress=not args.quiet, checkpoint=checkpoint,

@@ -30,6 +30,7 @@ import copy
 
 from .backend import compiling_backend, namespace
 from .layers import Layer
+from .runners import Runner
 
 __all__ = ["MODES", "CompiledSteps", "compile_mode"]
 
@@ -47,7 +48,7 @@ def compile_mode(value) -> str | None:
     raise ValueError(f"compile must be True, False or one of {MODES}, got {value!r}")
 
 
-class CompiledSteps:
+class CompiledSteps(Runner):
     """The compiled training steps of one net and optimizer (see the module docstring).
 
     Parameters
@@ -56,9 +57,13 @@ class CompiledSteps:
         ``loss_and_gradient(x, t, check_labels=False)`` (or ``loss`` and ``gradient``)
     optimizer : an :class:`xpnet.optim.Optimizer` (its ``pure_update`` is traced)
     mode : ``"epoch"`` or ``"step"``
+    batch_size : int
     """
 
-    def __init__(self, net, optimizer, mode: str):
+    name = "compiled"
+
+    def __init__(self, net, optimizer, mode: str, batch_size: int = 100):
+        super().__init__(net, optimizer, batch_size)
         mode = compile_mode(mode)
         self.backend = compiling_backend(net.device)
         for attr in ("pure_update", "initial_state", "hyperparameters"):
@@ -72,7 +77,7 @@ class CompiledSteps:
             raise ValueError(f"compile does not support nets with {', '.join(stateful)} yet "
                              "(their dropout masks and running statistics change outside the "
                              "compiled step); train this net without compile")
-        self.net, self.optimizer, self.mode = net, optimizer, mode
+        self.mode = mode
         self._step = self.backend.jit(self._pure_step_at)
         self._loop = self.backend.jit(self._pure_loop)
         self._correct = self.backend.jit(self._pure_correct)
@@ -140,6 +145,9 @@ class CompiledSteps:
 
     # -- running them --------------------------------------------------------------------------
 
+    def advance(self, run, order, start: int, stop: int) -> tuple:
+        return self.run(run.x, run.t, order, start, stop, self.batch_size)
+
     def run(self, x, t, order, start: int, stop: int, batch_size: int) -> tuple:
         """Take steps ``start, start + 1, ...`` (before ``stop``) of an epoch whose samples come
         in ``order``: ``(steps taken, their losses weighted by batch size)`` (an array of
@@ -178,5 +186,4 @@ class CompiledSteps:
     def _store(self, params: dict, state: dict, count: int) -> None:
         for name, value in params.items():
             self.net.params[name] = value
-        self.optimizer.state = state
-        self.optimizer.steps += count
+        self.optimizer.record_steps(count, state)

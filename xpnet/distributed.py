@@ -45,8 +45,10 @@ from .backend import (
     to_device,
     to_numpy,
 )
+from .runners import Runner
 
-__all__ = ["Context", "find_mpiexec", "local_device", "rank_from_environment"]
+__all__ = ["Context", "DistributedSteps", "Solo", "Team", "describe", "find_mpiexec",
+           "local_device", "rank_from_environment"]
 
 _HINT = ("pip install 'xpnet[mpi]' (mpi4py with Open MPI's wheels), then start the processes "
          "with mpiexec -n N")
@@ -334,3 +336,137 @@ def reducer(context: Context, params) -> HostReducer:
         except (ImportError, AttributeError):
             pass
     return HostReducer(context, params)
+
+
+# -- the Trainer's side: the team of processes and their steps ----------------------------------
+
+
+def describe() -> str:
+    """Whether ``xpnet train --distributed`` can run here (``xpnet info``): mpi4py, and an
+    mpiexec on the PATH (MPI itself is not started)."""
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("mpi4py")
+    except importlib.metadata.PackageNotFoundError:
+        return "mpi4py is not installed (pip install 'xpnet[mpi]' for mpiexec -n N xpnet train " \
+               "--distributed)"
+    launcher = find_mpiexec()
+    return f"mpi4py {version}; " + (f"mpiexec: {launcher}" if launcher else
+                                    "no mpiexec found on the PATH")
+
+
+class Solo:
+    """The team of a fit that is not distributed: one process, which agrees with itself."""
+
+    distributed, size, local_size, root = False, 1, 1, True
+
+    def together(self):
+        return contextlib.nullcontext()
+
+    def agree_on(self, value):
+        return value
+
+    @contextlib.contextmanager
+    def guard(self):
+        yield
+
+    def cause(self, run, likely_cause) -> str:
+        return likely_cause(run)
+
+
+class Team(Solo):
+    """The processes of a data-parallel fit (``Trainer(distributed=True)``): they agree on
+    every block that can fail on one of them, read the losses at the same steps, and stop
+    together; a failure on one process alone stops them all rather than leave them waiting."""
+
+    distributed = True
+
+    def __init__(self, context: Context):
+        self.context = context
+        self.size, self.local_size, self.root = context.size, context.local_size, context.root
+
+    @classmethod
+    def world(cls) -> Team:
+        return cls(Context.world())
+
+    def together(self):
+        return self.context.together()
+
+    def agree_on(self, value):
+        return self.context.bcast(value)
+
+    @contextlib.contextmanager
+    def guard(self):
+        try:
+            yield
+        except Exception as exc:
+            if not getattr(exc, "xpnet_agreed", False) and not isinstance(exc, FloatingPointError):
+                # Raised on this process alone, where the others may wait for it in an
+                # exchange: stop them all rather than leave them hanging.
+                print(f"xpnet: rank {self.context.rank}: {type(exc).__name__}: {exc}",
+                      file=sys.stderr, flush=True)
+                self.context.comm.Abort(1)
+            raise
+
+    def cause(self, run, likely_cause) -> str:
+        """Why the global loss diverged, the same on every process: the first rank whose data
+        explain it, else the learning rate."""
+        causes = self.context.gather(likely_cause(run))
+        for rank, cause in enumerate(causes):
+            if "learning rate" not in cause:
+                return f"on rank {rank}, {cause}"
+        return causes[0]
+
+    def steps(self, net, optimizer, batch_size: int):
+        return DistributedSteps(self.context, net, optimizer, batch_size)
+
+
+class DistributedSteps(Runner):
+    """One data-parallel step per call: this process's share of the global batch, its
+    gradients, their weighted sum over the processes (one exchange), the same update
+    everywhere.  Rank 0's weights are broadcast to every process first."""
+
+    def __init__(self, context: Context, net, optimizer, batch_size: int):
+        super().__init__(net, optimizer, batch_size)
+        self.context = context
+        context.broadcast_params(net.params)  # every process starts from rank 0's weights
+        self.exchange = reducer(context, net.params)
+        self.name = f"distributed ({self.exchange.kind})"
+        self.gradients = getattr(net, "loss_and_gradient", None)
+        if self.gradients is None:
+            self.gradients = lambda x, t, check_labels=True: (net.loss(x, t), net.gradient(x, t))
+
+    def advance(self, run, order, start: int, stop: int) -> tuple:
+        dist, b = self.context, self.batch_size
+        first, count = start * b, min((start + 1) * b, run.n) - start * b
+        lo, hi = dist.shard(count)
+        loss = grads = error = None
+        try:
+            if hi > lo:
+                ids = order[first + lo:first + hi]
+                xb, tb = run.xp.take(run.x, ids, axis=0), run.xp.take(run.t, ids, axis=0)
+                loss, grads = self.gradients(xb, tb, check_labels=False)
+        except Exception as exc:  # noqa: BLE001 - agreed on by every process below
+            error, loss, grads = exc, None, None
+        summed, mean, failed, interrupted = self.exchange.reduce(
+            grads, loss, (hi - lo) / count, error is not None, run.interrupt.requested)
+        if failed:
+            dist.agree(error)
+        run.interrupt.requested = interrupted
+        self.optimizer.update(self.net.params, summed)
+        return 1, to_device(np.asarray(mean * count), self.net.device) if isinstance(
+            mean, float) else mean * count
+
+    def accuracy(self, x, t, *, batch_size: int) -> float:
+        """The accuracy over all of ``x``: each process evaluates its share, the counts of
+        correct answers are summed."""
+        lo, hi = self.context.shard(x.shape[0])
+        correct, error = 0, None
+        try:
+            if hi > lo:
+                fraction = self.net.accuracy(x[lo:hi, ...], t[lo:hi, ...], batch_size=batch_size)
+                correct = round(fraction * (hi - lo))
+        except Exception as exc:  # noqa: BLE001 - agreed on by every process
+            error = exc
+        return sum(self.context.gather(correct, error)) / x.shape[0]

@@ -8,13 +8,13 @@ the same library, device and floating dtype.  The namespace comes from
 
 from __future__ import annotations
 
-import math
-import numbers
 import operator
 
 import array_api_extra as xpx
 
-from .backend import dtype_name, is_array, is_dtype, namespace, native_device, to_numpy
+from . import speedups
+from ._checks import check_array, check_label_range, check_logits, check_targets, require_array
+from .backend import dtype_name, is_dtype, namespace, native_device
 
 __all__ = [
     "affine",
@@ -30,49 +30,13 @@ __all__ = [
 ]
 
 
-def _describe(x) -> str:
-    return f"shape {tuple(x.shape)} and dtype {dtype_name(x.dtype)}"
-
-
-def check_floating(xp, x, name: str) -> None:
-    """Raise TypeError unless ``x`` has a real floating dtype."""
-    if not is_dtype(xp, x.dtype, "real floating"):
-        raise TypeError(
-            f"{name} must have a real floating dtype (float32 or float64), got {dtype_name(x.dtype)}; "
-            f"convert it first, e.g. xp.astype({name}, xp.float32)"
-        )
-
-
-def require_array(x, name: str):
-    """``x`` itself if it is an array; else a TypeError naming ``name`` (before a namespace is
-    looked up, whose own error for a lone number would not name the argument)."""
-    if not is_array(x):
-        raise TypeError(f"{name} must be an array, got {type(x).__name__} {x!r:.40}; for a "
-                        "number use xpnet.to_device(number, device, dtype=...)")
-    return x
-
-
-def check_array(xp, x, name: str, ndim: int | None = None) -> None:
-    """Raise TypeError unless ``x`` is a floating array (of ``ndim`` dimensions, when given)."""
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
-    check_floating(xp, x, name)
-    if ndim is not None and x.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got {_describe(x)}")
-
-
-# name -> a faster implementation of that function, or None; filled in by xpnet._fast (the
-# module of everything that exists only for speed) when it is importable.  A kernel returns
-# NotImplemented for arguments it does not take, and the portable code below runs instead.
-KERNELS: dict = {"affine": None}
-
-
 def affine(x, W, b):
     """``x @ W + b`` for x (N, D), W (D, M) and b (M,): an affine layer's output (N, M).
 
     The arrays are not checked here (:class:`xpnet.Affine` does that); the result is new.
+    Where :mod:`xpnet._fast` is there, its kernel (:data:`xpnet.speedups.affine`) runs.
     """
-    fast = KERNELS["affine"]
+    fast = speedups.affine
     if fast is not None:
         out = fast(x, W, b)
         if out is not NotImplemented:
@@ -93,6 +57,11 @@ def sigmoid(x):
     """
     xp = namespace(x=require_array(x, "x"))
     check_array(xp, x, "x")
+    return stable_sigmoid(xp, x)
+
+
+def stable_sigmoid(xp, x):
+    """:func:`sigmoid` of a floating array ``x`` of namespace ``xp``, unchecked."""
     # exp(-|x|) is in (0, 1]: it never overflows, and each branch below is exact in its half.
     e = xp.exp(-xp.abs(x))
     return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
@@ -152,37 +121,6 @@ def softmax(x, axis: int = -1):
     return softmax_and_log_softmax(x, axis)[0]
 
 
-def check_label_range(xp, t, num_classes: int, name: str) -> None:
-    """Raise ValueError, naming ``name`` and some bad values, unless every label is in [0, C)."""
-    # One reduction and one read back to the host; callers on a hot path check once, up front.
-    if bool(xp.any((t < 0) | (t >= num_classes))):
-        host = to_numpy(t)
-        bad = host[(host < 0) | (host >= num_classes)]
-        raise ValueError(
-            f"{name} holds class labels outside [0, {num_classes}): "
-            f"{bad.size} bad value(s), e.g. {bad[:5].tolist()} (min {host.min()}, max {host.max()})"
-        )
-
-
-def check_seed(seed, name: str = "seed") -> int:
-    """``seed`` as an int >= 0 (what numpy.random.default_rng takes), or an error naming it."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(seed).__name__} {seed!r}")
-    if seed < 0:
-        raise ValueError(f"{name} must be >= 0, got {seed}")
-    return int(seed)
-
-
-def check_target_rows(xp, t, name: str) -> None:
-    """Raise ValueError, naming ``name``, unless every target weight is finite and >= 0
-    (one-hot or probability rows; a negative weight makes the loss negative)."""
-    # One reduction and one read back to the host; a trainer checks its rows once, up front.
-    low = float(xp.min(t))
-    if not low >= 0 or not math.isfinite(float(xp.max(t))):
-        raise ValueError(f"{name} holds target rows with negative, NaN or infinite values "
-                         f"(min {low}); rows must be one-hot or probabilities, each >= 0")
-
-
 def one_hot(t, num_classes: int, *, dtype=None, check_labels: bool = True):
     """One-hot encode integer labels.
 
@@ -216,40 +154,6 @@ def one_hot(t, num_classes: int, *, dtype=None, check_labels: bool = True):
     return xpx.one_hot(t, num_classes, dtype=dtype, xp=xp)
 
 
-def check_targets(xp, x, t, *, check_labels: bool = True) -> bool:
-    """Validate targets ``t`` against logits ``x`` of shape (N, C): integer labels (N,) in
-    [0, C), or one-hot / probability rows (N, C), each >= 0 (the value checks, one host read
-    each, only with ``check_labels``).  Returns True for labels, False for rows."""
-    n, c = x.shape
-    if not hasattr(t, "shape") or not hasattr(t, "dtype"):
-        raise TypeError(f"t must be an array of labels (N,) or rows (N, C), got {type(t).__name__}")
-    if is_dtype(xp, t.dtype, "integral"):
-        if t.ndim != 1 or t.shape[0] != n:
-            hint = "; flatten it with xp.reshape(t, (-1,))" if t.ndim == 2 and t.shape[1] == 1 else ""
-            raise ValueError(
-                f"integer labels t must have shape (N,) = ({n},) to match x of shape {(n, c)}, "
-                f"got t of shape {tuple(t.shape)}{hint}"
-            )
-        if check_labels:
-            check_label_range(xp, t, c, "t")
-        return True
-    if is_dtype(xp, t.dtype, "real floating"):
-        if tuple(t.shape) != (n, c):
-            hint = (f"; float labels of shape ({n},) must be integers: xp.astype(t, xp.int64)"
-                    if t.ndim == 1 else "")
-            raise ValueError(
-                f"one-hot / probability targets t must have x's shape {(n, c)}, "
-                f"got t of shape {tuple(t.shape)}{hint}"
-            )
-        if check_labels:
-            check_target_rows(xp, t, "t")
-        return False
-    raise TypeError(
-        "t must hold integer class labels or floating one-hot/probability rows, "
-        f"got dtype {dtype_name(t.dtype)}"
-    )
-
-
 def targets_as_rows(xp, x, t, *, check_labels: bool = True):
     """Validate targets ``t`` against logits ``x`` of shape (N, C) (:func:`check_targets`);
     return them as rows.
@@ -260,17 +164,6 @@ def targets_as_rows(xp, x, t, *, check_labels: bool = True):
     if check_targets(xp, x, t, check_labels=check_labels):
         return one_hot(t, x.shape[1], dtype=x.dtype, check_labels=False), True
     return (t if t.dtype == x.dtype else xp.astype(t, x.dtype)), False
-
-
-def check_logits(xp, x, name: str = "x") -> None:
-    """Raise unless ``x`` is a floating array of shape (N, C) with N >= 1 and C >= 1."""
-    check_array(xp, x, name)
-    if x.ndim != 2:
-        raise ValueError(
-            f"{name} must be scores of shape (N, C) (a batch axis first), got shape {tuple(x.shape)}"
-        )
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
 
 
 def cross_entropy(logits, t, *, check_labels: bool = True):

@@ -28,12 +28,27 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 
+import array_api_extra as xpx
+
+from ._checks import (
+    check_affine_input,
+    check_array,
+    check_bias,
+    check_image_batch,
+    check_logits,
+    check_same_dtype,
+    check_seed,
+    check_targets,
+    check_windows_fit,
+    describe_array,
+    dout_error,
+    int_option,
+    real_option,
+    require_array,
+)
 from .backend import (
     HOST_ARRAY,
-    DeviceMismatchError,
-    cast_hint,
     computes_on_inputs,
     describe,
     device_context,
@@ -46,19 +61,14 @@ from .backend import (
     recorded_device_context,
 )
 from .functional import (
-    affine,
-    check_array,
-    check_logits,
-    check_seed,
     add_at_windows,
+    affine,
     col2im,
     conv_output_size,
     im2col,
     pad_spatial,
-    require_array,
-    sigmoid,
     softmax_cross_entropy,
-    targets_as_rows,
+    stable_sigmoid,
     window_slices,
 )
 
@@ -106,20 +116,27 @@ _CLASSES: dict = {}  # "module.QualName" -> the Layer subclass defined last unde
 
 
 def _recorded(forward):
-    """Wrap a subclass's forward: run it with its inputs' device current (CuPy), and after it
-    succeeds, remember its output's shape, dtype and device."""
-    forward_on_device = computes_on_inputs(forward)
+    """Wrap a subclass's forward: check its inputs (``check_forward``), run it with their
+    device current (CuPy), and after it succeeds, remember its output's shape, dtype and
+    device.  The unwrapped forward stays reachable (:func:`unchecked`)."""
+
+    def checked(self, *args, **kwargs):
+        self.check_forward(*args, **kwargs)
+        return forward(self, *args, **kwargs)
+
+    checked_on_device = computes_on_inputs(checked)
 
     @functools.wraps(forward)
     def wrapper(self, *args, **kwargs):
         if args and type(args[0]) is HOST_ARRAY:  # NumPy: no device to make current
-            out = forward(self, *args, **kwargs)
+            out = checked(self, *args, **kwargs)
         else:
-            out = forward_on_device(self, *args, **kwargs)
+            out = checked_on_device(self, *args, **kwargs)
         self._output = describe(out)  # plain values: a layer stays cheap to deep-copy
         return out
 
     wrapper._xpnet_wrapped = True
+    wrapper._xpnet_unchecked = forward
     return wrapper
 
 
@@ -145,7 +162,17 @@ def _checked(backward):
             return backward(self, *args, **kwargs)
 
     wrapper._xpnet_wrapped = True
+    wrapper._xpnet_unchecked = backward
     return wrapper
+
+
+def unchecked(layer, name: str):
+    """``type(layer).<name>`` (``"forward"`` or ``"backward"``) without the checks that
+    :class:`Layer` wraps around it: the math alone, called as ``f(layer, ...)`` by code that
+    has checked its data once (the Trainer's runners, inside the data's device context).
+    A method no Layer wrapped (a loss object of another kind) comes back as it is."""
+    method = getattr(type(layer), name)
+    return getattr(method, "_xpnet_unchecked", method)
 
 
 class Layer:
@@ -167,9 +194,12 @@ class Layer:
       layer as ``Cls(**params, **layer.config())``: a layer whose constructor takes more
       than its parameters returns those options (JSON values) from :meth:`config`.
 
-    ``forward`` and ``backward`` are written as in the book; layers with a
+    ``forward`` and ``backward`` are written as in the book, the math alone; layers with a
     train/inference difference take ``forward(x, train=True)`` and set the
-    class attribute ``has_train_mode = True`` so that networks pass it on.
+    class attribute ``has_train_mode = True`` so that networks pass it on.  What a
+    forward's inputs must be is checked in :meth:`check_forward`, which every direct call
+    of ``forward`` runs first; the Trainer checks a run's data once, at its start, and its
+    steps call the math alone.
 
     Two more class attributes, both empty by default:
 
@@ -228,6 +258,11 @@ class Layer:
         """The constructor's options besides the parameters, as JSON values (none by default)."""
         return {}
 
+    def check_forward(self, *inputs, **options) -> None:
+        """Raise a clear ValueError/TypeError unless ``forward(*inputs, **options)`` can run
+        (arrays of the parameters' library, device and dtype, of shapes that fit).  Called
+        before every direct call of ``forward``; accepts everything by default."""
+
     def check_dout(self, dout) -> None:
         """Raise unless forward has run and ``dout`` fits its output (see the class docstring)."""
         out = self._output
@@ -249,7 +284,7 @@ class Layer:
             out = (*out[:2], dout.dtype, out[3])  # a loss layer casts a 0-d dout to its dtype
         got = describe(dout)
         if got != out:  # (library, shape, dtype, device name): say which differs
-            _dout_error(f"{name}.backward", dout, got, *out)
+            dout_error(f"{name}.backward", dout, got, *out)
 
     def __repr__(self):
         shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self.params.items()
@@ -270,24 +305,6 @@ def layer_class(name: str) -> type:
     except KeyError:
         raise ValueError(f"no xpnet.Layer subclass is called {name!r}; import the module "
                          "that defines it first") from None
-
-
-def _dout_error(where: str, dout, got, library: str, shape: tuple, dtype, device) -> None:
-    """Raise the error that says how ``dout`` (described by ``got``) differs from the output."""
-    if got is None:
-        raise TypeError(f"{where}: dout must be an array like forward's output (shape "
-                        f"{tuple(shape)}), got {type(dout).__name__}")
-    dout_library, dout_shape, dout_dtype, dout_device = got
-    if dout_library != library or dout_device != device:
-        raise DeviceMismatchError(
-            f"{where}: dout is a {dout_library} array on {dout_device!r}, but forward's output "
-            f"was a {library} array on {device!r}; move dout with xpnet.to_device(dout, device)"
-        )
-    if tuple(dout_shape) != tuple(shape):
-        raise ValueError(f"{where}: dout has shape {tuple(dout_shape)}, but forward's output "
-                         f"had shape {tuple(shape)}")
-    raise TypeError(f"{where}: dout has dtype {dtype_name(dout_dtype)}, but forward's "
-                    f"output had {dtype_name(dtype)}")
 
 
 def find_params(layer) -> dict:
@@ -337,9 +354,11 @@ class Mul(Layer):
         self.x = None
         self.y = None
 
-    def forward(self, x, y):
+    def check_forward(self, x, y):
         if not (is_scalar(x) and is_scalar(y)):
             namespace(x=x, y=y)  # same library and device, or a clear error
+
+    def forward(self, x, y):
         self.x, self.y = x, y
         return x * y
 
@@ -380,9 +399,9 @@ class Add(Layer):
         self.x = None
         self.y = None
 
+    check_forward = Mul.check_forward
+
     def forward(self, x, y):
-        if not (is_scalar(x) and is_scalar(y)):
-            namespace(x=x, y=y)
         # Only the operands' shapes matter for backward; keep a zero-size stand-in, not the data.
         self.x, self.y = _shape_of(x), _shape_of(y)
         return x + y
@@ -414,9 +433,11 @@ class Relu(Layer):
     def mask(self):
         return None if self._keep is None else self._keep == 0
 
+    def check_forward(self, x):
+        check_array(namespace(x=require_array(x, "x")), x, "x")
+
     def forward(self, x):
-        xp = namespace(x=require_array(x, "x"))
-        check_array(xp, x, "x")
+        xp = namespace(x)
         self._keep = xp.astype(x > 0, x.dtype)
         # A 0-d zero of x's dtype and device, so maximum never promotes float32.
         return xp.maximum(x, xp.zeros((), dtype=x.dtype, device=native_device(x)))
@@ -437,8 +458,10 @@ class Sigmoid(Layer):
     def __init__(self):
         self.out = None
 
+    check_forward = Relu.check_forward
+
     def forward(self, x):
-        self.out = sigmoid(x)
+        self.out = stable_sigmoid(namespace(x), x)
         return self.out
 
     def backward(self, dout):
@@ -477,7 +500,7 @@ class Affine(Layer):
     def __init__(self, W, b, *, input_grad: bool = True):
         xp = namespace(W=W, b=b)
         check_array(xp, W, "W", ndim=2)
-        _check_bias(xp, W, b, "(M,)", 1)
+        check_bias(xp, W, b, "(M,)", 1)
         self.W, self.b = W, b
         self.input_grad = bool(input_grad)
         self.x = self.x_shape = self.dW = self.db = None
@@ -488,13 +511,17 @@ class Affine(Layer):
     def config(self) -> dict:
         return {"input_grad": self.input_grad}
 
+    def check_forward(self, x):
+        check_affine_input(namespace(x=require_array(x, "x"), W=self.W, b=self.b), x, self.W)
+
     def forward(self, x):
-        xp = namespace(x=require_array(x, "x"), W=self.W, b=self.b)
-        self.x, self.x_shape = _flatten_batch(xp, x, self.W), tuple(x.shape)
+        xp = namespace(x)
+        self.x_shape = x.shape
+        self.x = x if x.ndim == 2 else xp.reshape(x, (x.shape[0], -1))  # (N, d1, ..., dk) -> (N, D)
         return affine(self.x, self.W, self.b)  # x W + b
 
     def backward(self, dout):
-        xp = namespace(dout=dout, W=self.W)
+        xp = namespace(dout)
         # out = x W + b  =>  dW = x^T dout,  db = sum_n dout,  dx = dout W^T
         self.dW = xp.matrix_transpose(self.x) @ dout
         self.db = xp.sum(dout, axis=0)
@@ -506,30 +533,6 @@ class Affine(Layer):
             return None
         dx = dout @ xp.matrix_transpose(self.W)
         return dx if len(self.x_shape) == 2 else xp.reshape(dx, self.x_shape)
-
-
-def _flatten_batch(xp, x, W):
-    """Validate an Affine input against W and flatten it to (N, D)."""
-    check_array(xp, x, "x")
-    if x.ndim < 2:
-        raise ValueError(
-            f"x must have a batch axis, shape (N, D) or (N, d1, ..., dk), got shape "
-            f"{tuple(x.shape)}; for a single sample use xp.reshape(x, (1, -1))"
-        )
-    n, d = x.shape[0], math.prod(x.shape[1:])
-    if n == 0:
-        raise ValueError(f"x is an empty batch, shape {tuple(x.shape)}")
-    if d != W.shape[0]:
-        raise ValueError(
-            f"x of shape {tuple(x.shape)} has {d} features per sample, but W of shape "
-            f"{tuple(W.shape)} expects {W.shape[0]}"
-        )
-    if x.dtype != W.dtype:
-        raise TypeError(
-            f"x has dtype {dtype_name(x.dtype)} but W has {dtype_name(W.dtype)}; convert x "
-            f"with {cast_hint(x, 'x', dtype_name(W.dtype))}"
-        )
-    return x if x.ndim == 2 else xp.reshape(x, (n, d))
 
 
 class SoftmaxWithLoss(Layer):
@@ -555,22 +558,28 @@ class SoftmaxWithLoss(Layer):
         self.t = None
         self._row_sums = None
 
-    def forward(self, x, t, *, check_labels: bool = True):
+    def check_forward(self, x, t, *, check_labels: bool = True):
         xp = namespace(x=x, t=t)
         check_logits(xp, x)
-        rows, from_labels = targets_as_rows(xp, x, t, check_labels=check_labels)
-        # For probability rows, dL/dx = (y * sum_c t - t) / N; for labels each row sums to 1.
-        self._row_sums = None if from_labels else xp.sum(rows, axis=1, keepdims=True)
+        check_targets(xp, x, t, check_labels=check_labels)
+
+    def forward(self, x, t, *, check_labels: bool = True):
+        xp = namespace(x)
+        if t.ndim == 1:  # integer labels: one-hot rows, each summing to 1
+            rows, self._row_sums = xpx.one_hot(t, x.shape[1], dtype=x.dtype, xp=xp), None
+        else:  # probability rows: dL/dx = (y * sum_c t - t) / N
+            rows = t if t.dtype == x.dtype else xp.astype(t, x.dtype)
+            self._row_sums = xp.sum(rows, axis=1, keepdims=True)
         self.y, self.loss = softmax_cross_entropy(xp, x, rows, self._row_sums)
         self.t = rows
         return self.loss
 
     def backward(self, dout=1):
         y = self.y
-        if dout is None or is_scalar(dout):
+        if dout is None or isinstance(dout, (int, float)):  # a number (the default 1)
             scale = float(1 if dout is None else dout) / y.shape[0]
         else:
-            xp = namespace(dout=dout, y=y)
+            xp = namespace(dout)
             scale = (dout if dout.dtype == y.dtype else xp.astype(dout, y.dtype)) / y.shape[0]
         if self._row_sums is not None:
             y = y * self._row_sums
@@ -579,51 +588,6 @@ class SoftmaxWithLoss(Layer):
 
 
 # -- chapters 6 to 8: convolution, pooling, batch normalization, dropout -------------------------
-
-
-def _int_option(name: str, value, minimum: int) -> int:
-    """``value`` as an int >= ``minimum``, or a ValueError/TypeError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return int(value)
-
-
-def _real_option(name: str, value, low: float, high: float, *, high_open: bool = False) -> float:
-    """``value`` as a finite float in [low, high] (or [low, high)), or an error naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not (low <= value <= high) or (high_open and value == high) or not math.isfinite(value):
-        raise ValueError(f"{name} must be in [{low}, {high}{')' if high_open else ']'}, got {value}")
-    return value
-
-
-def _check_image_batch(xp, x, name: str, channels: int | None = None, like=None) -> None:
-    """Raise unless x is a floating (N, C, H, W) batch (with ``channels`` channels and in
-    like's dtype, where given)."""
-    check_array(xp, x, name)
-    if x.ndim != 4 or x.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty batch of images (N, C, H, W), got shape "
-                         f"{tuple(x.shape)}; load images with load_mnist(..., flatten=False)")
-    if channels is not None and x.shape[1] != channels:
-        raise ValueError(f"{name} of shape {tuple(x.shape)} has {x.shape[1]} channels, but the "
-                         f"layer expects {channels} (axis 1 of (N, C, H, W))")
-    if like is not None and x.dtype != like.dtype:
-        raise TypeError(f"{name} has dtype {dtype_name(x.dtype)} but the layer's parameters have "
-                        f"{dtype_name(like.dtype)}; convert it with "
-                        f"{cast_hint(x, name, dtype_name(like.dtype))}")
-
-
-def _output_size(x_shape, window: tuple, stride: int, pad: int, who: str) -> tuple:
-    """(OH, OW) of windows over x's (H, W); a ValueError naming the shapes if none fits."""
-    oh = conv_output_size(x_shape[2], window[0], stride, pad)
-    ow = conv_output_size(x_shape[3], window[1], stride, pad)
-    if oh < 1 or ow < 1:
-        raise ValueError(f"{who}: a {window[0]}x{window[1]} window with pad {pad} does not fit in "
-                         f"an input of shape {tuple(x_shape)} (H, W = {tuple(x_shape[2:])})")
-    return oh, ow
 
 
 class Convolution(Layer):
@@ -659,8 +623,8 @@ class Convolution(Layer):
     def __init__(self, W, b, *, stride: int = 1, pad: int = 0, input_grad: bool = True):
         xp = namespace(W=W, b=b)
         check_array(xp, W, "W", ndim=4)
-        _check_bias(xp, W, b, "(FN,)", 0)
-        self.stride, self.pad = _int_option("stride", stride, 1), _int_option("pad", pad, 0)
+        check_bias(xp, W, b, "(FN,)", 0)
+        self.stride, self.pad = int_option("stride", stride, 1), int_option("pad", pad, 0)
         self.W, self.b, self.input_grad = W, b, bool(input_grad)
         self.col = self.x_shape = self.dW = self.db = None
 
@@ -671,18 +635,23 @@ class Convolution(Layer):
     def config(self) -> dict:
         return {"stride": self.stride, "pad": self.pad, "input_grad": self.input_grad}
 
-    def forward(self, x):
+    def check_forward(self, x):
         xp = namespace(x=require_array(x, "x"), W=self.W, b=self.b)
+        check_image_batch(xp, x, "x", self.W.shape[1], self.W)
+        window = tuple(self.W.shape[2:])
+        check_windows_fit(x.shape, window, self.pad, _windows(self, x.shape, *window), "Convolution")
+
+    def forward(self, x):
+        xp = namespace(x)
         fn, c, fh, fw = self.W.shape
-        _check_image_batch(xp, x, "x", c, self.W)
-        oh, ow = _output_size(x.shape, (fh, fw), self.stride, self.pad, "Convolution")
+        oh, ow = _windows(self, x.shape, fh, fw)
         self.col, self.x_shape = im2col(xp, x, fh, fw, self.stride, self.pad), tuple(x.shape)
         # One product for every window: (FN, C FH FW) @ (C FH FW, N OH OW) + b.
         out = xp.reshape(self.W, (fn, -1)) @ self.col + xp.reshape(self.b, (fn, 1))
         return xp.permute_dims(xp.reshape(out, (fn, x.shape[0], oh, ow)), (1, 0, 2, 3))
 
     def backward(self, dout):
-        xp = namespace(dout=dout, W=self.W)
+        xp = namespace(dout)
         fn, c, fh, fw = self.W.shape
         # Back to the product's layout: (N, FN, OH, OW) -> (FN, N OH OW).
         d = xp.reshape(xp.permute_dims(dout, (1, 0, 2, 3)), (fn, -1))
@@ -694,15 +663,10 @@ class Convolution(Layer):
         return col2im(xp, dcol, self.x_shape, fh, fw, self.stride, self.pad)
 
 
-def _check_bias(xp, W, b, expected: str, axis: int) -> None:
-    """Raise unless b is a 1-D array of W's dtype with W.shape[axis] elements."""
-    check_array(xp, b, "b", ndim=1)
-    if b.shape[0] != W.shape[axis]:
-        raise ValueError(f"b must have shape {expected} = ({W.shape[axis]},) to match W of shape "
-                         f"{tuple(W.shape)}, got b of shape {tuple(b.shape)}")
-    if b.dtype != W.dtype:
-        raise TypeError(f"W and b must share a dtype, got W {dtype_name(W.dtype)} and "
-                        f"b {dtype_name(b.dtype)}")
+def _windows(layer, x_shape, fh: int, fw: int) -> tuple:
+    """(OH, OW): how many (fh, fw) windows of ``layer`` (its stride and pad) fit in x (N, C, H, W)."""
+    return (conv_output_size(x_shape[2], fh, layer.stride, layer.pad),
+            conv_output_size(x_shape[3], fw, layer.stride, layer.pad))
 
 
 _POOL_MODES = ("max", "avg")
@@ -730,9 +694,9 @@ class Pooling(Layer):
 
     def __init__(self, pool_h: int, pool_w: int, *, stride: int | None = None, pad: int = 0,
                  mode: str = "max"):
-        self.pool_h, self.pool_w = _int_option("pool_h", pool_h, 1), _int_option("pool_w", pool_w, 1)
-        self.stride = self.pool_h if stride is None else _int_option("stride", stride, 1)
-        self.pad = _int_option("pad", pad, 0)
+        self.pool_h, self.pool_w = int_option("pool_h", pool_h, 1), int_option("pool_w", pool_w, 1)
+        self.stride = self.pool_h if stride is None else int_option("stride", stride, 1)
+        self.pad = int_option("pad", pad, 0)
         if mode not in _POOL_MODES:
             raise ValueError(f"mode must be one of {_POOL_MODES}, got {mode!r}")
         if self.pad and (2 * self.pad > self.pool_h or 2 * self.pad > self.pool_w):
@@ -750,11 +714,15 @@ class Pooling(Layer):
         return {"pool_h": self.pool_h, "pool_w": self.pool_w, "stride": self.stride,
                 "pad": self.pad, "mode": self.mode}
 
-    def forward(self, x):
-        xp = namespace(x=require_array(x, "x"))
-        _check_image_batch(xp, x, "x")
+    def check_forward(self, x):
+        check_image_batch(namespace(x=require_array(x, "x")), x, "x")
         window = (self.pool_h, self.pool_w)
-        oh, ow = _output_size(x.shape, window, self.stride, self.pad, "Pooling")
+        check_windows_fit(x.shape, window, self.pad, _windows(self, x.shape, *window), "Pooling")
+
+    def forward(self, x):
+        xp = namespace(x)
+        window = (self.pool_h, self.pool_w)
+        oh, ow = _windows(self, x.shape, *window)
         padded = pad_spatial(xp, x, self.pad, -math.inf if self.mode == "max" else 0.0)
         # One strided view per window offset: k elementwise passes, no (..., k) stack to reduce.
         pieces = [padded[:, :, rows, cols]
@@ -771,7 +739,7 @@ class Pooling(Layer):
         return out
 
     def backward(self, dout):
-        xp = namespace(dout=dout)
+        xp = namespace(dout)
         k = self.pool_h * self.pool_w
         if self.mode == "avg":  # d mean / d x_i = 1 / k for each of the k positions
             pieces = [dout / k] * k
@@ -819,9 +787,9 @@ class BatchNormalization(Layer):
         check_array(xp, beta, "beta", ndim=1)
         if tuple(beta.shape) != tuple(gamma.shape) or beta.dtype != gamma.dtype:
             raise ValueError(f"gamma and beta must share a shape and dtype, got gamma "
-                             f"{_describe_array(gamma)} and beta {_describe_array(beta)}")
-        self.momentum = _real_option("momentum", momentum, 0.0, 1.0)
-        self.eps = _real_option("eps", eps, 0.0, math.inf)
+                             f"{describe_array(gamma)} and beta {describe_array(beta)}")
+        self.momentum = real_option("momentum", momentum, 0.0, 1.0)
+        self.eps = real_option("eps", eps, 0.0, math.inf)
         if self.eps == 0.0:
             raise ValueError("eps must be > 0: it keeps the division finite for a constant feature")
         self.gamma, self.beta = gamma, beta
@@ -834,22 +802,19 @@ class BatchNormalization(Layer):
     def config(self) -> dict:
         return {"momentum": self.momentum, "eps": self.eps}
 
-    def _layout(self, xp, x) -> tuple:
-        """(axes of the statistics, shape the (C,) arrays broadcast as) for x; checks x."""
+    def check_forward(self, x, train: bool = True):
+        xp = namespace(x=require_array(x, "x"), gamma=self.gamma, beta=self.beta)
         check_array(xp, x, "x")
         d = self.gamma.shape[0]
         if x.ndim not in (2, 4) or x.shape[1] != d or x.shape[0] == 0:
             raise ValueError(f"x must be a non-empty batch (N, {d}) or (N, {d}, H, W) for "
                              f"{d} features, got shape {tuple(x.shape)}")
-        if x.dtype != self.gamma.dtype:
-            raise TypeError(f"x has dtype {dtype_name(x.dtype)} but gamma has "
-                            f"{dtype_name(self.gamma.dtype)}; convert it with "
-                            f"{cast_hint(x, 'x', dtype_name(self.gamma.dtype))}")
-        return ((0,), (1, d)) if x.ndim == 2 else ((0, 2, 3), (1, d, 1, 1))
+        check_same_dtype(x, self.gamma, "x", "gamma")
 
     def forward(self, x, train: bool = True):
-        xp = namespace(x=require_array(x, "x"), gamma=self.gamma, beta=self.beta)
-        axes, shape = self._layout(xp, x)
+        xp = namespace(x)
+        d = self.gamma.shape[0]  # the statistics' axes, and the shape (C,) arrays broadcast as
+        axes, shape = ((0,), (1, d)) if x.ndim == 2 else ((0, 2, 3), (1, d, 1, 1))
         if train:
             mean = xp.mean(x, axis=axes, keepdims=True)
             xc = x - mean
@@ -864,7 +829,7 @@ class BatchNormalization(Layer):
         return xp.reshape(self.gamma, shape) * self.xn + xp.reshape(self.beta, shape)
 
     def backward(self, dout):
-        xp = namespace(dout=dout, gamma=self.gamma)
+        xp = namespace(dout)
         axes = (0,) if dout.ndim == 2 else (0, 2, 3)
         self.dbeta = xp.sum(dout, axis=axes)
         self.dgamma = xp.sum(dout * self.xn, axis=axes)
@@ -875,10 +840,6 @@ class BatchNormalization(Layer):
         # - xn * mean(dxn * xn)) / std, the means over the normalized axes.
         return (dxn - xp.mean(dxn, axis=axes, keepdims=True)
                 - self.xn * xp.mean(dxn * self.xn, axis=axes, keepdims=True)) / self.std
-
-
-def _describe_array(x) -> str:
-    return f"{tuple(x.shape)} {dtype_name(x.dtype)}"
 
 
 class Dropout(Layer):
@@ -904,7 +865,7 @@ class Dropout(Layer):
     has_train_mode = True
 
     def __init__(self, ratio: float = 0.5, *, seed: int = 0):
-        self.ratio = _real_option("ratio", ratio, 0.0, 1.0, high_open=True)
+        self.ratio = real_option("ratio", ratio, 0.0, 1.0, high_open=True)
         self.seed = check_seed(seed)
         self.draws = 0
         self.mask = None
@@ -915,9 +876,10 @@ class Dropout(Layer):
     def config(self) -> dict:
         return {"ratio": self.ratio}
 
+    def check_forward(self, x, train: bool = True):
+        check_array(namespace(x=require_array(x, "x")), x, "x")
+
     def forward(self, x, train: bool = True):
-        xp = namespace(x=require_array(x, "x"))
-        check_array(xp, x, "x")
         if not train or self.ratio == 0.0:
             self.mask = None
             return x
@@ -928,5 +890,5 @@ class Dropout(Layer):
     def backward(self, dout):
         # d(x * mask)/dx = mask; the identity passes dout on (as a new array).
         if self.mask is None:
-            return namespace(dout=dout).asarray(dout, copy=True)
+            return namespace(dout).asarray(dout, copy=True)
         return dout * self.mask

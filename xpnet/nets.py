@@ -11,15 +11,13 @@ is always what the next forward uses, however the namespace lets it update.
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import math
-import numbers
 from collections.abc import Mapping, MutableMapping
 
 import numpy as np
 
-from . import checkpoint
+from . import checkpoint, speedups
 from .backend import (
     computes_on_inputs,
     device_of,
@@ -30,7 +28,8 @@ from .backend import (
     to_device,
     to_numpy,
 )
-from .functional import check_seed, check_targets, conv_output_size
+from ._checks import check_seed, check_targets, is_int, is_real
+from .functional import conv_output_size
 from .gradcheck import numerical_gradients
 from .layers import (
     Affine,
@@ -42,15 +41,15 @@ from .layers import (
     Relu,
     Sigmoid,
     SoftmaxWithLoss,
+    grad_name,
     layer_class,
     type_name,
+    unchecked,
 )
+from .optim import SGD
 
-# Everything that exists only for speed; the library is correct (and slower) without it.
-_fast = (importlib.import_module("._fast", __package__)
-         if importlib.util.find_spec("._fast", __package__) else None)
 
-__all__ = ["DeepConvNet", "MultiLayerNet", "Sequential", "SimpleConvNet", "TwoLayerNet"]  # exported by xpnet/__init__
+__all__ = ["DeepConvNet", "Layers", "MultiLayerNet", "Sequential", "SimpleConvNet", "TwoLayerNet"]  # exported by xpnet/__init__
 
 _ACTIVATIONS = {"relu": Relu, "sigmoid": Sigmoid}
 _FLOAT_DTYPES = ("float32", "float64")
@@ -216,9 +215,21 @@ def _own_state(layers: dict) -> dict:
             for attr, key in layer_keys}
 
 
+_STEP_METHODS = ("train_step", "loss", "predict", "loss_and_gradient")
+
+
+def runs_plain_steps(net) -> bool:
+    """Whether ``net`` is a :class:`Sequential` whose class and instance keep Sequential's own
+    step methods (``train_step``, ``loss``, ``predict``, ``loss_and_gradient``): the Trainer's
+    runners may then run its layers' math themselves (unchecked, fused, compiled).  A net that
+    changes one of them (to log, clip, ...) keeps its own step."""
+    return isinstance(net, Sequential) and not any(
+        name in vars(net) or getattr(type(net), name) is not getattr(Sequential, name)
+        for name in _STEP_METHODS)
+
+
 def _check_weight_decay(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-            math.isfinite(value) and value >= 0):
+    if not is_real(value) or not (math.isfinite(value) and value >= 0):
         raise ValueError(f"weight_decay must be a finite number >= 0, got {value!r}")
     return float(value)
 
@@ -274,13 +285,24 @@ class Sequential:
         except (TypeError, ValueError):
             checks = False
         self._loss_checks_labels = checks
+        self._loss_forward = unchecked(self.last_layer, "forward")
+        self._loss_options = {"check_labels": False} if checks else {}  # checked once, up front
+        self._loss_backward = unchecked(self.last_layer, "backward")
 
     def _own(self, named: dict) -> None:
-        """Derive the parameter and state tables from the layers ``named`` (checked first)."""
+        """Derive the parameter and state tables, and the unchecked steps' plan, from the
+        layers ``named`` (checked first: a refused list changes nothing)."""
         owners = _own_parameters(named)
         self.params._owners = owners
         self._decayed = [key for key, (layer, attr) in owners.items() if attr in layer.decay_names]
         self._state = _own_state(named)
+        # What the Trainer's steps call: each layer's math without its checks (the run's
+        # data were checked once, at its start), and where each parameter and gradient is.
+        self._table = [(key, layer, attr, grad_name(attr)) for key, (layer, attr) in owners.items()]
+        self._forwards = [(unchecked(layer, "forward"), layer, layer.has_train_mode)
+                          for layer in named.values()]
+        self._backwards = [(unchecked(layer, "backward"), layer)
+                           for layer in reversed(named.values())]
 
     # -- where the net lives -------------------------------------------------------------------
 
@@ -340,11 +362,18 @@ class Sequential:
             loss = self.last_layer.forward(scores, t, check_labels=check_labels)
         else:
             loss = self.last_layer.forward(scores, t)
-        if self.weight_decay and self._decayed:
-            xp = namespace(loss=loss)
-            loss = loss + 0.5 * self.weight_decay * sum(
-                xp.sum(self.params[key] * self.params[key]) for key in self._decayed)
-        return loss
+        return self._with_decay(loss) if self.weight_decay and self._decayed else loss
+
+    def _with_decay(self, loss):
+        """``loss + 0.5 weight_decay sum(W ** 2)`` over the decayed weights."""
+        xp = namespace(loss=loss)
+        return loss + 0.5 * self.weight_decay * sum(
+            xp.sum(self.params[key] * self.params[key]) for key in self._decayed)
+
+    def _decay_gradients(self, grads: dict) -> None:
+        """``grads[W] += weight_decay W`` for the decayed weights (new arrays)."""
+        for key in self._decayed:  # d/dW of 0.5 lambda sum(W ** 2) is lambda W
+            grads[key] = grads[key] + self.weight_decay * self.params[key]
 
     @computes_on_inputs
     def accuracy(self, x, t, *, batch_size: int | None = None) -> float:
@@ -359,8 +388,7 @@ class Sequential:
             raise ValueError(f"x has {n} samples but t has {t.shape[0]}")
         if n == 0:
             raise ValueError("accuracy of an empty batch is undefined")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(
-                batch_size, numbers.Integral) or batch_size < 1):
+        if batch_size is not None and (not is_int(batch_size) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
         step = n if batch_size is None else int(batch_size)
         correct = 0
@@ -386,9 +414,8 @@ class Sequential:
         for layer in reversed(self.layers.values()):
             dout = layer.backward(dout)
         grads = self.params.gradients()
-        if self.weight_decay:  # d/dW of 0.5 lambda sum(W ** 2) is lambda W
-            for key in self._decayed:
-                grads[key] = grads[key] + self.weight_decay * self.params[key]
+        if self.weight_decay:
+            self._decay_gradients(grads)
         return loss, grads
 
     @computes_on_inputs
@@ -399,10 +426,46 @@ class Sequential:
         with plain SGD the update is fused into the backward pass instead (equal up to
         rounding; see :func:`xpnet._fast.sgd_train_step`).
         """
-        if _fast is not None and _fast.fuses(optimizer):
-            return _fast.sgd_train_step(self, x, t, optimizer, check_labels=check_labels)
+        if speedups.sgd_step is not None and type(optimizer) is SGD:
+            return speedups.sgd_step(self, x, t, optimizer, check_labels)
         loss, grads = self.loss_and_gradient(x, t, check_labels=check_labels)
         optimizer.update(self.params, grads)
+        return loss
+
+    # -- the Trainer's steps: the layers' math, unchecked ----------------------------------------
+
+    def unchecked_loss(self, x, t):
+        """:meth:`loss` in training mode, calling each layer's math without its checks: for
+        data checked once (``Trainer.fit`` checks a run's data before its first step).  Run it
+        inside the data's device context."""
+        for forward, layer, train in self._forwards:
+            x = forward(layer, x, train=True) if train else forward(layer, x)
+        loss = self._loss_forward(self.last_layer, x, t, **self._loss_options)
+        return self._with_decay(loss) if self.weight_decay and self._decayed else loss
+
+    def unchecked_loss_and_gradient(self, x, t):
+        """:meth:`loss_and_gradient` without the layers' checks (see :meth:`unchecked_loss`)."""
+        loss = self.unchecked_loss(x, t)
+        dout = self._loss_backward(self.last_layer)
+        for backward, layer in self._backwards:
+            dout = backward(layer, dout)
+        grads = {key: getattr(layer, grad) for key, layer, _, grad in self._table}
+        if self.weight_decay:
+            self._decay_gradients(grads)
+        return loss, grads
+
+    def unchecked_step(self, x, t, optimizer):
+        """:meth:`train_step` without the checks (the net's layers' nor the optimizer's): the
+        step the Trainer's eager runner takes, on data checked once, with an optimizer whose
+        state fits the parameters.  The same arithmetic as :meth:`train_step`."""
+        if speedups.sgd_step is not None and type(optimizer) is SGD:
+            return speedups.sgd_step(self, x, t, optimizer, None)
+        loss, grads = self.unchecked_loss_and_gradient(x, t)
+        params = {key: getattr(layer, attr) for key, layer, attr, _ in self._table}
+        optimizer.apply(params, grads)
+        for key, layer, attr, _ in self._table:  # a library that rebinds (JAX): the new arrays
+            if params[key] is not getattr(layer, attr):
+                setattr(layer, attr, params[key])
         return loss
 
     def numerical_gradient(self, x, t) -> dict:
@@ -543,7 +606,7 @@ def _init_std(weight_init, fan_in: int) -> float:
         return math.sqrt(2.0 / fan_in)
     if weight_init == "xavier":  # the same for sigmoid/tanh
         return math.sqrt(1.0 / fan_in)
-    if isinstance(weight_init, numbers.Real) and not isinstance(weight_init, bool):
+    if is_real(weight_init):
         std = float(weight_init)
         if math.isfinite(std) and std > 0:
             return std
@@ -557,7 +620,7 @@ def _check_sizes(sizes) -> list[int]:
         raise TypeError(f"sizes must be a sequence of ints [input, hidden..., output], got "
                         f"{type(sizes).__name__} {sizes!r}")
     sizes = list(sizes)
-    if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in sizes):
+    if not all(is_int(s) for s in sizes):
         raise TypeError(f"layer sizes must be ints, got {sizes!r}")
     if len(sizes) < 2 or any(s < 1 for s in sizes):
         raise ValueError(
@@ -640,7 +703,7 @@ def _build(plan, weight_init, seed, device, dtype) -> list:
 
 
 def _check_ratio(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+    if not is_real(value) or not 0 <= value < 1:
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
     return float(value)
 
@@ -807,7 +870,7 @@ _CONV_KEYS = ("filter_num", "filter_size", "pad", "stride")
 def _check_input_dim(input_dim) -> list:
     dims = list(input_dim) if isinstance(input_dim, (list, tuple)) else None
     if dims is None or len(dims) != 3 or not all(
-            isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1 for d in dims):
+            is_int(d) and d >= 1 for d in dims):
         raise ValueError(f"input_dim must be (channels, height, width), three ints >= 1, got "
                          f"{input_dim!r}")
     return [int(d) for d in dims]
@@ -819,7 +882,7 @@ def _check_conv_param(name: str, param) -> dict:
     minimum = {"filter_num": 1, "filter_size": 1, "pad": 0, "stride": 1}
     for key in _CONV_KEYS:
         v = param[key]
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum[key]:
+        if not is_int(v) or v < minimum[key]:
             raise ValueError(f"{name}[{key!r}] must be an int >= {minimum[key]}, got {v!r}")
     return {key: int(param[key]) for key in _CONV_KEYS}
 
@@ -851,7 +914,7 @@ def _conv_plan(dims: list, blocks, name: str) -> tuple:
 
 
 def _positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return int(value)
 

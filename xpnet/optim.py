@@ -61,22 +61,39 @@ class Optimizer:
         they were.
         """
         spaces = self._check_update(params, grads)
-        self.steps += 1
         first = params[next(iter(spaces))] if spaces else None
         if first is None or type(first) is HOST_ARRAY:
-            self._apply(spaces, params, grads)
+            self.apply(params, grads)
         else:
             with device_context(first):  # the parameters' GPU current (CuPy)
-                self._apply(spaces, params, grads)
+                self.apply(params, grads)
 
-    def _apply(self, spaces: dict, params, grads) -> None:
-        for name, xp in spaces.items():
+    def apply(self, params, grads) -> None:
+        """:meth:`update` without its checks, for callers that checked once that ``grads``
+        fit ``params`` (the Trainer's steps) and run inside the parameters' device context.
+        The same arithmetic as :meth:`update`."""
+        self.steps += 1
+        xp, state, steps = None, self.state, self.steps
+        for name, g in grads.items():
             p = params[name]
-            delta = self._step(xp, self._slots(xp, name, p), grads[name], self.steps)
-            if is_writable(p):
+            if xp is None:
+                xp = namespace(p)
+            slots = state.get(name)
+            if slots is None and self.STATE_SLOTS:
+                slots = self.slots(name, p)
+            delta = self._step(xp, slots, g, steps)
+            if p.flags.writeable if type(p) is HOST_ARRAY else is_writable(p):
                 p += delta
             else:  # JAX: a new array, which the net's params view hands to the owning layer
                 params[name] = p + delta
+
+    def record_steps(self, count: int, state: dict | None = None) -> None:
+        """Count ``count`` steps taken outside :meth:`update` (a fused or compiled loop that
+        ran this optimizer's arithmetic itself) and, where given, take the state they left
+        (``{name: {slot: array}}``, every slot of :attr:`STATE_SLOTS`)."""
+        self.steps += int(count)
+        if state is not None:
+            self.state = state
 
     def pure_update(self, params: dict, grads: dict, state: dict, steps):
         """One step as a pure function, for compiled training: ``(new params, new state)``
@@ -139,14 +156,32 @@ class Optimizer:
                                 f"params[{name!r}] has {dtype_name(p.dtype)}")
         return spaces
 
-    def _slots(self, xp, name: str, like) -> dict:
-        """The state arrays of parameter ``name`` (``{slot: array}``), zeros on its first step."""
+    def slots(self, name: str, like) -> dict:
+        """The state arrays of parameter ``name`` (``{slot: array}``; empty for SGD), made as
+        zeros of ``like``'s shape, dtype and device on first use.  A fused loop updates them
+        in place (NumPy) or stores new arrays into the returned dict."""
         slots = self.state.get(name)
-        if slots is None and self.STATE_SLOTS:
+        if slots is None:
+            if not self.STATE_SLOTS:
+                return {}
+            xp = namespace(like)
             slots = self.state[name] = {
                 k: xp.zeros(like.shape, dtype=like.dtype, device=native_device(like))
                 for k in self.STATE_SLOTS}
         return slots
+
+    def check_state_fits(self, params) -> None:
+        """ValueError naming the parameter unless each state array this optimizer holds
+        has its parameter's shape (a net whose layers were replaced since the last step)."""
+        for name, slots in self.state.items():
+            if name not in params:
+                raise ValueError(f"{type(self).__name__} holds state for {name!r}, which is not "
+                                 f"a parameter of the net (its parameters are {list(params)})")
+            for k, v in slots.items():
+                if tuple(v.shape) != tuple(params[name].shape):
+                    raise ValueError(f"{type(self).__name__}'s {k} of {name!r} has shape "
+                                     f"{tuple(v.shape)}, the parameter {tuple(params[name].shape)}: "
+                                     "the net changed; make a new optimizer for it")
 
     def _step(self, xp, slots: dict, g, steps):  # pragma: no cover - abstract
         """Return the change to add to the parameter whose gradient is ``g``.

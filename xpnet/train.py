@@ -15,13 +15,10 @@ Rules of the loop (they keep a GPU busy):
 from __future__ import annotations
 
 import contextlib
-import importlib
-import inspect
 import json
 import math
-import numbers
+import operator
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +27,16 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint as files
+from . import runners, speedups
+from ._checks import (
+    all_finite,
+    check_label_range,
+    check_protocol,
+    check_seed,
+    check_target_rows,
+    is_int,
+    positive_int,
+)
 from ._io import atomic_write
 from .backend import (
     compiling_backend,
@@ -42,22 +49,10 @@ from .backend import (
     untracked,
 )
 from .compiled import CompiledSteps, compile_mode
-from .functional import check_label_range, check_seed, check_target_rows
+from .distributed import Solo, Team
 from .layers import Layer
 
 __all__ = ["DivergenceError", "History", "Trainer"]
-
-# Everything that exists only for speed (the thread policy, the fused loop); optional.
-_fast = (importlib.import_module("._fast", __package__)
-         if importlib.util.find_spec("._fast", __package__) else None)
-
-
-def _distributed_context():
-    """The MPI context of this process (:mod:`xpnet.distributed`; mpi4py is imported here)."""
-    from .distributed import Context
-
-    return Context.world()
-
 
 class DivergenceError(FloatingPointError):
     """The training loss became NaN or infinite; the message names the epoch and step."""
@@ -121,11 +116,9 @@ class History:
         return cls(records=data["epochs"], config=config)
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+def _int(value) -> int:
+    if not is_int(value):
+        raise TypeError(f"expected an int, got {value!r}")
     return int(value)
 
 
@@ -137,32 +130,13 @@ def _likely_cause(run: _Run) -> str:
     """Why a loss became NaN or infinite: the data, if they explain it, else the learning rate.
     (Reads the dataset once more; only after a divergence.)"""
     xp, x = run.xp, run.x
-    if not _all_finite(xp, x):
+    if not all_finite(xp, x):
         return "the training data now hold NaN or infinite values (they changed during training)"
     largest = max(float(xp.max(x)), -float(xp.min(x)))
     if largest > _UNSCALED:
         return (f"the training data reach {largest:.3g}: scale them first (e.g. x / 255, or "
                 "load_mnist(normalize=True))")
     return "the learning rate is probably too high"
-
-
-def _check_protocol(name: str, value, attributes: tuple, what: str) -> None:
-    missing = [a for a in attributes if not hasattr(value, a)]
-    if missing:
-        raise TypeError(f"{name} must be {what}, got {type(value).__name__} (it has no "
-                        f"{', '.join(missing)})")
-
-
-def _int(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"expected an int, got {value!r}")
-    return int(value)
-
-
-def _all_finite(xp, a) -> bool:
-    # max and min propagate NaN and inf: two reductions, and no boolean copy of the dataset
-    # (isfinite(a) would allocate one as large as the data).
-    return math.isfinite(float(xp.max(a))) and math.isfinite(float(xp.min(a)))
 
 
 @dataclass
@@ -178,6 +152,8 @@ class _Run:
     history: History
     position: _Position
     interrupt: _DeferredInterrupt | None = None
+    runner: runners.Runner | None = None  # how its steps run (chosen at the run boundary)
+    layers: object = None  # the net's Layers (their version says whether they were replaced)
 
     @property
     def n(self) -> int:
@@ -291,21 +267,21 @@ class Trainer:
                  progress: bool = True, eval_batch_size: int = 1000, log_every: int = 50,
                  checkpoint=None, checkpoint_every: int | None = None, compile=False,
                  blas_threads: int | None = None, distributed: bool = False):
-        _check_protocol("net", net, ("params", "loss", "accuracy", "device", "dtype"),
-                        "an xpnet net (Sequential, TwoLayerNet, ...)")
-        _check_protocol("optimizer", optimizer, ("update", "state_dict"),
-                        "an xpnet optimizer (SGD, Momentum, AdaGrad, Adam)")
+        check_protocol("net", net, ("params", "loss", "accuracy", "device", "dtype"),
+                       "an xpnet net (Sequential, TwoLayerNet, ...)")
+        check_protocol("optimizer", optimizer, ("update", "state_dict"),
+                       "an xpnet optimizer (SGD, Momentum, AdaGrad, Adam)")
         self.net = net
         self.optimizer = optimizer
-        self.batch_size = _positive_int("batch_size", batch_size)
-        self.epochs = _positive_int("epochs", epochs)
+        self.batch_size = positive_int("batch_size", batch_size)
+        self.epochs = positive_int("epochs", epochs)
         self.seed = check_seed(seed)
         self.progress = bool(progress)
-        self.eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
-        self.log_every = _positive_int("log_every", log_every)
+        self.eval_batch_size = positive_int("eval_batch_size", eval_batch_size)
+        self.log_every = positive_int("log_every", log_every)
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         if checkpoint_every is not None:
-            checkpoint_every = _positive_int("checkpoint_every", checkpoint_every)
+            checkpoint_every = positive_int("checkpoint_every", checkpoint_every)
             if self.checkpoint is None:
                 raise ValueError("checkpoint_every needs a checkpoint path")
         self.checkpoint_every = checkpoint_every
@@ -316,11 +292,15 @@ class Trainer:
             raise ValueError("distributed=True and compile= do not go together: a distributed "
                              "step exchanges gradients between the processes, which a compiled "
                              "loop cannot do")
-        self._dist = _distributed_context() if distributed else None
-        self.blas_threads = None if blas_threads is None else _positive_int("blas_threads",
-                                                                             blas_threads)
-        self._compiled = None if self.compile is None else CompiledSteps(net, optimizer,
-                                                                         self.compile)
+        self.blas_threads = None if blas_threads is None else positive_int("blas_threads",
+                                                                            blas_threads)
+        if speedups.threads_from_environment is not None:
+            speedups.threads_from_environment()  # a bad XPNET_BLAS_THREADS: before any data
+        # The compiled steps are made (and so checked) now, and kept: one trace per shape.
+        self.compiled_steps = None if self.compile is None else CompiledSteps(
+            net, optimizer, self.compile, self.batch_size)
+        # The processes that run the fit together: this one alone, or an MPI world.
+        self.team = Team.world() if distributed else Solo()
 
     # -- data --------------------------------------------------------------------------------
 
@@ -339,7 +319,7 @@ class Trainer:
         n = x.shape[0]
         if x.ndim < 2 or n == 0:
             raise ValueError(f"{x_name} must be a non-empty batch (N, D), got shape {tuple(x.shape)}")
-        if not _all_finite(xp, x):
+        if not all_finite(xp, x):
             raise ValueError(f"{x_name} holds NaN or infinite values")
         if t.ndim == 0:
             raise ValueError(f"{t_name} must hold one target per sample, got a 0-d array")
@@ -392,7 +372,7 @@ class Trainer:
                 raise ValueError(
                     f"{t_name} rows must have shape (N, {classes or 'C'}), got {tuple(t.shape)}"
                 )
-            if not _all_finite(xp, t):
+            if not all_finite(xp, t):
                 raise ValueError(f"{t_name} holds NaN or infinite values")
             check_target_rows(xp, t, t_name)
             return to_device(t, self.net.device, dtype=self.net.dtype)
@@ -418,8 +398,8 @@ class Trainer:
                     f"{position.step}: the learning rate is probably too high; the checkpoint "
                     "on disk is left as it was"
                 )
-        with self._together():  # written by rank 0 alone; its failure stops every process
-            if self._dist is None or self._dist.root:
+        with self.team.together():  # written by rank 0 alone; its failure stops every process
+            if self.team.root:
                 self._write_checkpoint(path, position, history, params)
 
     def _write_checkpoint(self, path, position: _Position, history: History, params) -> None:
@@ -499,82 +479,6 @@ class Trainer:
             raise ValueError(f"{path}: the checkpoint's loss so far is {loss_sum}")
         return _Position(epoch, step, loss_sum, pos["rng_state"], global_step)
 
-    # -- one step ----------------------------------------------------------------------------
-
-    def _step_function(self):
-        """``f(xb, tb) -> loss``: the net's train_step, told that the labels were checked
-        (once, by :meth:`_prepare`) where it takes ``check_labels``; else loss, gradient
-        and the optimizer's update."""
-        net, opt = self.net, self.optimizer
-        step = getattr(net, "train_step", None)
-        if step is None:
-            def plain(xb, tb):
-                loss, grads = net.loss(xb, tb), net.gradient(xb, tb)
-                opt.update(net.params, grads)
-                return loss
-            return plain
-        try:
-            checked = "check_labels" in inspect.signature(step).parameters
-        except (TypeError, ValueError):
-            checked = False
-        if checked:
-            return lambda xb, tb: step(xb, tb, opt, check_labels=False)
-        return lambda xb, tb: step(xb, tb, opt)
-
-    def _advance_function(self, run: _Run):
-        """``advance(run, order, i, stop) -> (steps taken, their weighted losses)``: steps
-        ``i, i + 1, ...`` (at least one, none at or after ``stop``) of an epoch whose samples
-        come in ``order``.  Eagerly one step; compiled or fused, up to ``stop`` in one call."""
-        b = self.batch_size
-        if self._dist is not None:
-            return self._distributed_advance(run)
-        loop = self._compiled
-        if loop is None and _fast is not None:
-            loop = _fast.fused_steps(self.net, self.optimizer, run.x, run.t, b)
-        run.history.config["step"] = ("compiled" if self._compiled is not None else
-                                      "fused loop (numba)" if loop is not None else "layers")
-        if loop is not None:
-            return lambda run, order, i, stop: loop.run(run.x, run.t, order, i, stop, b)
-        step = self._step_function()
-
-        def eager(run, order, i, stop):
-            ids = order[i * b:min((i + 1) * b, run.n)]  # an in-bounds stop: the standard's
-            loss = step(run.xp.take(run.x, ids, axis=0), run.xp.take(run.t, ids, axis=0))
-            return 1, loss * ids.shape[0]
-        return eager
-
-    def _next_stop(self, i: int, steps: int, global_step: int, shown: bool) -> int:
-        """The first step after ``i`` at which the loop must act: the epoch's end, a due
-        checkpoint, a progress-bar update."""
-        stop = steps
-        if self.checkpoint_every:
-            stop = min(stop, i + self.checkpoint_every - global_step % self.checkpoint_every)
-        if shown:
-            stop = min(stop, (i // self.log_every + 1) * self.log_every)
-        return stop
-
-    def _drain(self, run: _Run, pending: list, epoch: int, first_step: int) -> float:
-        """Sum the weighted losses of ``pending`` (0-d, or 1-d from a compiled loop; one
-        device read); raise on NaN/inf, naming the step."""
-        if not pending:
-            return 0.0
-        cause = _likely_cause if self._dist is None else self._distributed_cause
-        xp = run.xp
-        if any(p.ndim for p in pending):
-            chunk = xp.concat([xp.reshape(p, (-1,)) for p in pending])
-        else:
-            chunk = xp.stack(pending)
-        total = float(xp.sum(chunk))
-        if not math.isfinite(total):
-            values = to_numpy(chunk)
-            bad = int(np.flatnonzero(~np.isfinite(values))[0])
-            raise DivergenceError(
-                f"the training loss became {values[bad]} at epoch {epoch}, step "
-                f"{first_step + bad + 1}: {cause(run)}"
-            )
-        pending.clear()
-        return total
-
     # -- the loop ----------------------------------------------------------------------------
 
     def fit(self, x_train, t_train, x_test=None, t_test=None, *, on_epoch=None,
@@ -592,6 +496,10 @@ class Trainer:
             A checkpoint written by this trainer's settings: the run continues from
             it (the net's weights and the optimizer state are replaced by its).
 
+        Before the first step the whole run is checked once, from the net's own layers: the
+        data's shapes, dtypes and values, the labels against the classes the net scores (a
+        refused run changes nothing); the steps then run without re-checking the data.
+
         Raises
         ------
         DivergenceError
@@ -599,46 +507,34 @@ class Trainer:
         KeyboardInterrupt
             Ctrl-C; with a ``checkpoint`` path, after the checkpoint was saved.
         """
-        with device_context(next(iter(self.net.params.values()), None)):  # its GPU (CuPy)
-            return self._fit(x_train, t_train, x_test, t_test, on_epoch, resume)
+        with device_context(next(iter(self.net.params.values()), None)), self.team.guard():
+            run = self._prepare_run(x_train, t_train, x_test, t_test, resume)
+            return self._epochs(run, on_epoch)
 
-    def _fit(self, x_train, t_train, x_test, t_test, on_epoch, resume) -> History:
-        if self._dist is None:
-            return self._run_epochs(x_train, t_train, x_test, t_test, on_epoch, resume)
-        try:
-            return self._run_epochs(x_train, t_train, x_test, t_test, on_epoch, resume)
-        except Exception as exc:
-            if not getattr(exc, "xpnet_agreed", False) and not isinstance(exc, DivergenceError):
-                # Raised on this process alone, where the others may wait for it in an
-                # exchange: stop them all rather than leave them hanging.
-                print(f"xpnet: rank {self._dist.rank}: {type(exc).__name__}: {exc}",
-                      file=sys.stderr, flush=True)
-                self._dist.comm.Abort(1)
-            raise
-
-    def _run_epochs(self, x_train, t_train, x_test, t_test, on_epoch, resume) -> History:
-        together = self._together
-        with together():
+    def _prepare_run(self, x_train, t_train, x_test, t_test, resume) -> _Run:
+        """The run boundary: every check, the data moved, the way to run steps chosen."""
+        with self.team.together():
             run = self._start(x_train, t_train, x_test, t_test, resume)
-        advance = self._advance_function(run)  # (distributed: rank 0's weights to every rank)
+        run.runner = runners.choose(self, run)  # (distributed: rank 0's weights to every rank)
+        run.history.config["step"] = run.runner.name
+        return run
+
+    def _epochs(self, run: _Run, on_epoch) -> History:
         threads = run.history.config["blas_threads"]
         with _DeferredInterrupt(self.checkpoint is not None) as run.interrupt, \
-                (_fast.blas_threads(threads) if _fast is not None else contextlib.nullcontext()):
+                (speedups.blas_threads(threads) if speedups.blas_threads is not None
+                 else contextlib.nullcontext()):
             for epoch in range(run.position.epoch, self.epochs + 1):
-                record = self._epoch(run, epoch, advance)
+                record = self._epoch(run, epoch)
                 run.history.records.append(record)
                 if self.checkpoint is not None:
                     run.position = _Position(epoch + 1, 0, 0.0, run.rng.bit_generator.state,
                                              run.position.global_step)
                     self.save_checkpoint(self.checkpoint, run.position, run.history)
                 if on_epoch is not None:
-                    with together():
+                    with self.team.together():
                         on_epoch(record)
         return run.history
-
-    def _together(self):
-        """A block whose exception, on any process of a distributed run, is raised on all."""
-        return contextlib.nullcontext() if self._dist is None else self._dist.together()
 
     def _start(self, x_train, t_train, x_test, t_test, resume) -> _Run:
         """Validate and move the data, set up the history, and restore ``resume`` if given."""
@@ -648,7 +544,7 @@ class Trainer:
                 and (resume is None or Path(resume).resolve() != self.checkpoint.resolve())):
             raise ValueError(f"checkpoint {str(self.checkpoint)!r} already exists: continue its "
                              "run with resume= (xpnet train --resume), or move it away")
-        if self._compiled is not None:
+        if self.compiled_steps is not None:
             compiling_backend(self.net.device)  # still: the net may have moved since
         x, t = self._prepare(x_train, t_train, "x_train", "t_train")
         test = None if x_test is None else self._prepare(x_test, t_test, "x_test", "t_test")
@@ -659,80 +555,80 @@ class Trainer:
             "train_samples": x.shape[0], "compile": self.compile or False,
         })
         history.config["blas_threads"], history.config["thread_policy"] = (
-            _fast.thread_policy(net, tuple(x.shape[1:]), self.batch_size, self.blas_threads,
-                                processes_per_node=1 if self._dist is None
-                                else self._dist.local_size)
-            if _fast is not None else (None, "the BLAS library's own (no xpnet._fast)"))
+            speedups.thread_policy(net, tuple(x.shape[1:]), self.batch_size, self.blas_threads,
+                                   processes_per_node=self.team.local_size)
+            if speedups.thread_policy is not None
+            else (None, "the BLAS library's own (no xpnet._fast)"))
         run = _Run(x, t, test, namespace(x=x), np.random.default_rng(self.seed), history,
                    _Position())
         if resume is not None:
             run.position = self._restore(resume, history)
             history.config["resumed_from"] = str(resume)
             run.rng.bit_generator.state = run.position.rng_state
-        if self._dist is not None:
-            history.config["processes"] = self._dist.size
+        if self.team.distributed:
+            history.config["processes"] = self.team.size
         return run
 
-    def _epoch(self, run: _Run, epoch: int, advance) -> dict:
+    def _epoch(self, run: _Run, epoch: int) -> dict:
         """Train one epoch (from where the run is) and evaluate; returns the epoch's record."""
         if epoch > run.position.epoch or run.position.rng_state is None:
             run.position = _Position(epoch, 0, 0.0, run.rng.bit_generator.state,
                                      run.position.global_step)
-        steps = math.ceil(run.n / self.batch_size)
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, initial=run.position.step, desc=f"epoch {epoch}/{self.epochs}",
-                   unit="batch", leave=True, disable=None if self.progress and (
-                       self._dist is None or self._dist.root) else True,
-                   dynamic_ncols=True)
+        bar = _Progress(self, run, epoch)
         try:
             start = time.perf_counter()
-            self._steps(run, epoch, advance, bar)
+            self._steps(run, epoch, bar)
             seconds = time.perf_counter() - start
             record = self._record(run, epoch, seconds)
-            bar.set_postfix(loss=f"{record['train_loss']:.4f}",
-                            train_acc=f"{record['train_accuracy']:.4f}",
-                            **({} if run.test is None else
-                               {"test_acc": f"{record['test_accuracy']:.4f}"}))
+            bar.done(record)
         finally:
             bar.close()  # also on Ctrl-C or divergence
         return record
 
-    def _steps(self, run: _Run, epoch: int, advance, bar) -> None:
+    def _steps(self, run: _Run, epoch: int, bar: _Progress) -> None:
         """The optimizer steps of one epoch, with the losses read back (and checked) once at
         its end, at each checkpoint, and every ``log_every`` steps when a bar is shown."""
-        b, n, position = self.batch_size, run.n, run.position
+        b, n, position = self.batch_size, run.x.shape[0], run.position
+        run.layers = getattr(self.net, "layers", None)
         steps = math.ceil(n / b)
         order = to_device(run.rng.permutation(n), self.net.device, dtype="int64")
-        shown, pending = bar.disable is False, []
-        if self._dist is not None:  # the losses are read at the same steps on every process
-            shown = self._dist.bcast(shown)
+        losses = _Losses(self, run, epoch)
+        shown = self.team.agree_on(bar.shown)  # the losses are read at the same steps everywhere
         i = position.step
         while i < steps:
-            count, losses = advance(run, order, i,
-                                    self._next_stop(i, steps, position.global_step, shown))
-            pending.append(losses)
+            if run.runner.version != getattr(run.layers, "version", 0):  # layers replaced
+                run.runner = runners.choose(self, run)
+            count, chunk = run.runner.advance(run, order, i,
+                                              self._next_stop(i, steps, position.global_step, shown))
+            losses.pending.append(chunk)
             i += count
             position.global_step += count
             due = self.checkpoint_every and position.global_step % self.checkpoint_every == 0
             if due or run.interrupt.requested or (shown and i % self.log_every == 0):
-                position.loss_sum += self._drain(run, pending, epoch, position.step)
+                position.loss_sum += losses.drain(position.step)
                 position.step = i
                 if due or run.interrupt.requested:
                     self.save_checkpoint(self.checkpoint, position, run.history)
                     if run.interrupt.requested:
                         raise KeyboardInterrupt
-                bar.set_postfix(loss=f"{position.loss_sum / min(n, position.step * b):.4f}",
-                                refresh=False)
+                bar.loss(position.loss_sum / min(n, position.step * b))
             bar.update(count)
-        position.loss_sum += self._drain(run, pending, epoch, position.step)  # syncs
+        position.loss_sum += losses.drain(position.step)  # syncs
         position.step = steps
+
+    def _next_stop(self, i: int, steps: int, global_step: int, shown: bool) -> int:
+        """The first step after ``i`` at which the loop must act: the epoch's end, a due
+        checkpoint, a progress-bar update."""
+        stop = steps
+        if self.checkpoint_every:
+            stop = min(stop, i + self.checkpoint_every - global_step % self.checkpoint_every)
+        if shown:
+            stop = min(stop, (i // self.log_every + 1) * self.log_every)
+        return stop
 
     def _record(self, run: _Run, epoch: int, seconds: float) -> dict:
         """The epoch's record: its mean loss and the accuracies, evaluated in batches."""
-        accuracy = self.net.accuracy if self._compiled is None else self._compiled.accuracy
-        if self._dist is not None:
-            accuracy = self._distributed_accuracy
+        accuracy = run.runner.accuracy
         return {
             "epoch": epoch,
             "train_loss": run.position.loss_sum / run.n,
@@ -743,61 +639,61 @@ class Trainer:
             "samples_per_second": run.n / seconds if seconds > 0 else math.inf,
         }
 
-    # -- distributed (xpnet.distributed) ------------------------------------------------------
 
-    def _distributed_advance(self, run: _Run):
-        """One data-parallel step: this process's share of the global batch, its gradients,
-        their weighted sum over the processes (one exchange), the same update everywhere."""
-        from .distributed import reducer
+class _Progress:
+    """An epoch's progress bar (tqdm; shown on a terminal, by the first process only)."""
 
-        dist, net, opt, b = self._dist, self.net, self.optimizer, self.batch_size
-        dist.broadcast_params(net.params)  # every process starts from rank 0's weights
-        exchange = reducer(dist, net.params)
-        run.history.config["step"] = f"distributed ({exchange.kind})"
-        gradients = getattr(net, "loss_and_gradient", None)
-        if gradients is None:
-            def gradients(x, t, check_labels=True):
-                return net.loss(x, t), net.gradient(x, t)
+    def __init__(self, trainer: Trainer, run: _Run, epoch: int):
+        from tqdm.auto import tqdm
 
-        def advance(run, order, i, stop):
-            first, count = i * b, min((i + 1) * b, run.n) - i * b
-            lo, hi = dist.shard(count)
-            loss = grads = error = None
-            try:
-                if hi > lo:
-                    ids = order[first + lo:first + hi]
-                    xb, tb = run.xp.take(run.x, ids, axis=0), run.xp.take(run.t, ids, axis=0)
-                    loss, grads = gradients(xb, tb, check_labels=False)
-            except Exception as exc:  # noqa: BLE001 - agreed on by every process below
-                error, loss, grads = exc, None, None
-            summed, mean, failed, interrupted = exchange.reduce(
-                grads, loss, (hi - lo) / count, error is not None, run.interrupt.requested)
-            if failed:
-                dist.agree(error)
-            run.interrupt.requested = interrupted
-            opt.update(net.params, summed)
-            return 1, to_device(np.asarray(mean * count), net.device) if isinstance(
-                mean, float) else mean * count
-        return advance
+        steps = math.ceil(run.n / trainer.batch_size)
+        self.test = run.test is not None
+        self.bar = tqdm(total=steps, initial=run.position.step,
+                        desc=f"epoch {epoch}/{trainer.epochs}", unit="batch", leave=True,
+                        disable=None if trainer.progress and trainer.team.root else True,
+                        dynamic_ncols=True)
+        self.shown = self.bar.disable is False
 
-    def _distributed_accuracy(self, x, t, *, batch_size: int) -> float:
-        """The accuracy over all of ``x``: each process evaluates its share, the counts of
-        correct answers are summed."""
-        lo, hi = self._dist.shard(x.shape[0])
-        correct, error = 0, None
-        try:
-            if hi > lo:
-                fraction = self.net.accuracy(x[lo:hi, ...], t[lo:hi, ...], batch_size=batch_size)
-                correct = round(fraction * (hi - lo))
-        except Exception as exc:  # noqa: BLE001 - agreed on by every process
-            error = exc
-        return sum(self._dist.gather(correct, error)) / x.shape[0]
+    def update(self, count: int) -> None:
+        self.bar.update(count)
 
-    def _distributed_cause(self, run: _Run) -> str:
-        """Why the global loss diverged, the same on every process: the first rank whose data
-        explain it, else the learning rate."""
-        causes = self._dist.gather(_likely_cause(run))
-        for rank, cause in enumerate(causes):
-            if "learning rate" not in cause:
-                return f"on rank {rank}, {cause}"
-        return causes[0]
+    def loss(self, value: float) -> None:
+        self.bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+
+    def done(self, record: dict) -> None:
+        self.bar.set_postfix(loss=f"{record['train_loss']:.4f}",
+                             train_acc=f"{record['train_accuracy']:.4f}",
+                             **({"test_acc": f"{record['test_accuracy']:.4f}"} if self.test
+                                else {}))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _Losses:
+    """The weighted losses of an epoch's steps, left on the device until drained: one read
+    for many steps, where a NaN or infinite loss is caught and named by epoch and step."""
+
+    def __init__(self, trainer: Trainer, run: _Run, epoch: int):
+        self.trainer, self.run, self.epoch, self.pending = trainer, run, epoch, []
+
+    def drain(self, first_step: int) -> float:
+        """Sum the pending losses (0-d, or 1-d from a loop; one device read); raise
+        DivergenceError on NaN/inf, naming the step (``first_step`` + its place)."""
+        pending, xp = self.pending, self.run.xp
+        if not pending:
+            return 0.0
+        if any(map(operator.attrgetter("ndim"), pending)):  # (no generator: no call per step)
+            chunk = xp.concat([xp.reshape(p, (-1,)) for p in pending])
+        else:
+            chunk = xp.stack(pending)
+        total = float(xp.sum(chunk))
+        if not math.isfinite(total):
+            values = to_numpy(chunk)
+            bad = int(np.flatnonzero(~np.isfinite(values))[0])
+            raise DivergenceError(
+                f"the training loss became {values[bad]} at epoch {self.epoch}, step "
+                f"{first_step + bad + 1}: {self.trainer.team.cause(self.run, _likely_cause)}"
+            )
+        pending.clear()
+        return total

@@ -1,0 +1,29 @@
+"""Where :mod:`xpnet._fast` (everything that exists only for speed) plugs in.
+
+``xpnet/__init__.py`` imports ``_fast`` where it can be imported, once; it fills these slots
+and registers its runner with :mod:`xpnet.runners`.  Every other module reads the slots
+and falls back to the portable code where a slot is None, so deleting ``_fast.py`` leaves a
+correct, slower library.
+"""
+
+from __future__ import annotations
+
+# (x, W, b) -> x @ W + b for x (N, D), W (D, M), b (M,) of one library, unchecked; or
+# NotImplemented for arrays it does not take.
+affine = None
+
+# (net, x, t, optimizer, checked) -> loss: a plain-SGD step of a Sequential net with the
+# update fused into its backward pass (checked: through the layers' checked methods).
+sgd_step = None
+
+# (net, sample_shape, batch_size, threads, *, processes_per_node) -> (threads, reason)
+thread_policy = None
+
+# (threads) -> a context manager under which the BLAS libraries use ``threads`` threads
+blas_threads = None
+
+# () -> int | None: XPNET_BLAS_THREADS (ValueError naming it when it is not a whole number >= 1)
+threads_from_environment = None
+
+# () -> [lines]: what the speed module has found on this machine (``xpnet info``)
+describe = None
