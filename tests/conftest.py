@@ -69,10 +69,14 @@ class Case:
         return f"{self.device.name}-{self.dtype_name}"
 
 
-@pytest.fixture(
-    params=[pytest.param(c, id=f"{c[0]}-{c[1]}", marks=[pytest.mark.gpu] if is_gpu_device(c[0]) else [])
-            for c in CASES]
-)
+def _marks(spec: str) -> list:
+    """GPU cases need a GPU; JAX's eager cases (every operation dispatched on its own) are the
+    slowest on the CPU: they run with ``-m slow`` (CI runs both halves)."""
+    return ([pytest.mark.gpu] if is_gpu_device(spec) else []) + (
+        [pytest.mark.slow] if spec.startswith("jax") else [])
+
+
+@pytest.fixture(params=[pytest.param(c, id=f"{c[0]}-{c[1]}", marks=_marks(c[0])) for c in CASES])
 def case(request):
     spec, dtype = request.param
     try:

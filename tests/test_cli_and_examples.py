@@ -12,6 +12,9 @@ import pytest
 import xpnet
 from xpnet.cli import main
 
+# Subprocesses, long runs or many examples: run by `python -m pytest -m slow` (and by CI).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

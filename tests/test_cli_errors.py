@@ -14,6 +14,9 @@ import numpy as np
 import pytest
 from test_datasets import make_dataset
 
+# Subprocesses, long runs or many examples: run by `python -m pytest -m slow` (and by CI).
+pytestmark = pytest.mark.slow
+
 CLI_CHECKED = {"count": 0}
 
 

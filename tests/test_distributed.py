@@ -18,9 +18,9 @@ import xpnet
 from xpnet.distributed import find_mpiexec
 
 MPIEXEC = find_mpiexec()
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     importlib.util.find_spec("mpi4py") is None or MPIEXEC is None,
-    reason="MPI is not installed (pip install 'xpnet[mpi]' brings mpi4py and Open MPI)")
+    reason="MPI is not installed (pip install 'xpnet[mpi]' brings mpi4py and Open MPI)")]
 
 # Open MPI refuses to run as root without these; oversubscribe: 2 ranks even on 1 core.
 ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",

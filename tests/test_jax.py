@@ -24,6 +24,9 @@ from xpnet.backend import (
     to_numpy,
 )
 
+# Subprocesses, long runs or many examples: run by `python -m pytest -m slow` (and by CI).
+pytestmark = pytest.mark.slow
+
 jax = pytest.importorskip("jax", reason="JAX is not installed (pip install 'xpnet[jax]')")
 jnp = jax.numpy
 

@@ -64,7 +64,6 @@ __all__ = [
     "env_flag",
     "fused_module",
     "fused_steps",
-    "fuses",
     "gemm",
     "largest_product",
     "library",
@@ -328,20 +327,11 @@ def _affine_kernel(a, b, bias):
 # -- the fused SGD step ------------------------------------------------------------------------
 
 
-def fuses(optimizer) -> bool:
-    """Whether a net may fuse ``optimizer``'s step into its backward pass (:func:`sgd_train_step`).
-
-    Only :class:`xpnet.SGD` itself: its step is exactly ``p -= lr * g``.  A subclass
-    may change the step or the update, and then takes the ordinary path.
-    """
-    return type(optimizer) is SGD
-
-
 def sgd_train_step(net, x, t, optimizer, check_labels=True):
     """One plain-SGD step of a :class:`xpnet.Sequential` net, fused into its backward pass.
 
     The same as ``loss, grads = net.loss_and_gradient(x, t)`` and
-    ``optimizer.update(net.params, grads)`` (for which :func:`fuses` must hold), except
+    ``optimizer.update(net.params, grads)`` (for plain :class:`xpnet.SGD` itself), except
     that each layer's parameters are updated as soon as its backward has run: every dx
     is computed with the weights before the step, and an Affine layer's
     ``W -= lr x^T dout`` is one accumulating product (:func:`matmul_accumulate`), with no

@@ -202,10 +202,13 @@ class Trainer:
 
     Parameters
     ----------
-    net : MultiLayerNet, TwoLayerNet, or an object with ``params``, ``gradient(x, t)``,
-        ``loss(x, t)``, ``accuracy(x, t)`` and a ``device`` / ``dtype``.  Each step
-        calls its ``train_step(x, t, optimizer)`` where it has one (the nets' fuses
-        plain SGD into backprop), else ``loss``, ``gradient`` and ``optimizer.update``.
+    net : a Sequential (TwoLayerNet, MultiLayerNet, ...), or an object with ``params``,
+        ``gradient(x, t)``, ``loss(x, t)``, ``accuracy(x, t)`` and a ``device`` / ``dtype``.
+        How the steps run is chosen once per fit (:mod:`xpnet.runners`): a Sequential that
+        keeps Sequential's step methods, with an optimizer that keeps ``update``, takes its
+        unchecked steps (the data were checked at the run's start) or a faster runner (the
+        fused loop, compiled, distributed); any other net its own ``train_step`` (else
+        ``loss``, ``gradient`` and ``optimizer.update``), with all their checks.
     optimizer : an :mod:`xpnet.optim` optimizer
     batch_size : int, default 100
     epochs : int, default 10
