@@ -297,7 +297,7 @@ def test_train_step_with_other_optimizers_is_gradient_then_update(name, rng):
 
 def test_only_plain_sgd_is_fused():
     class Clipped(xpnet.SGD):
-        def _step(self, xp, name, p, g):
+        def _step(self, xp, slots, g, steps):
             return -self.lr * xp.clip(g, -1.0, 1.0)
 
     class Logged(xpnet.SGD):
