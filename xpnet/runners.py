@@ -94,7 +94,10 @@ def _eager(trainer, run):
 
 
 def _compiled(trainer, run):
-    return trainer.compiled_steps  # made (and checked) with the Trainer, kept across fits
+    steps = trainer.compiled_steps  # made (and checked) with the Trainer, kept across fits
+    if steps is not None:
+        steps.version = layers_version(trainer.net)  # (its programs read the layers afresh)
+    return steps
 
 
 def _distributed(trainer, run):
