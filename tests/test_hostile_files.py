@@ -19,7 +19,6 @@ from test_datasets import idx_bytes
 import xpnet
 from xpnet.datasets import load_idx
 
-
 FUZZ_EXAMPLES = {"count": 0}  # reported in the terminal summary
 SETTINGS = settings(max_examples=250, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

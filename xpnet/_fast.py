@@ -51,7 +51,7 @@ import numpy as np
 
 from . import functional, runners, speedups
 from .backend import backend_of, dtype_name, is_dtype, is_gpu_device, is_writable, namespace
-from .layers import Affine, Convolution, Pooling, Relu, Sigmoid, SoftmaxWithLoss, unchecked
+from .layers import Affine, Convolution, Pooling, Relu, Sigmoid, SoftmaxWithLoss
 from .nets import runs_plain_steps
 from .optim import SGD, Momentum
 
@@ -322,8 +322,6 @@ def _affine_kernel(a, b, bias):
     return out + bias
 
 
-
-
 # -- the fused SGD step ------------------------------------------------------------------------
 
 
@@ -342,16 +340,15 @@ def sgd_train_step(net, x, t, optimizer, check_labels=True):
     lr, decay = optimizer.lr, getattr(net, "weight_decay", 0.0)
     if check_labels is None:  # the Trainer's step: data checked once, the layers' math alone
         loss = net.unchecked_loss(x, t)
-        dout = unchecked(net.last_layer, "backward")(net.last_layer)
-        for backward, layer in net._backwards:
-            dout = _affine_backward_sgd(layer, dout, lr, decay, False) if type(layer) is Affine \
-                else _backward_sgd(layer, dout, lr, decay, backward)
-    else:
+        dout = net._loss_backward(net.last_layer)
+        backwards = net._backwards
+    else:  # a direct call: every layer's own checks (backward None: the checked method)
         loss = net.loss(x, t, train=True, check_labels=check_labels)
         dout = net.last_layer.backward()
-        for layer in reversed(list(net.layers.values())):
-            dout = _affine_backward_sgd(layer, dout, lr, decay) if type(layer) is Affine \
-                else _backward_sgd(layer, dout, lr, decay)
+        backwards = [(None, layer) for layer in reversed(net.layers.values())]
+    for backward, layer in backwards:
+        dout = _affine_backward_sgd(layer, dout, lr, decay, backward is None) \
+            if type(layer) is Affine else _backward_sgd(layer, dout, lr, decay, backward)
     optimizer.record_steps(1)
     return loss
 

@@ -368,7 +368,7 @@ class Solo:
         return value
 
     @contextlib.contextmanager
-    def guard(self):
+    def guard(self, agreed: tuple = ()):
         yield
 
     def cause(self, run, likely_cause) -> str:
@@ -397,11 +397,14 @@ class Team(Solo):
         return self.context.bcast(value)
 
     @contextlib.contextmanager
-    def guard(self):
+    def guard(self, agreed: tuple = ()):
+        """Around a whole fit: an exception that is not agreed on (raised alike on every
+        process: marked by :meth:`Context.gather`, or of the ``agreed`` classes) stops them
+        all."""
         try:
             yield
         except Exception as exc:
-            if not getattr(exc, "xpnet_agreed", False) and not isinstance(exc, FloatingPointError):
+            if not getattr(exc, "xpnet_agreed", False) and not isinstance(exc, agreed):
                 # Raised on this process alone, where the others may wait for it in an
                 # exchange: stop them all rather than leave them hanging.
                 print(f"xpnet: rank {self.context.rank}: {type(exc).__name__}: {exc}",

@@ -18,6 +18,9 @@ way, ahead of the eager steps, without touching the Trainer).
 
 from __future__ import annotations
 
+from .nets import runs_plain_steps
+from .optim import Optimizer
+
 __all__ = ["FACTORIES", "EagerSteps", "Runner", "choose", "register"]
 
 
@@ -64,9 +67,6 @@ class EagerSteps(Runner):
 
     def __init__(self, net, optimizer, batch_size: int):
         super().__init__(net, optimizer, batch_size)
-        from .nets import runs_plain_steps
-        from .optim import Optimizer
-
         # The unchecked step stands in for Sequential's train_step and Optimizer's update:
         # a net or an optimizer that changes either keeps its own.
         if runs_plain_steps(net) and getattr(type(optimizer), "update", None) is Optimizer.update:
@@ -102,8 +102,8 @@ def _compiled(trainer, run):
 
 def _distributed(trainer, run):
     team = trainer.team
-    return None if team.size == 1 and not team.distributed else team.steps(
-        trainer.net, trainer.optimizer, trainer.batch_size)
+    return team.steps(trainer.net, trainer.optimizer, trainer.batch_size) \
+        if team.distributed else None
 
 
 # The factories, tried in this order: (trainer, run) -> Runner or None.  The data-parallel

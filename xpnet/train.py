@@ -510,7 +510,9 @@ class Trainer:
         KeyboardInterrupt
             Ctrl-C; with a ``checkpoint`` path, after the checkpoint was saved.
         """
-        with device_context(next(iter(self.net.params.values()), None)), self.team.guard():
+        # (A divergence is found in the global losses: every process raises it alike.)
+        with device_context(next(iter(self.net.params.values()), None)), \
+                self.team.guard(agreed=(DivergenceError,)):
             run = self._prepare_run(x_train, t_train, x_test, t_test, resume)
             return self._epochs(run, on_epoch)
 
@@ -518,9 +520,13 @@ class Trainer:
         """The run boundary: every check, the data moved, the way to run steps chosen."""
         with self.team.together():
             run = self._start(x_train, t_train, x_test, t_test, resume)
-        run.runner = runners.choose(self, run)  # (distributed: rank 0's weights to every rank)
-        run.history.config["step"] = run.runner.name
+        self._choose_runner(run)  # (distributed: rank 0's weights to every rank)
         return run
+
+    def _choose_runner(self, run: _Run) -> None:
+        """How the run's steps go on (:func:`xpnet.runners.choose`), recorded in its history."""
+        run.runner = runners.choose(self, run)
+        run.history.config["step"] = run.runner.name
 
     def _epochs(self, run: _Run, on_epoch) -> History:
         threads = run.history.config["blas_threads"]
@@ -600,7 +606,7 @@ class Trainer:
         i = position.step
         while i < steps:
             if run.runner.version != getattr(run.layers, "version", 0):  # layers replaced
-                run.runner = runners.choose(self, run)
+                self._choose_runner(run)
             count, chunk = run.runner.advance(run, order, i,
                                               self._next_stop(i, steps, position.global_step, shown))
             losses.pending.append(chunk)
