@@ -245,8 +245,16 @@ def matmul_accumulate(c, a, b, alpha: float, *, trans_a: bool = False, trans_b: 
     The updated ``c`` itself, or a new array where ``c`` is read-only.
     """
     xp = namespace(c=c, a=a, b=b)
-    m, n, k = _check_accumulate(xp, c, a, b, trans_a, trans_b)
-    alpha = float(alpha)
+    _check_accumulate(xp, c, a, b, trans_a, trans_b)
+    return _accumulate(xp, c, a, b, float(alpha), trans_a, trans_b)
+
+
+def _accumulate(xp, c, a, b, alpha: float, trans_a: bool, trans_b: bool):
+    """:func:`matmul_accumulate` of arrays that fit (checked by the caller or by the run's
+    boundary: the trusted SGD step)."""
+    m, n = c.shape
+    k = a.shape[0] if trans_a else a.shape[1]
+    on_torch = False
     if isinstance(c, np.ndarray):
         blas = gemm(c.dtype)
         if (blas is not None and m * n >= BLAS_MIN_OUTPUT and k and c.flags.writeable
@@ -258,9 +266,11 @@ def matmul_accumulate(c, a, b, alpha: float, *, trans_a: bool = False, trans_b: 
         cublas_gemm = _cupy_gemm()
         if cublas_gemm is not None:
             return _cupy_accumulate(cublas_gemm, c, a, b, trans_a, trans_b, alpha)
+    else:
+        on_torch = _is_library(c, "torch")
     op_a = xp.matrix_transpose(a) if trans_a else a
     op_b = xp.matrix_transpose(b) if trans_b else b
-    if _is_library(c, "torch") and is_writable(c):
+    if on_torch and is_writable(c):
         return c.addmm_(op_a, op_b, alpha=alpha)
     product = op_a @ op_b
     if not is_writable(c):
@@ -382,7 +392,8 @@ def _affine_backward_sgd(layer: Affine, dout, lr: float, decay: float = 0.0, che
             layer.W *= 1.0 - lr * decay
         else:
             layer.W = layer.W * (1.0 - lr * decay)
-    layer.W = matmul_accumulate(layer.W, layer.x, dout, -lr, trans_a=True)
+    layer.W = (matmul_accumulate(layer.W, layer.x, dout, -lr, trans_a=True) if check
+               else _accumulate(xp, layer.W, layer.x, dout, -lr, True, False))
     step = lr * xp.sum(dout, axis=0)
     if is_writable(layer.b):
         layer.b -= step

@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import math
 
-import array_api_extra as xpx
 
 from ._checks import (
     check_affine_input,
@@ -66,6 +65,7 @@ from .functional import (
     col2im,
     conv_output_size,
     im2col,
+    one_hot_rows,
     pad_spatial,
     softmax_cross_entropy,
     stable_sigmoid,
@@ -566,7 +566,7 @@ class SoftmaxWithLoss(Layer):
     def forward(self, x, t, *, check_labels: bool = True):
         xp = namespace(x)
         if t.ndim == 1:  # integer labels: one-hot rows, each summing to 1
-            rows, self._row_sums = xpx.one_hot(t, x.shape[1], dtype=x.dtype, xp=xp), None
+            rows, self._row_sums = one_hot_rows(xp, t, x.shape[1], x.dtype), None
         else:  # probability rows: dL/dx = (y * sum_c t - t) / N
             rows = t if t.dtype == x.dtype else xp.astype(t, x.dtype)
             self._row_sums = xp.sum(rows, axis=1, keepdims=True)
