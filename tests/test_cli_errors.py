@@ -69,8 +69,8 @@ CASES = {
                                        "--model convnet has one hidden layer"),
     "--activation for convnet": (["--model", "convnet", "--activation", "sigmoid"],
                                  "--activation applies to --model mlp"),
-    "--dropout 1": (["--dropout", "1"], "dropout_ratio must be a number in [0, 1)"),
-    "--weight-decay below 0": (["--weight-decay", "-0.1"], "weight_decay must be a finite number"),
+    "--dropout 1": (["--dropout", "1"], "--dropout must be a number in [0, 1)"),
+    "--weight-decay below 0": (["--weight-decay", "-0.1"], "--weight-decay must be a finite number"),
     "--filters 0": (["--model", "convnet", "--filters", "0"], "filter_num'] must be an int >= 1"),
     "--threads 0": (["--threads", "0"], "--threads must be >= 1, got 0"),
 }
@@ -104,11 +104,11 @@ def test_a_bad_thread_count_in_the_environment_is_one_line_before_the_data(tmp_p
 
 
 @pytest.mark.parametrize(("extra", "match"), [
-    (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
-    (["--epochs", "0"], "epochs must be >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
     (["--device", "gpu"], "unknown device 'gpu'"),
     (["--hidden", "0"], "each >= 1"),
-    (["--checkpoint-every", "-3", "--checkpoint", "c.npz"], "checkpoint_every must be >= 1"),
+    (["--checkpoint-every", "-3", "--checkpoint", "c.npz"], "--checkpoint-every must be >= 1"),
 ])
 def test_options_are_checked_before_the_data_is_looked_for(tmp_path, extra, match):
     """A bad flag is reported as such where the dataset is missing too (a new GPU machine)."""

@@ -314,13 +314,13 @@ def test_error_table(case, tmp_path):
 CLI_CASES = [
     (["train", "--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
     (["train", "--dataset", "cifar"], "invalid choice: 'cifar'"),
-    (["train", "--batch-size", "0"], "batch_size must be >= 1, got 0"),
+    (["train", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["train", "--batch-size", "ten"], "invalid int value: 'ten'"),
     (["train", "--lr", "-0.5"], "lr must be a finite number"),
     (["train", "--lr", "nan"], "lr must be a finite number"),
-    (["train", "--epochs", "0"], "epochs must be >= 1"),
+    (["train", "--epochs", "0"], "--epochs must be >= 1"),
     (["train", "--device", "gpu"], "unknown device 'gpu'"),
-    (["train", "--checkpoint-every", "-3", "--checkpoint", "c.npz"], "checkpoint_every must be >= 1"),
+    (["train", "--checkpoint-every", "-3", "--checkpoint", "c.npz"], "--checkpoint-every must be >= 1"),
     (["gradcheck", "--mode", "every"], "invalid choice: 'every'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ]

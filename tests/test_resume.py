@@ -312,3 +312,53 @@ def test_a_killed_compiled_run_resumes_to_the_same_weights(cli_data, tmp_path):
     final, reference = read_npz(out)[1], read_npz(ref_out)[1]
     for k in reference:
         assert np.array_equal(final[k], reference[k]), k
+
+
+def test_resume_takes_a_checkpoint_read_by_the_caller(tmp_path):
+    """fit(resume=) takes what read_training read (xpnet train reads its file once) as well
+    as a path, with the same result."""
+    ckpt = tmp_path / "run.npz"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(tmp_path, ckpt=ckpt, every=4, stop_at=13)
+    copy = tmp_path / "copy.npz"
+    copy.write_bytes(ckpt.read_bytes())
+    from_path, history = _run(tmp_path, ckpt=ckpt, every=4, resume=ckpt, seed_init=9)
+    state = xpnet.checkpoint.read_training(copy)
+    assert state.path == str(copy)
+    from_state, resumed = _run(tmp_path, ckpt=copy, every=4, resume=state, seed_init=7)
+    for k, v in _params(from_path).items():
+        assert np.array_equal(_params(from_state)[k], v), k
+    assert resumed.train_loss == history.train_loss
+    assert resumed.config["resumed_from"] == str(copy)
+
+
+def test_the_command_line_reads_its_resume_file_once_and_leaves_its_arguments(
+        cli_data, tmp_path, monkeypatch):
+    from xpnet import checkpoint, cli
+
+    ckpt = tmp_path / "c.npz"
+    argv = ["train", "--dataset", "mnist", "--data-dir", str(cli_data), "--epochs", "2",
+            "--hidden", "8", "--batch-size", "500", "--quiet", "--checkpoint", str(ckpt)]
+    stop = {"epochs": 1}
+
+    class Stop(Exception):
+        pass
+
+    real_fit = xpnet.Trainer.fit
+
+    def fit_one_epoch(self, *a, on_epoch=None, **k):
+        def report(record):
+            if record["epoch"] >= stop["epochs"]:
+                raise KeyboardInterrupt
+        return real_fit(self, *a, on_epoch=report, **k)
+
+    monkeypatch.setattr(xpnet.Trainer, "fit", fit_one_epoch)
+    assert cli.main(argv) == 130 and ckpt.exists()  # interrupted after epoch 1, saved
+    monkeypatch.setattr(xpnet.Trainer, "fit", real_fit)
+    reads, real_read = [], checkpoint.read_npz
+    monkeypatch.setattr(checkpoint, "read_npz", lambda p: reads.append(p) or real_read(p))
+    args = cli.build_parser().parse_args([*argv[:-2], "--resume", str(ckpt)])
+    before = dict(vars(args))
+    assert args.func(args) == 0
+    assert vars(args) == before
+    assert reads == [str(ckpt)]

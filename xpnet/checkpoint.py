@@ -107,6 +107,7 @@ class TrainingState:
     history: dict
     params: dict = field(default_factory=dict)
     net_state: dict = field(default_factory=dict)
+    path: str | None = None  # the file it was read from (read_training), for messages
 
 
 def save_training(path, state: TrainingState) -> None:
@@ -146,6 +147,6 @@ def read_training(path) -> TrainingState:
         optimizer = {**{k: header["optimizer"][k] for k in ("type", "hyper", "steps")},
                      "state": slots}
         return TrainingState(header["net"], header["trainer"], optimizer, header["position"],
-                             header["history"], params, net_state)
+                             header["history"], params, net_state, str(path))
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{path}: incomplete training checkpoint: {exc!r}") from None

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import math
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -16,7 +18,7 @@ import numpy as np
 
 from . import __version__, distributed, speedups
 from .backend import available_backends, is_gpu_device, self_test, to_device
-from .checkpoint import read_training
+from .checkpoint import TrainingState, read_training
 from .optim import DEFAULT_LR, OPTIMIZERS
 
 
@@ -99,21 +101,23 @@ def _gradcheck(args: argparse.Namespace) -> int:
     from .gradcheck import check_gradients
 
     defaults = _GRADCHECK_DEFAULTS[args.model]
-    args.weight_decay, args.dropout, args.batchnorm, args.activation = 0.0, None, False, "relu"
-    args.hidden = [defaults["hidden"] if args.hidden is None else args.hidden]
-    _model_options(args)  # --filters only with convnet
-    args.filters = defaults["filters"] if args.filters is None else args.filters
-    mode = args.mode or defaults["mode"]
-    for flag, value in (("--samples", args.samples), ("--hidden", args.hidden[0]),
+    for flag, value in (("--samples", args.samples), ("--hidden", args.hidden),
                         ("--filters", args.filters)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
-    net = _make_net(args, conv_init="he")
+    choice = NetChoice.of(args.model, [defaults["hidden"] if args.hidden is None else args.hidden],
+                          filters=args.filters, seed=args.seed, device=args.device,
+                          dtype=args.dtype)
+    if choice.filters is None and defaults["filters"] is not None:
+        choice = dataclasses.replace(choice, filters=defaults["filters"])
+    mode = args.mode or defaults["mode"]
+    net = _make_net(choice, conv_init="he")
     x, t, what = _book_batch(args.dataset, args.samples, args.seed, args.data_dir,
                              images=args.model != "mlp")
-    shape = {"mlp": f"TwoLayerNet(784, {args.hidden[0]}, 10)",
-             "convnet": f"SimpleConvNet({args.filters} 5x5 filters, {args.hidden[0]} hidden)",
-             "deepconvnet": f"DeepConvNet({args.hidden[0]} hidden)"}[args.model]
+    hidden = choice.hidden[0]
+    shape = {"mlp": f"TwoLayerNet(784, {hidden}, 10)",
+             "convnet": f"SimpleConvNet({choice.filters} 5x5 filters, {hidden} hidden)",
+             "deepconvnet": f"DeepConvNet({hidden} hidden)"}[args.model]
     print(f"{shape} on {net.device} {net.dtype}, {what}")
     if args.model != "mlp":
         _random_biases(net, args.seed)
@@ -197,111 +201,190 @@ _IMAGE_PIXELS = 28 * 28
 _HIDDEN_DEFAULT = {"mlp": [100], "convnet": [100], "deepconvnet": [50]}
 
 
-def _model_options(args: argparse.Namespace) -> None:
-    """Fill in the model-dependent defaults of ``args``; a flag that does not apply to
-    ``--model`` is a ValueError naming both."""
-    model = args.model
-    if args.filters is not None and model != "convnet":
-        raise ValueError(f"--filters applies to --model convnet, not {model}")
-    if args.dropout is not None and model == "convnet":
-        raise ValueError("--dropout applies to --model mlp and deepconvnet, not convnet "
-                         "(the book's SimpleConvNet has no dropout)")
-    if args.batchnorm and model != "mlp":
-        raise ValueError(f"--batchnorm applies to --model mlp, not {model}")
-    if args.hidden is None:
-        args.hidden = _HIDDEN_DEFAULT[model]
-    elif model != "mlp" and len(args.hidden) != 1:
-        raise ValueError(f"--model {model} has one hidden layer: give --hidden one size, got "
-                         f"{len(args.hidden)}")
-    if model != "mlp" and args.activation != "relu":
-        raise ValueError(f"--activation applies to --model mlp; {model} uses ReLU")
+@dataclasses.dataclass(frozen=True)
+class NetChoice:
+    """The net a command's flags ask for (built by :func:`_make_net`)."""
+
+    model: str
+    hidden: tuple
+    activation: str = "relu"
+    filters: int | None = None
+    weight_decay: float = 0.0
+    dropout: float | None = None
+    batchnorm: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    @classmethod
+    def of(cls, model: str, hidden, **flags) -> NetChoice:
+        """The choice for ``--model`` with the model's defaults filled in; a flag that does
+        not apply to ``model`` is a ValueError naming both."""
+        choice = cls(model, tuple(_HIDDEN_DEFAULT[model] if hidden is None else hidden),
+                     **flags)
+        if choice.filters is not None and model != "convnet":
+            raise ValueError(f"--filters applies to --model convnet, not {model}")
+        if choice.dropout is not None and model == "convnet":
+            raise ValueError("--dropout applies to --model mlp and deepconvnet, not convnet "
+                             "(the book's SimpleConvNet has no dropout)")
+        if choice.batchnorm and model != "mlp":
+            raise ValueError(f"--batchnorm applies to --model mlp, not {model}")
+        if model != "mlp" and len(choice.hidden) != 1:
+            raise ValueError(f"--model {model} has one hidden layer: give --hidden one size, "
+                             f"got {len(choice.hidden)}")
+        if model != "mlp" and choice.activation != "relu":
+            raise ValueError(f"--activation applies to --model mlp; {model} uses ReLU")
+        return choice
 
 
-def _make_net(args: argparse.Namespace, conv_init=0.01):
-    """The net ``args`` asks for; ``conv_init`` is SimpleConvNet's weight_init_std (the
+def _make_net(choice: NetChoice, conv_init=0.01):
+    """The net ``choice`` asks for; ``conv_init`` is SimpleConvNet's weight_init_std (the
     book's 0.01 for training)."""
     from .nets import DeepConvNet, MultiLayerNet, SimpleConvNet, TwoLayerNet
 
-    where = {"seed": args.seed, "device": args.device, "dtype": args.dtype}
-    decay = {"weight_decay": args.weight_decay}
-    if args.model == "convnet":
-        filters = 30 if args.filters is None else args.filters
+    where = {"seed": choice.seed, "device": choice.device, "dtype": choice.dtype}
+    decay = {"weight_decay": choice.weight_decay}
+    hidden = choice.hidden
+    if choice.model == "convnet":
+        filters = 30 if choice.filters is None else choice.filters
         conv = {"filter_num": filters, "filter_size": 5, "pad": 0, "stride": 1}
-        return SimpleConvNet(_IMAGE_SHAPE, conv, args.hidden[0], 10, conv_init, **decay, **where)
-    if args.model == "deepconvnet":
-        ratio = {} if args.dropout is None else {"dropout_ratio": args.dropout}
-        return DeepConvNet(_IMAGE_SHAPE, hidden_size=args.hidden[0], **ratio, **decay, **where)
-    sizes = [_IMAGE_PIXELS, *args.hidden, 10]
-    if (len(args.hidden) == 1 and args.activation == "relu" and not args.weight_decay
-            and args.dropout is None and not args.batchnorm):
+        return SimpleConvNet(_IMAGE_SHAPE, conv, hidden[0], 10, conv_init, **decay, **where)
+    if choice.model == "deepconvnet":
+        ratio = {} if choice.dropout is None else {"dropout_ratio": choice.dropout}
+        return DeepConvNet(_IMAGE_SHAPE, hidden_size=hidden[0], **ratio, **decay, **where)
+    sizes = [_IMAGE_PIXELS, *hidden, 10]
+    if (len(hidden) == 1 and choice.activation == "relu" and not choice.weight_decay
+            and choice.dropout is None and not choice.batchnorm):
         return TwoLayerNet(*sizes, **where)
-    extras = {"use_batchnorm": args.batchnorm, "use_dropout": args.dropout is not None,
-              "dropout_ratio": 0.5 if args.dropout is None else args.dropout}
-    return MultiLayerNet(sizes, activation=args.activation, **extras, **decay, **where)
+    extras = {"use_batchnorm": choice.batchnorm, "use_dropout": choice.dropout is not None,
+              "dropout_ratio": 0.5 if choice.dropout is None else choice.dropout}
+    return MultiLayerNet(sizes, activation=choice.activation, **extras, **decay, **where)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``xpnet train`` was asked for, read once from its flags (nothing else reads
+    the flags afterwards; the library checks the values when it is given them)."""
+
+    net: NetChoice
+    dataset: str
+    data_dir: str | None
+    download: bool
+    epochs: int
+    batch_size: int
+    optimizer: str
+    lr: float | None
+    threads: int | None
+    compile: str | bool
+    checkpoint: str | None  # where the run's checkpoint is kept (--checkpoint or --resume)
+    checkpoint_every: int | None
+    resume: TrainingState | None  # the checkpoint --resume names, read (once) here
+    save: str | None
+    history: str | None
+    plot: str | None
+    quiet: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, device: str) -> TrainConfig:
+        """The configuration of ``args`` on ``device`` (a distributed rank's own); the paths
+        are checked here (before any data is read), the rest by the library."""
+        checkpoint, resume = _check_train_paths(args)
+        net = NetChoice.of(args.model, args.hidden, activation=args.activation,
+                           filters=args.filters, weight_decay=args.weight_decay,
+                           dropout=args.dropout, batchnorm=args.batchnorm, seed=args.seed,
+                           device=device, dtype=args.dtype)
+        return cls(net, args.dataset, args.data_dir, args.download, args.epochs,
+                   args.batch_size, args.optimizer, args.lr, args.threads,
+                   args.compile or False, checkpoint, args.checkpoint_every, resume,
+                   args.save, args.history, args.plot, args.quiet)
+
+    @property
+    def interrupted_note(self) -> str:
+        """What a Ctrl-C leaves the user, said after "interrupted"."""
+        return (f"; the checkpoint is saved: continue with --resume {self.checkpoint}"
+                if self.checkpoint else "")
+
+
+# Library parameters as xpnet train's flags, for the errors of building its objects.
+_FLAGS = {"compile=True": "--compile", "blas_threads": "--threads", "batch_size": "--batch-size",
+          "epochs": "--epochs", "checkpoint_every": "--checkpoint-every",
+          "weight_decay": "--weight-decay", "dropout_ratio": "--dropout", "seed": "--seed"}
+_FLAG_WORDS = re.compile(r"(?<![\w.'\[-])(" + "|".join(map(re.escape, _FLAGS)) + r")(?![\w'\]])")
+
+
+@contextlib.contextmanager
+def _as_flags():
+    """A ValueError or TypeError of the library, with its parameter names said as the flags
+    that set them (``blas_threads must be >= 1`` is ``--threads must be >= 1``)."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        message = _FLAG_WORDS.sub(lambda m: _FLAGS[m.group(1)], str(exc))
+        if message == str(exc):
+            raise
+        raise type(exc)(message) from None
 
 
 def _train(args: argparse.Namespace) -> int:
-    dist = None
+    dist, device = None, args.device
     if args.distributed:  # under mpiexec: one process per rank, rank 0 prints and writes
         from .distributed import Context, local_device
 
         dist = Context.world()
-        args.device = local_device(args.device, dist)
+        device = local_device(device, dist)
     say = (lambda *a: None) if args.quiet or (dist and not dist.root) else print
     with dist.together() if dist else contextlib.nullcontext():
-        trainer, data = _train_setup(args, say, dist)
-    with np.errstate(all="ignore"):  # the Trainer reports divergence itself, by epoch and step
-        history = trainer.fit(*data, on_epoch=_epoch_reporter(args, say), resume=args.resume)
-    config = history.config
-    say(f"steps: {config['step']}; BLAS threads: {config['blas_threads'] or 'the library default'}"
-        f" ({config['thread_policy']})")
+        config = TrainConfig.from_args(args, device)
+        trainer, data = _train_setup(config, say, dist)
+    try:
+        with np.errstate(all="ignore"):  # the Trainer reports divergence itself, by epoch and step
+            history = trainer.fit(*data, on_epoch=_epoch_reporter(config, say),
+                                  resume=config.resume)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(config.interrupted_note) from None
+    run = history.config
+    say(f"steps: {run['step']}; BLAS threads: {run['blas_threads'] or 'the library default'}"
+        f" ({run['thread_policy']})")
     with dist.together() if dist else contextlib.nullcontext():
         if dist is None or dist.root:
-            _write_outputs(args, trainer.net, history, say)
+            _write_outputs(config, trainer.net, history, say)
     if dist is None or dist.root:
         print(f"final test accuracy: {history.test_accuracy[-1]:.4f}")
     return 0
 
 
-def _train_setup(args: argparse.Namespace, say, dist):
-    """The trainer and the data ``xpnet train``'s flags ask for, every flag checked first."""
-    from .backend import compiling_backend
+def _train_setup(config: TrainConfig, say, dist):
+    """The trainer and the data ``config`` asks for.  The net, the optimizer and the trainer
+    are built (and so every option checked) before the data is looked for: a bad flag is
+    reported as such, also where the dataset is missing."""
     from .datasets import load_mnist
     from .optim import make_optimizer
     from .train import Trainer
 
-    checkpoint, resumed = _check_train_paths(args)
-    optimizer = make_optimizer(args.optimizer, args.lr)
-    # Every option is checked (by building the net and the trainer) before the data is looked
-    # for: a bad flag is reported as such, also where the dataset is missing.
-    _model_options(args)
-    if args.compile:
-        compiling_backend(args.device, "--compile", "--device")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    net = _make_net(args)
-    trainer = Trainer(net, optimizer, batch_size=args.batch_size, epochs=args.epochs,
-                      seed=args.seed, progress=not args.quiet, checkpoint=checkpoint,
-                      checkpoint_every=args.checkpoint_every, compile=args.compile or False,
-                      blas_threads=args.threads, distributed=dist is not None)
-    images = args.model != "mlp"
-    (x, t), (xt, tt) = load_mnist(args.dataset, data_dir=args.data_dir, download=args.download,
-                                  flatten=not images)
+    with _as_flags():
+        optimizer = make_optimizer(config.optimizer, config.lr)
+        net = _make_net(config.net)
+        trainer = Trainer(net, optimizer, batch_size=config.batch_size, epochs=config.epochs,
+                          seed=config.net.seed, progress=not config.quiet,
+                          checkpoint=config.checkpoint, checkpoint_every=config.checkpoint_every,
+                          compile=config.compile, blas_threads=config.threads,
+                          distributed=dist is not None)
+    images = config.net.model != "mlp"
+    (x, t), (xt, tt) = load_mnist(config.dataset, data_dir=config.data_dir,
+                                  download=config.download, flatten=not images)
     if x.shape[1:] != (_IMAGE_SHAPE if images else (_IMAGE_PIXELS,)):
-        raise ValueError(f"the {args.dataset} training images have shape {x.shape[1:]}, "
+        raise ValueError(f"the {config.dataset} training images have shape {x.shape[1:]}, "
                          f"expected 28 x 28")
-    if args.batch_size > x.shape[0]:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than the {x.shape[0]} "
-                         f"{args.dataset} training images")
+    if config.batch_size > x.shape[0]:
+        raise ValueError(f"--batch-size {config.batch_size} is larger than the {x.shape[0]} "
+                         f"{config.dataset} training images")
     processes = f", {dist.size} processes" if dist else ""
-    say(f"{net!r}, {optimizer!r}, batch {args.batch_size}, {args.epochs} epoch(s), "
-        f"{x.shape[0]} {args.dataset} training images{processes}")
-    if resumed is not None:
-        where = resumed.position
-        say(f"resuming {args.resume}: epoch {where.get('epoch')}, step {where.get('step')} of "
-            f"{math.ceil(x.shape[0] / args.batch_size)}")
-    args.interrupted_note = (f"; the checkpoint is saved: continue with --resume {checkpoint}"
-                             if checkpoint else "")
+    say(f"{net!r}, {optimizer!r}, batch {config.batch_size}, {config.epochs} epoch(s), "
+        f"{x.shape[0]} {config.dataset} training images{processes}")
+    if config.resume is not None:
+        where = config.resume.position
+        say(f"resuming {config.resume.path}: epoch {where.get('epoch')}, step "
+            f"{where.get('step')} of {math.ceil(x.shape[0] / config.batch_size)}")
     return trainer, (x, t, xt, tt)
 
 
@@ -309,11 +392,11 @@ def _train_setup(args: argparse.Namespace, say, dist):
 _EXPLODED_LOSS = 100 * math.log(10)
 
 
-def _epoch_reporter(args: argparse.Namespace, say):
+def _epoch_reporter(config: TrainConfig, say):
     from .train import DivergenceError
 
     def report(r):
-        say(f"epoch {r['epoch']:>3}/{args.epochs}  loss {r['train_loss']:.4f}  "
+        say(f"epoch {r['epoch']:>3}/{config.epochs}  loss {r['train_loss']:.4f}  "
             f"train acc {r['train_accuracy']:.4f}  test acc {r['test_accuracy']:.4f}  "
             f"{r['seconds']:.2f} s  {r['samples_per_second']:,.0f} samples/s")
         if r["train_loss"] > _EXPLODED_LOSS:
@@ -325,16 +408,16 @@ def _epoch_reporter(args: argparse.Namespace, say):
     return report
 
 
-def _write_outputs(args: argparse.Namespace, net, history, say) -> None:
-    if args.save:
-        net.save(args.save)
-        say(f"saved the model to {args.save}")
-    if args.history:
-        history.save(args.history)
-        say(f"saved the history to {args.history}")
-    if args.plot:
-        _plot(history, args.plot)
-        say(f"saved the curves to {args.plot}")
+def _write_outputs(config: TrainConfig, net, history, say) -> None:
+    if config.save:
+        net.save(config.save)
+        say(f"saved the model to {config.save}")
+    if config.history:
+        history.save(config.history)
+        say(f"saved the history to {config.history}")
+    if config.plot:
+        _plot(history, config.plot)
+        say(f"saved the curves to {config.plot}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -485,8 +568,9 @@ def _run(args: argparse.Namespace) -> int:
             tell = _silent
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        tell(f"{name}: interrupted{getattr(args, 'interrupted_note', '')}")
+    except KeyboardInterrupt as exc:
+        note = exc.args[0] if exc.args and isinstance(exc.args[0], str) else ""
+        tell(f"{name}: interrupted{note}")
         return 130
     except BrokenPipeError:  # xpnet train | head -1: the reader has gone
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -414,14 +414,13 @@ class Trainer:
                       "loss_sum": position.loss_sum, "rng_state": position.rng_state,
                       "global_step": position.global_step}))
 
-    def _restore(self, path, history: History) -> _Position:
+    def _restore(self, path, state: files.TrainingState, history: History) -> _Position:
         """Load a checkpoint into the net, the optimizer and ``history``; where to go on from.
 
         Everything is checked first (that the checkpoint is of this run: the net, the
         settings, the dataset size, the optimizer and its hyperparameters; that its position,
         random state and arrays make sense), so a refused checkpoint changes nothing.
         """
-        state = files.read_training(path)
         self._check_same_run(path, state, history)
         position = self._checked_position(path, state.position, history.config["train_samples"])
         records = History.from_dict(state.history, f"{path}: history")
@@ -495,8 +494,9 @@ class Trainer:
         x_test, t_test : optional, the same for the test accuracy
         on_epoch : callable, optional
             Called with each epoch's record (a dict) after it is complete.
-        resume : path, optional
-            A checkpoint written by this trainer's settings: the run continues from
+        resume : path or TrainingState, optional
+            A checkpoint written by this trainer's settings (its path, or what
+            :func:`xpnet.checkpoint.read_training` read from it): the run continues from
             it (the net's weights and the optimizer state are replaced by its).
 
         Before the first step the whole run is checked once, from the net's own layers: the
@@ -549,8 +549,13 @@ class Trainer:
         """Validate and move the data, set up the history, and restore ``resume`` if given."""
         if (x_test is None) != (t_test is None):
             raise ValueError("pass both x_test and t_test, or neither")
+        if isinstance(resume, files.TrainingState):  # read by the caller (xpnet train)
+            resume_path = resume.path or "the checkpoint given to fit"
+        else:
+            resume_path, resume = resume, (None if resume is None else files.read_training(resume))
         if (self.checkpoint is not None and self.checkpoint.exists()
-                and (resume is None or Path(resume).resolve() != self.checkpoint.resolve())):
+                and (resume_path is None
+                     or Path(resume_path).resolve() != self.checkpoint.resolve())):
             raise ValueError(f"checkpoint {str(self.checkpoint)!r} already exists: continue its "
                              "run with resume= (xpnet train --resume), or move it away")
         if self.compiled_steps is not None:
@@ -571,8 +576,8 @@ class Trainer:
         run = _Run(x, t, test, namespace(x=x), np.random.default_rng(self.seed), history,
                    _Position())
         if resume is not None:
-            run.position = self._restore(resume, history)
-            history.config["resumed_from"] = str(resume)
+            run.position = self._restore(resume_path, resume, history)
+            history.config["resumed_from"] = str(resume_path)
             run.rng.bit_generator.state = run.position.rng_state
         if self.team.distributed:
             history.config["processes"] = self.team.size
