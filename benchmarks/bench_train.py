@@ -8,6 +8,10 @@ values do not change the work), for each configuration:
   more each: the layers' own steps (as without numba), the fused loop on every core (what
   the policy gives up on an idle machine), and the layers with the BLAS fast path off;
 * the seeds' NumPy implementation (``seeds_numpy.py``: layer classes as in the notes);
+* the leanest NumPy step by hand (``lean_numpy_epoch``: in place, no checks, no layers), on
+  one thread: the bound any NumPy layers path can reach (the elementwise passes and the
+  batch gather stay; each small NumPy call also runs slower right after a large product
+  has left the caches cold);
 * PyTorch eager with autograd (``nn.Linear`` layers, ``F.cross_entropy``, ``torch.optim.SGD``),
   and with ``--torch-compile`` the same model through ``torch.compile``;
 * on JAX devices (``jax:cpu``, ``jax:cuda``): xpnet's Trainer eager, and compiled
@@ -120,6 +124,50 @@ def seeds_epoch(sizes, batch, x, t):
             grads = net.gradient(x[idx], t[idx])
             for key in ("W1", "b1", "W2", "b2"):
                 net.params[key] -= LR * grads[key]
+        return time.perf_counter() - start
+
+    return run
+
+
+def lean_numpy_epoch(sizes, batch, x, t):
+    """The least NumPy a ReLU MLP's SGD step can be written in, by hand: in-place ReLU and
+    softmax, no checks, no layer objects, no one-hot array (the label's column is taken
+    directly), updates as ``W -= lr * (h^T dout)``.  Not xpnet's arithmetic (its rounding
+    differs); it is here as the bound on what any NumPy layers path, xpnet's included, can
+    reach against the floor on this machine."""
+    rng = np.random.default_rng(0)
+    Ws = [(rng.standard_normal((a, b)) * math.sqrt(2 / a)).astype(np.float32)
+          for a, b in zip(sizes[:-1], sizes[1:])]
+    bs = [np.zeros(b, np.float32) for b in sizes[1:]]
+    lr = np.float32(LR)
+
+    def run():
+        start = time.perf_counter()
+        order = rng.permutation(N)
+        for s in range(0, N, batch):
+            ids = order[s:s + batch]
+            xb, tb = x.take(ids, axis=0), t.take(ids)
+            acts = [xb]
+            for W, b in zip(Ws, bs):
+                out = acts[-1] @ W
+                out += b
+                if len(acts) < len(Ws):
+                    np.maximum(out, 0, out=out)
+                acts.append(out)
+            out = acts.pop()
+            out -= np.maximum.reduce(out, axis=1, keepdims=True)
+            np.exp(out, out=out)
+            out /= np.add.reduce(out, axis=1, keepdims=True)
+            out[np.arange(len(tb)), tb] -= 1
+            out *= np.float32(1 / len(tb))
+            for i in range(len(Ws) - 1, -1, -1):
+                h = acts[i]
+                dh = out @ Ws[i].T if i else None
+                Ws[i] -= lr * (h.T @ out)
+                bs[i] -= lr * np.add.reduce(out, axis=0)
+                if i:
+                    dh *= h > 0
+                    out = dh
         return time.perf_counter() - start
 
     return run
@@ -339,6 +387,9 @@ def _contenders(sizes, batch, backends, x, t, *, has_torch: bool, gpu: bool,
             run, threads = xpnet_epoch(sizes, batch, dev, x, t, blas_fast_path=False,
                                        numba=False)
             contenders[f"xpnet {dev}, layers, no BLAS fast path"] = (run, dev, threads)
+    if "cpu" in backends:
+        contenders["lean NumPy by hand (bound)"] = (
+            _limited(lean_numpy_epoch(sizes, batch, x, t), 1), "cpu", 1)
     seeds = seeds_epoch(sizes, batch, x, t) if "cpu" in backends else None
     if seeds is not None:
         contenders["seeds-style NumPy"] = (seeds, "cpu", CORES)
