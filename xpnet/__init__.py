@@ -8,7 +8,7 @@ optimizer or net is public once its own module lists it.
 
 __version__ = "0.1.0"
 
-from . import checkpoint, datasets, functional, layers, nets, optim
+from . import checkpoint, datasets, functional, layers, nets, optim, schedules
 from .backend import (
     BackendUnavailableError,
     DeviceMismatchError,
@@ -63,6 +63,7 @@ __all__ = sorted([
     "numerical_gradient",
     "optim",
     "resolve_device",
+    "schedules",
     "to_device",
     "to_numpy",
 ])

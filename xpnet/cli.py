@@ -274,6 +274,8 @@ class TrainConfig:
     batch_size: int
     optimizer: str
     lr: float | None
+    lr_schedule: str  # constant, step or cosine
+    schedule_options: tuple  # ((name, value), ...) of the schedule's flags given
     threads: int | None
     compile: str | bool
     checkpoint: str | None  # where the run's checkpoint is kept (--checkpoint or --resume)
@@ -294,9 +296,19 @@ class TrainConfig:
                            dropout=args.dropout, batchnorm=args.batchnorm, seed=args.seed,
                            device=device, dtype=args.dtype)
         return cls(net, args.dataset, args.data_dir, args.download, args.epochs,
-                   args.batch_size, args.optimizer, args.lr, args.threads,
+                   args.batch_size, args.optimizer, args.lr, args.lr_schedule,
+                   _schedule_options(args), args.threads,
                    args.compile or False, checkpoint, args.checkpoint_every, resume,
                    args.save, args.history, args.plot, args.quiet)
+
+    def schedule(self):
+        """The :mod:`xpnet.schedules` schedule asked for (None: constant)."""
+        from .schedules import make_schedule
+
+        options = dict(self.schedule_options)
+        if self.lr_schedule == "step" and "every" not in options:
+            options["every"] = max(1, round(self.epochs / 3))
+        return make_schedule(self.lr_schedule, **options)
 
     @property
     def interrupted_note(self) -> str:
@@ -305,10 +317,33 @@ class TrainConfig:
                 if self.checkpoint else "")
 
 
+_SCHEDULE_FLAGS = {"lr_step": ("every", ("step",)), "lr_gamma": ("gamma", ("step",)),
+                   "lr_min_factor": ("min_factor", ("cosine",)),
+                   "warmup_epochs": ("warmup_epochs", ("step", "cosine"))}
+
+
+def _schedule_options(args: argparse.Namespace) -> tuple:
+    """The schedule flags given, as the schedule's options; a flag for another schedule (or
+    for none) is a ValueError naming both."""
+    options = []
+    for attr, (option, schedules) in _SCHEDULE_FLAGS.items():
+        value = getattr(args, attr)
+        if value is None:
+            continue
+        flag = "--" + attr.replace("_", "-")
+        if args.lr_schedule not in schedules:
+            raise ValueError(f"{flag} applies to --lr-schedule {' or '.join(schedules)}, not "
+                             f"{args.lr_schedule}")
+        options.append((option, value))
+    return tuple(options)
+
+
 # Library parameters as xpnet train's flags, for the errors of building its objects.
 _FLAGS = {"compile=True": "--compile", "blas_threads": "--threads", "batch_size": "--batch-size",
           "epochs": "--epochs", "checkpoint_every": "--checkpoint-every",
-          "weight_decay": "--weight-decay", "dropout_ratio": "--dropout", "seed": "--seed"}
+          "weight_decay": "--weight-decay", "dropout_ratio": "--dropout", "seed": "--seed",
+          "every": "--lr-step", "gamma": "--lr-gamma", "min_factor": "--lr-min-factor",
+          "warmup_epochs": "--warmup-epochs"}
 _FLAG_WORDS = re.compile(r"(?<![\w.'\[-])(" + "|".join(map(re.escape, _FLAGS)) + r")(?![\w'\]])")
 
 
@@ -368,7 +403,7 @@ def _train_setup(config: TrainConfig, say, dist):
                           seed=config.net.seed, progress=not config.quiet,
                           checkpoint=config.checkpoint, checkpoint_every=config.checkpoint_every,
                           compile=config.compile, blas_threads=config.threads,
-                          distributed=dist is not None)
+                          distributed=dist is not None, lr_schedule=config.schedule())
     images = config.net.model != "mlp"
     (x, t), (xt, tt) = load_mnist(config.dataset, data_dir=config.data_dir,
                                   download=config.download, flatten=not images)
@@ -379,8 +414,9 @@ def _train_setup(config: TrainConfig, say, dist):
         raise ValueError(f"--batch-size {config.batch_size} is larger than the {x.shape[0]} "
                          f"{config.dataset} training images")
     processes = f", {dist.size} processes" if dist else ""
-    say(f"{net!r}, {optimizer!r}, batch {config.batch_size}, {config.epochs} epoch(s), "
-        f"{x.shape[0]} {config.dataset} training images{processes}")
+    schedule = "" if trainer.lr_schedule is None else f", {trainer.lr_schedule!r}"
+    say(f"{net!r}, {optimizer!r}{schedule}, batch {config.batch_size}, {config.epochs} "
+        f"epoch(s), {x.shape[0]} {config.dataset} training images{processes}")
     if config.resume is not None:
         where = config.resume.position
         say(f"resuming {config.resume.path}: epoch {where.get('epoch')}, step "
@@ -398,7 +434,8 @@ def _epoch_reporter(config: TrainConfig, say):
     def report(r):
         say(f"epoch {r['epoch']:>3}/{config.epochs}  loss {r['train_loss']:.4f}  "
             f"train acc {r['train_accuracy']:.4f}  test acc {r['test_accuracy']:.4f}  "
-            f"{r['seconds']:.2f} s  {r['samples_per_second']:,.0f} samples/s")
+            f"{r['seconds']:.2f} s  {r['samples_per_second']:,.0f} samples/s"
+            + (f"  lr {r['lr']:.3g}" if config.lr_schedule != "constant" else ""))
         if r["train_loss"] > _EXPLODED_LOSS:
             raise DivergenceError(
                 f"the training loss reached {r['train_loss']:.3g} in epoch {r['epoch']} (a "
@@ -458,6 +495,18 @@ def _add_train_arguments(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--optimizer", choices=list(OPTIMIZERS), default="momentum")
     tr.add_argument("--lr", type=float, default=None, help="learning rate (default: " + ", ".join(
         f"{name} {lr:g}" for name, lr in DEFAULT_LR.items()) + ")")
+    tr.add_argument("--lr-schedule", choices=["constant", "step", "cosine"], default="constant",
+                    help="how the learning rate changes: constant (default); step: times "
+                    "--lr-gamma every --lr-step epochs; cosine: down to --lr-min-factor times "
+                    "it by the last step (both after --warmup-epochs of linear warm-up)")
+    tr.add_argument("--lr-step", type=int, default=None, metavar="EPOCHS",
+                    help="step schedule: epochs between decays (default: a third of --epochs)")
+    tr.add_argument("--lr-gamma", type=float, default=None, metavar="G",
+                    help="step schedule: the factor of each decay (default 0.1)")
+    tr.add_argument("--lr-min-factor", type=float, default=None, metavar="F",
+                    help="cosine schedule: the last rate as a fraction of --lr (default 0)")
+    tr.add_argument("--warmup-epochs", type=float, default=None, metavar="E",
+                    help="a schedule's linear warm-up, in epochs (fractions allowed for cosine)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--save", metavar="PATH", help="save the trained model (.npz)")
     tr.add_argument("--history", metavar="PATH.json", help="save the per-epoch history as JSON")

@@ -35,6 +35,7 @@ from ._checks import (
     check_seed,
     check_target_rows,
     is_int,
+    is_real,
     positive_int,
 )
 from ._io import atomic_write
@@ -50,6 +51,7 @@ from .backend import (
 )
 from .compiled import CompiledSteps, compile_mode
 from .distributed import Solo, Team
+from .schedules import Schedule
 from .layers import Layer
 
 __all__ = ["DivergenceError", "History", "Trainer"]
@@ -67,7 +69,8 @@ class History:
     records : list of dict
         One dict per epoch: ``epoch``, ``train_loss``, ``train_accuracy``,
         ``test_accuracy`` (None without test data), ``seconds`` (the training
-        part of the epoch), ``samples_per_second``.
+        part of the epoch), ``samples_per_second``, ``lr`` (the learning rate of the
+        epoch's last step).
     config : dict
         What was trained, how and where.
     """
@@ -77,14 +80,15 @@ class History:
 
     COLUMNS = ("epoch", "train_loss", "train_accuracy", "test_accuracy", "seconds",
                "samples_per_second")
+    OPTIONAL = ("lr",)  # not in the records of older versions
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getattr__(self, name):
         # history.train_loss -> [epoch 1's, epoch 2's, ...]
-        if name in History.COLUMNS:
-            return [r[name] for r in self.records]
+        if name in History.COLUMNS or name in History.OPTIONAL:
+            return [r.get(name) for r in self.records]
         raise AttributeError(name)
 
     def to_dict(self) -> dict:
@@ -108,12 +112,21 @@ class History:
         if not isinstance(data, dict) or not isinstance(data.get("epochs"), list):
             raise ValueError(f"{where}: not an xpnet history (no 'epochs' list)")
         for r in data["epochs"]:
-            if not isinstance(r, dict) or set(r) != set(cls.COLUMNS):
-                raise ValueError(f"{where}: an epoch record must have the keys {cls.COLUMNS}")
+            if (not isinstance(r, dict) or not set(cls.COLUMNS) <= set(r)
+                    or not set(r) <= {*cls.COLUMNS, *cls.OPTIONAL}):
+                raise ValueError(f"{where}: an epoch record must have the keys {cls.COLUMNS} "
+                                 f"(and may have {cls.OPTIONAL})")
         config = data.get("config", {})
         if not isinstance(config, dict):
             raise ValueError(f"{where}: the history's config is not a dict")
         return cls(records=data["epochs"], config=config)
+
+
+def _lr_of(optimizer) -> float | None:
+    """The optimizer's learning rate as a float (the last step's, under a schedule), or None
+    for an optimizer without a number ``lr``."""
+    lr = getattr(optimizer, "lr", None)
+    return float(lr) if is_real(lr) else None
 
 
 def _int(value) -> int:
@@ -246,6 +259,14 @@ class Trainer:
         run.  The choice and its reason are recorded in ``History.config`` (the thread count
         changes results in the last digits).
 
+    lr_schedule : :class:`xpnet.schedules.Schedule`, optional
+        Changes ``optimizer.lr`` as the run goes (:mod:`xpnet.schedules`: ``StepDecay``,
+        ``CosineDecay``, each with an optional warm-up): the rate of step ``s`` is the
+        optimizer's ``lr`` when ``fit`` starts times the schedule's factor at ``s``.  It is
+        recorded in ``History.config["lr_schedule"]`` and each epoch's ``lr``, saved in
+        checkpoints (a resumed run continues it bit-identically), and ``optimizer.lr`` is
+        the base rate again when ``fit`` returns.
+
     distributed : bool, default False
         Data-parallel training over MPI (:mod:`xpnet.distributed`; start the processes with
         ``mpiexec -n N``): every process holds the net and takes an even share of each global
@@ -269,7 +290,8 @@ class Trainer:
     def __init__(self, net, optimizer, *, batch_size: int = 100, epochs: int = 10, seed: int = 0,
                  progress: bool = True, eval_batch_size: int = 1000, log_every: int = 50,
                  checkpoint=None, checkpoint_every: int | None = None, compile=False,
-                 blas_threads: int | None = None, distributed: bool = False):
+                 blas_threads: int | None = None, distributed: bool = False,
+                 lr_schedule: Schedule | None = None):
         check_protocol("net", net, ("params", "loss", "accuracy", "device", "dtype"),
                        "an xpnet net (Sequential, TwoLayerNet, ...)")
         check_protocol("optimizer", optimizer, ("update", "state_dict"),
@@ -299,6 +321,15 @@ class Trainer:
                                                                             blas_threads)
         if speedups.threads_from_environment is not None:
             speedups.threads_from_environment()  # a bad XPNET_BLAS_THREADS: before any data
+        if lr_schedule is not None:
+            if not isinstance(lr_schedule, Schedule):
+                raise TypeError(f"lr_schedule must be an xpnet.schedules.Schedule (StepDecay, "
+                                f"CosineDecay) or None, got {type(lr_schedule).__name__}")
+            if not is_real(getattr(optimizer, "lr", None)):
+                raise TypeError(f"lr_schedule needs an optimizer with a number lr, "
+                                f"{type(optimizer).__name__} has none")
+        self.lr_schedule = lr_schedule
+        self._base_lr = None  # the optimizer's lr when a scheduled fit started (while it runs)
         # The compiled steps are made (and so checked) now, and kept: one trace per shape.
         self.compiled_steps = None if self.compile is None else CompiledSteps(
             net, optimizer, self.compile, self.batch_size)
@@ -386,7 +417,8 @@ class Trainer:
     def _settings(self, history: History) -> dict:
         """What a checkpoint must share with the run that resumes it (besides net and optimizer)."""
         return {"batch_size": self.batch_size, "seed": self.seed,
-                "train_samples": history.config.get("train_samples")}
+                "train_samples": history.config.get("train_samples"),
+                "lr_schedule": None if self.lr_schedule is None else self.lr_schedule.config()}
 
     def _net_config(self):
         return self.net.config() if hasattr(self.net, "config") else repr(self.net)
@@ -406,9 +438,12 @@ class Trainer:
                 self._write_checkpoint(path, position, history, params)
 
     def _write_checkpoint(self, path, position: _Position, history: History, params) -> None:
+        optimizer = self.optimizer.state_dict()
+        if self._base_lr is not None:  # a schedule's run: what it resumes from is the base rate
+            optimizer["hyper"] = {**optimizer["hyper"], "lr": self._base_lr}
         files.save_training(path, files.TrainingState(
             net=self._net_config(), trainer=self._settings(history),
-            optimizer=self.optimizer.state_dict(), history=history.to_dict(), params=params,
+            optimizer=optimizer, history=history.to_dict(), params=params,
             net_state=self.net.host_state() if hasattr(self.net, "host_state") else {},
             position={"epoch": position.epoch, "step": position.step,
                       "loss_sum": position.loss_sum, "rng_state": position.rng_state,
@@ -452,6 +487,7 @@ class Trainer:
                              "not a dict")
         mine, saved = self._settings(history), dict(state.trainer)
         saved.setdefault("train_samples", mine["train_samples"])  # not recorded before 0.2
+        saved.setdefault("lr_schedule", None)  # nor this
         if saved != mine:
             raise ValueError(f"{path}: the checkpoint was made with {state.trainer}, this "
                              f"trainer has {mine}; resume with the same settings and data")
@@ -514,7 +550,11 @@ class Trainer:
         with device_context(next(iter(self.net.params.values()), None)), \
                 self.team.guard(agreed=(DivergenceError,)):
             run = self._prepare_run(x_train, t_train, x_test, t_test, resume)
-            return self._epochs(run, on_epoch)
+            try:
+                return self._epochs(run, on_epoch)
+            finally:
+                if self._base_lr is not None:  # the base rate again (also on an error)
+                    self.optimizer.lr, self._base_lr = self._base_lr, None
 
     def _prepare_run(self, x_train, t_train, x_test, t_test, resume) -> _Run:
         """The run boundary: every check, the data moved, the way to run steps chosen."""
@@ -567,6 +607,7 @@ class Trainer:
             "net": repr(net), "optimizer": repr(self.optimizer), "batch_size": self.batch_size,
             "epochs": self.epochs, "seed": self.seed, "device": net.device, "dtype": net.dtype,
             "train_samples": x.shape[0], "compile": self.compile or False,
+            "lr_schedule": None if self.lr_schedule is None else self.lr_schedule.config(),
         })
         history.config["blas_threads"], history.config["thread_policy"] = (
             speedups.thread_policy(net, tuple(x.shape[1:]), self.batch_size, self.blas_threads,
@@ -575,12 +616,14 @@ class Trainer:
             else (None, "the BLAS library's own (no xpnet._fast)"))
         run = _Run(x, t, test, namespace(x=x), np.random.default_rng(self.seed), history,
                    _Position())
-        if resume is not None:
+        if resume is not None:  # (checked against the optimizer's lr: the base rate)
             run.position = self._restore(resume_path, resume, history)
             history.config["resumed_from"] = str(resume_path)
             run.rng.bit_generator.state = run.position.rng_state
         if self.team.distributed:
             history.config["processes"] = self.team.size
+        if self.lr_schedule is not None:
+            self._base_lr = float(self.optimizer.lr)
         return run
 
     def _epoch(self, run: _Run, epoch: int) -> dict:
@@ -612,8 +655,14 @@ class Trainer:
         while i < steps:
             if run.runner.version != getattr(run.layers, "version", 0):  # layers replaced
                 self._choose_runner(run)
-            count, chunk = run.runner.advance(run, order, i,
-                                              self._next_stop(i, steps, position.global_step, shown))
+            stop = self._next_stop(i, steps, position.global_step, shown)
+            if self._base_lr is not None:  # the schedule's rate for the steps up to stop
+                schedule = self.lr_schedule
+                self.optimizer.lr = self._base_lr * schedule.factor(
+                    position.global_step, steps, self.epochs * steps)
+                if schedule.per == "step":
+                    stop = i + 1
+            count, chunk = run.runner.advance(run, order, i, stop)
             losses.pending.append(chunk)
             i += count
             position.global_step += count
@@ -651,6 +700,7 @@ class Trainer:
                 *run.test, batch_size=self.eval_batch_size),
             "seconds": seconds,
             "samples_per_second": run.n / seconds if seconds > 0 else math.inf,
+            "lr": _lr_of(self.optimizer),
         }
 
 
