@@ -34,6 +34,7 @@ from ._checks import (
     check_protocol,
     check_seed,
     check_target_rows,
+    int_option,
     is_int,
     is_real,
     positive_int,
@@ -43,6 +44,7 @@ from .backend import (
     compiling_backend,
     device_context,
     dtype_name,
+    is_array,
     is_dtype,
     namespace,
     to_device,
@@ -122,6 +124,24 @@ class History:
         return cls(records=data["epochs"], config=config)
 
 
+# The forward pass's arrays of an evaluation batch stay under this (the default
+# eval_batch_size): DeepConvNet keeps about 1.3 MB per sample, so it evaluates in batches of
+# its training batch size (faster than 1000 there: the arrays fit the caches), SimpleConvNet
+# about 160 KB (batches of about 200), TwoLayerNet 4 KB (1000).
+EVAL_MEMORY = 32 << 20
+
+
+def _held_bytes(net) -> int:
+    """Bytes of the arrays a forward pass left in ``net``'s layers (besides parameters)."""
+    total = 0
+    for layer in getattr(net, "layers", {}).values():
+        params = set(getattr(layer, "param_names", ()))
+        for name, value in vars(layer).items():
+            if name not in params and is_array(value):
+                total += int(getattr(value, "nbytes", 0) or 0)
+    return total
+
+
 def _lr_of(optimizer) -> float | None:
     """The optimizer's learning rate as a float (the last step's, under a schedule), or None
     for an optimizer without a number ``lr``."""
@@ -166,6 +186,8 @@ class _Run:
     position: _Position
     interrupt: _DeferredInterrupt | None = None
     runner: runners.Runner | None = None  # how its steps run (chosen at the run boundary)
+    train_eval: tuple | None = None  # (x, t) of the training accuracy, None for none
+    eval_batch_size: int = 1000
     layers: object = None  # the net's Layers (their version says whether they were replaced)
 
     @property
@@ -230,8 +252,19 @@ class Trainer:
         gives the same history.
     progress : bool, default True
         A tqdm progress bar per epoch with the running loss (shown only on a terminal).
-    eval_batch_size : int, default 1000
-        Batch size of the accuracy evaluation.
+    eval_batch_size : int, optional
+        Batch size of the accuracy evaluation.  By default the larger of ``batch_size`` and
+        what keeps the forward pass's arrays under :data:`EVAL_MEMORY` bytes (measured on
+        the first sample; at most 1000): large batches for small nets, the training batch
+        for conv nets, whose evaluation is faster and smaller in batches that fit the caches.
+        The run's choice is in ``History.config["eval_batch_size"]``.
+    eval_every : int, default 1
+        Evaluate the accuracies every this many epochs (and always after the last); the
+        other epochs record None.
+    eval_train : int, optional
+        The training accuracy on a fixed sample of this many training samples (drawn once
+        with ``seed``, the same every epoch), 0 for none (None in the records); by default
+        on the whole training set.  The evaluation shows on the progress bar as it goes.
     log_every : int, default 50
         Steps between updates of the progress bar's running loss (each one a device read).
     checkpoint : path, optional
@@ -288,10 +321,12 @@ class Trainer:
     """
 
     def __init__(self, net, optimizer, *, batch_size: int = 100, epochs: int = 10, seed: int = 0,
-                 progress: bool = True, eval_batch_size: int = 1000, log_every: int = 50,
+                 progress: bool = True, eval_batch_size: int | None = None,
+                 log_every: int = 50,
                  checkpoint=None, checkpoint_every: int | None = None, compile=False,
                  blas_threads: int | None = None, distributed: bool = False,
-                 lr_schedule: Schedule | None = None):
+                 lr_schedule: Schedule | None = None, eval_every: int = 1,
+                 eval_train: int | None = None):
         check_protocol("net", net, ("params", "loss", "accuracy", "device", "dtype"),
                        "an xpnet net (Sequential, TwoLayerNet, ...)")
         check_protocol("optimizer", optimizer, ("update", "state_dict"),
@@ -302,7 +337,12 @@ class Trainer:
         self.epochs = positive_int("epochs", epochs)
         self.seed = check_seed(seed)
         self.progress = bool(progress)
-        self.eval_batch_size = positive_int("eval_batch_size", eval_batch_size)
+        self.eval_batch_size = (None if eval_batch_size is None
+                                else positive_int("eval_batch_size", eval_batch_size))
+        self.eval_every = positive_int("eval_every", eval_every)
+        if eval_train is not None:
+            eval_train = int_option("eval_train", eval_train, 0)
+        self.eval_train = eval_train
         self.log_every = positive_int("log_every", log_every)
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         if checkpoint_every is not None:
@@ -330,6 +370,7 @@ class Trainer:
                                 f"{type(optimizer).__name__} has none")
         self.lr_schedule = lr_schedule
         self._base_lr = None  # the optimizer's lr when a scheduled fit started (while it runs)
+        self._sample_bytes = 0  # what a forward pass keeps per sample (measured at the boundary)
         # The compiled steps are made (and so checked) now, and kept: one trace per shape.
         self.compiled_steps = None if self.compile is None else CompiledSteps(
             net, optimizer, self.compile, self.batch_size)
@@ -379,6 +420,7 @@ class Trainer:
         sample = to_device(x[:1, ...], net.device, dtype=net.dtype)
         try:
             scores = predict(sample)
+            self._sample_bytes = _held_bytes(net)  # what its forward keeps, per sample
         except (ValueError, TypeError) as exc:
             kind = type(exc) if isinstance(exc, TypeError) and not isinstance(
                 exc, ValueError) else ValueError
@@ -624,7 +666,23 @@ class Trainer:
             history.config["processes"] = self.team.size
         if self.lr_schedule is not None:
             self._base_lr = float(self.optimizer.lr)
+        run.eval_batch_size = self.eval_batch_size or max(
+            self.batch_size, min(1000, EVAL_MEMORY // max(1, self._sample_bytes)))
+        run.train_eval = self._train_sample(run)
+        history.config.update(eval_batch_size=run.eval_batch_size, eval_every=self.eval_every,
+                              eval_train=self.eval_train)
         return run
+
+    def _train_sample(self, run: _Run) -> tuple | None:
+        """The training data of the training accuracy: all of it, a fixed sample of
+        ``eval_train`` (the same on every backend and process), or None."""
+        if self.eval_train is None or self.eval_train >= run.n:
+            return run.x, run.t
+        if self.eval_train == 0:
+            return None
+        ids = np.sort(np.random.default_rng([self.seed, 1]).permutation(run.n)[:self.eval_train])
+        ids = to_device(ids, self.net.device, dtype="int64")
+        return run.xp.take(run.x, ids, axis=0), run.xp.take(run.t, ids, axis=0)
 
     def _epoch(self, run: _Run, epoch: int) -> dict:
         """Train one epoch (from where the run is) and evaluate; returns the epoch's record."""
@@ -636,7 +694,7 @@ class Trainer:
             start = time.perf_counter()
             self._steps(run, epoch, bar)
             seconds = time.perf_counter() - start
-            record = self._record(run, epoch, seconds)
+            record = self._record(run, epoch, seconds, bar)
             bar.done(record)
         finally:
             bar.close()  # also on Ctrl-C or divergence
@@ -689,19 +747,37 @@ class Trainer:
             stop = min(stop, (i // self.log_every + 1) * self.log_every)
         return stop
 
-    def _record(self, run: _Run, epoch: int, seconds: float) -> dict:
-        """The epoch's record: its mean loss and the accuracies, evaluated in batches."""
-        accuracy = run.runner.accuracy
+    def _record(self, run: _Run, epoch: int, seconds: float, bar: _Progress) -> dict:
+        """The epoch's record: its mean loss and the accuracies (every ``eval_every`` epochs
+        and after the last), evaluated in batches with the bar showing how far."""
+        due = epoch % self.eval_every == 0 or epoch == self.epochs
+        train = run.train_eval if due else None
         return {
             "epoch": epoch,
             "train_loss": run.position.loss_sum / run.n,
-            "train_accuracy": accuracy(run.x, run.t, batch_size=self.eval_batch_size),
-            "test_accuracy": None if run.test is None else accuracy(
-                *run.test, batch_size=self.eval_batch_size),
+            "train_accuracy": None if train is None else self._accuracy(run, *train, "train",
+                                                                        bar),
+            "test_accuracy": None if run.test is None or not due else self._accuracy(
+                run, *run.test, "test", bar),
             "seconds": seconds,
             "samples_per_second": run.n / seconds if seconds > 0 else math.inf,
             "lr": _lr_of(self.optimizer),
         }
+
+
+    def _accuracy(self, run: _Run, x, t, what: str, bar: _Progress) -> float:
+        """The runner's accuracy on ``(x, t)``, a few evaluation batches at a time so that
+        the bar can say how far it is."""
+        n, batch = x.shape[0], run.eval_batch_size
+        chunk = batch * max(1, math.ceil(n / batch / 20))  # about 20 updates of the bar
+        correct = 0
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            bar.evaluating(what, start, n)
+            fraction = run.runner.accuracy(x[start:stop, ...], t[start:stop, ...],
+                                           batch_size=batch)
+            correct += round(fraction * (stop - start))  # exact: a count over stop - start
+        return correct / n
 
 
 class _Progress:
@@ -724,11 +800,16 @@ class _Progress:
     def loss(self, value: float) -> None:
         self.bar.set_postfix(loss=f"{value:.4f}", refresh=False)
 
+    def evaluating(self, what: str, done: int, total: int) -> None:
+        if self.shown:
+            self.bar.set_postfix_str(f"evaluating {what} accuracy {done}/{total}")
+
     def done(self, record: dict) -> None:
-        self.bar.set_postfix(loss=f"{record['train_loss']:.4f}",
-                             train_acc=f"{record['train_accuracy']:.4f}",
-                             **({"test_acc": f"{record['test_accuracy']:.4f}"} if self.test
-                                else {}))
+        shown = {"loss": f"{record['train_loss']:.4f}"}
+        for key, name in (("train_accuracy", "train_acc"), ("test_accuracy", "test_acc")):
+            if record[key] is not None:
+                shown[name] = f"{record[key]:.4f}"
+        self.bar.set_postfix(**shown)
 
     def close(self) -> None:
         self.bar.close()
