@@ -713,7 +713,41 @@ def describe() -> list:
     return lines
 
 
+def _pool_kernels(x):
+    """The compiled max-pooling kernels for x (a float32 or float64 NumPy array, any
+    strides: a convolution's output is a transposed view), or None where they do not apply
+    or numba is not there."""
+    if type(x) is not np.ndarray or x.dtype not in (np.float32, np.float64):
+        return None
+    return fused_module()
+
+
+def max_pool(x, pool_h: int, pool_w: int, stride: int, pad: int, oh: int, ow: int):
+    """``(out, arg)`` of :class:`xpnet.Pooling`'s max mode in one pass over x, or
+    NotImplemented (:data:`xpnet.speedups.max_pool`)."""
+    fused = _pool_kernels(x)
+    if fused is None:
+        return NotImplemented
+    out = np.empty((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype)
+    arg = np.empty(out.shape, dtype=np.int32)
+    fused.max_pool(x, pool_h, pool_w, stride, pad, out, arg)
+    return out, arg
+
+
+def max_pool_backward(dout, arg, x_shape: tuple, pool_w: int, stride: int, pad: int):
+    """dx of :class:`xpnet.Pooling`'s max mode, or NotImplemented
+    (:data:`xpnet.speedups.max_pool_backward`)."""
+    fused = _pool_kernels(dout)
+    if fused is None or type(arg) is not np.ndarray:
+        return NotImplemented
+    dx = np.zeros(x_shape, dtype=dout.dtype)
+    fused.max_pool_backward(dout, arg, pool_w, stride, pad, dx)
+    return dx
+
+
 speedups.affine = _affine_kernel
+speedups.max_pool = max_pool
+speedups.max_pool_backward = max_pool_backward
 speedups.sgd_step = sgd_train_step
 speedups.thread_policy = thread_policy
 speedups.blas_threads = blas_threads

@@ -228,3 +228,57 @@ def mlp_steps(address, x, t, order, start, stop, batch, Ws, bs, acts, ds, sigmoi
                 _activation_backward(ds[i], acts[i], m, sigmoid, gbs[i - 1])
             _update_layer(address, acts[i], ds[i + 1], Ws[i], bs[i], m, lr, decay, momentum,
                           vWs[i], vbs[i], gWs[i], gbs[i])
+
+
+# -- max pooling: each window's maximum and its offset in one pass, the gradient back in one --
+
+
+@njit(cache=True)
+def max_pool(x, ph, pw, stride, pad, out, arg):
+    """Max pooling of x (N, C, H, W) into out (N, C, OH, OW), with ``arg`` the offset
+    ``i * pw + j`` of each window's maximum.  The same arithmetic as the portable
+    :class:`xpnet.Pooling` (padding cells are -inf; a later element wins only if strictly
+    larger; a NaN makes the maximum NaN and leaves its offset where it was).  Without
+    branches on the data (a comparison of random values mispredicts half the time)."""
+    n, c, h, w = x.shape
+    oh, ow = out.shape[2], out.shape[3]
+    for a in range(n):
+        for b in range(c):
+            for r in range(oh):
+                for q in range(ow):
+                    r0, q0 = r * stride - pad, q * stride - pad
+                    best = x[a, b, r0, q0] if r0 >= 0 and q0 >= 0 else -np.inf
+                    where = 0
+                    for i in range(ph):  # (0, 0) again: neither larger nor a new NaN
+                        row = r0 + i
+                        for j in range(pw):
+                            col = q0 + j
+                            if pad == 0 or (0 <= row < h and 0 <= col < w):
+                                v = x[a, b, row, col]
+                            else:
+                                v = -np.inf
+                            larger = v > best
+                            nan = (v != v) & (best == best)
+                            where = i * pw + j if larger else where
+                            best = v if larger | nan else best
+                    out[a, b, r, q] = best
+                    arg[a, b, r, q] = where
+
+
+@njit(cache=True)
+def max_pool_backward(dout, arg, pw, stride, pad, dx):
+    """The gradient of :func:`max_pool`: each window's ``dout`` added onto its maximum's
+    position in dx (N, C, H, W), which the caller zeroed (a padding cell's is dropped)."""
+    n, c, oh, ow = dout.shape
+    h, w = dx.shape[2], dx.shape[3]
+    for a in range(n):
+        for b in range(c):
+            # Windows last to first: where they overlap, a position's contributions add up in
+            # the portable code's order (by offset in the window: the later window first).
+            for r in range(oh - 1, -1, -1):
+                for q in range(ow - 1, -1, -1):
+                    k = arg[a, b, r, q]
+                    row = r * stride + k // pw - pad
+                    col = q * stride + k % pw - pad
+                    if 0 <= row < h and 0 <= col < w:
+                        dx[a, b, row, col] += dout[a, b, r, q]

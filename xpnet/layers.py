@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import math
 
-
+from . import speedups
 from ._checks import (
     check_affine_input,
     check_array,
@@ -723,11 +723,16 @@ class Pooling(Layer):
         xp = namespace(x)
         window = (self.pool_h, self.pool_w)
         oh, ow = _windows(self, x.shape, *window)
+        self.x_shape = tuple(x.shape)
+        if self.mode == "max" and speedups.max_pool is not None:  # one pass, where it can
+            fast = speedups.max_pool(x, *window, self.stride, self.pad, oh, ow)
+            if fast is not NotImplemented:
+                out, self.arg = fast
+                return out
         padded = pad_spatial(xp, x, self.pad, -math.inf if self.mode == "max" else 0.0)
         # One strided view per window offset: k elementwise passes, no (..., k) stack to reduce.
         pieces = [padded[:, :, rows, cols]
                   for rows, cols in window_slices(*window, self.stride, oh, ow)]
-        self.x_shape = tuple(x.shape)
         if self.mode == "avg":
             return sum(pieces[1:], pieces[0]) / len(pieces)
         out, arg = pieces[0], xp.zeros(pieces[0].shape, dtype=xp.int32, device=native_device(x))
@@ -744,6 +749,11 @@ class Pooling(Layer):
         if self.mode == "avg":  # d mean / d x_i = 1 / k for each of the k positions
             pieces = [dout / k] * k
         else:  # d max / d x_i = 1 at the chosen maximum, 0 elsewhere
+            if speedups.max_pool_backward is not None:
+                fast = speedups.max_pool_backward(dout, self.arg, self.x_shape, self.pool_w,
+                                                  self.stride, self.pad)
+                if fast is not NotImplemented:
+                    return fast
             zero = xp.zeros((), dtype=dout.dtype, device=native_device(dout))
             pieces = [xp.where(self.arg == i, dout, zero) for i in range(k)]
         return add_at_windows(xp, pieces, self.x_shape, self.pool_h, self.pool_w, self.stride,

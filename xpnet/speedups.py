@@ -12,6 +12,13 @@ from __future__ import annotations
 # NotImplemented for arrays it does not take.
 affine = None
 
+# (x, pool_h, pool_w, stride, pad, oh, ow) -> (out, arg) of max pooling (arg: each window's
+# maximum's offset i * pool_w + j, int32), the portable Pooling's arithmetic; or NotImplemented
+max_pool = None
+
+# (dout, arg, x_shape, pool_w, stride, pad) -> dx of max pooling; or NotImplemented
+max_pool_backward = None
+
 # (net, x, t, optimizer, checked) -> loss: a plain-SGD step of a Sequential net with the
 # update fused into its backward pass (checked: through the layers' checked methods).
 sgd_step = None

@@ -1,0 +1,71 @@
+"""The compiled max-pooling kernels of the speed module give exactly what the portable
+Pooling computes: the same maxima, the same offsets (ties, NaN, -inf, padding), the same
+gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import xpnet
+from xpnet import _fast, speedups
+
+pytestmark = pytest.mark.skipif(_fast.fused_module() is None,
+                                reason="numba is not installed (the extra fast)")
+
+CASES = [  # (pool_h, pool_w, stride, pad, H, W)
+    (2, 2, 2, 0, 24, 24), (2, 2, 2, 0, 7, 9), (3, 3, 2, 1, 14, 14), (3, 2, 1, 1, 5, 6),
+    (1, 1, 1, 0, 4, 4), (4, 4, 3, 2, 9, 10), (2, 3, 3, 0, 8, 8),
+]
+
+
+def _portable(monkeypatch, layer, x, dout):
+    with monkeypatch.context() as m:
+        m.setattr(speedups, "max_pool", None)
+        m.setattr(speedups, "max_pool_backward", None)
+        out = layer.forward(x)
+        return np.array(out), np.array(layer.arg), layer.backward(dout)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("values", ["random", "ties", "special"])
+def test_the_kernels_equal_the_portable_pooling(monkeypatch, case, dtype, values):
+    ph, pw, stride, pad, h, w = case
+    rng = np.random.default_rng(hash((case, values)) % 2**32)
+    x = rng.standard_normal((3, 2, h, w)).astype(dtype)
+    if values == "ties":
+        x = np.round(x).astype(dtype)  # many equal maxima in a window
+    elif values == "special":
+        x.flat[rng.integers(0, x.size, 6)] = np.nan
+        x.flat[rng.integers(0, x.size, 6)] = -np.inf
+        x[0, 0] = -np.inf  # whole windows of -inf (padding cells among them)
+    layer = xpnet.Pooling(ph, pw, stride=stride, pad=pad)
+    oh = (h + 2 * pad - ph) // stride + 1
+    ow = (w + 2 * pad - pw) // stride + 1
+    dout = rng.standard_normal((3, 2, oh, ow)).astype(dtype)
+    out, arg, dx = _portable(monkeypatch, layer, x, dout)
+    fast_out = layer.forward(x)
+    assert type(fast_out) is np.ndarray and not np.shares_memory(fast_out, x)
+    np.testing.assert_array_equal(fast_out, out)  # NaN where NaN
+    np.testing.assert_array_equal(layer.arg, arg)
+    np.testing.assert_array_equal(layer.backward(dout), dx)
+
+
+def test_arrays_the_kernels_do_not_take_go_the_portable_way():
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    assert speedups.max_pool(x.astype(np.float16), 2, 2, 2, 0, 4, 4) is NotImplemented
+    assert speedups.max_pool(x.tolist(), 2, 2, 2, 0, 4, 4) is NotImplemented
+
+
+def test_strided_views_take_the_kernels(monkeypatch):
+    """A convolution's output is a transposed view: the kernels read any strides."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 2, 8, 10)).astype(np.float32).transpose(1, 0, 2, 3)[:, :, :, ::2]
+    dout = rng.standard_normal((3, 2, 4, 3)).astype(np.float32).transpose(1, 0, 2, 3)
+    layer = xpnet.Pooling(3, 2, stride=2, pad=1)
+    out, arg, dx = _portable(monkeypatch, layer, x, dout)
+    assert speedups.max_pool(x, 3, 2, 2, 1, 4, 3) is not NotImplemented
+    np.testing.assert_array_equal(layer.forward(x), out)
+    np.testing.assert_array_equal(layer.arg, arg)
+    np.testing.assert_array_equal(layer.backward(dout), dx)
