@@ -69,3 +69,4 @@ def test_strided_views_take_the_kernels(monkeypatch):
     np.testing.assert_array_equal(layer.forward(x), out)
     np.testing.assert_array_equal(layer.arg, arg)
     np.testing.assert_array_equal(layer.backward(dout), dx)
+

@@ -34,3 +34,7 @@ threads_from_environment = None
 
 # () -> [lines]: what the speed module has found on this machine (``xpnet info``)
 describe = None
+
+# () -> a context manager for a fit's steps: the allocator keeps freed memory for the next step
+# (glibc's mallopt); it yields what it did in words, or None
+training_memory = None

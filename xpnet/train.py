@@ -614,7 +614,10 @@ class Trainer:
         threads = run.history.config["blas_threads"]
         with _DeferredInterrupt(self.checkpoint is not None) as run.interrupt, \
                 (speedups.blas_threads(threads) if speedups.blas_threads is not None
-                 else contextlib.nullcontext()):
+                 else contextlib.nullcontext()), \
+                (speedups.training_memory() if speedups.training_memory is not None
+                 else contextlib.nullcontext()) as allocator:
+            run.history.config["allocator"] = allocator or "the system's, as it is"
             for epoch in range(run.position.epoch, self.epochs + 1):
                 record = self._epoch(run, epoch)
                 run.history.records.append(record)
