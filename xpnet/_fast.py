@@ -506,13 +506,14 @@ def blas_threads(threads: int | None):
 # frees arrays of a few MB (im2col's columns, activations, gradients); with glibc's defaults
 # each one is a fresh mmap whose pages fault in when first written (costly in a virtual
 # machine: SimpleConvNet's epoch took 1.37 s instead of 1.01 s on 5000 images), or the heap's
-# top is trimmed and grown again.  Within a fit, arrays up to MMAP_FROM come from the heap and
-# up to KEEP_FREED of freed memory stays with the process for the next step; after it, the
-# defaults' fixed values are set back and the free memory is returned (malloc_trim).
+# top is trimmed and grown again.  From the first fit on, arrays up to MMAP_FROM come from the
+# heap and up to KEEP_FREED of freed memory stays with the process for the next step: where
+# glibc's own adaptive thresholds end up in a process that frees arrays of 32 MB (setting
+# them fixes them; setting the defaults back would leave the process slower than before, as
+# glibc would no longer adapt them).  After each fit the free memory is returned (malloc_trim).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 MMAP_FROM = 32 << 20  # glibc's maximum on 64-bit systems
 KEEP_FREED = 64 << 20
-_GLIBC_DEFAULT = 128 << 10
 
 
 def _glibc():
@@ -533,8 +534,9 @@ def _glibc():
 @contextlib.contextmanager
 def training_memory():
     """Within the block (a fit), freed memory is kept for the next step (see
-    :data:`KEEP_FREED`); yields what it did, in words, or None where it did nothing (not
-    glibc, or ``XPNET_NO_MALLOC_TUNING=1``)."""
+    :data:`KEEP_FREED`), and what is free is returned to the system at its end; yields what
+    it did, in words, or None where it did nothing (not glibc, or
+    ``XPNET_NO_MALLOC_TUNING=1``)."""
     libc = None if env_flag("XPNET_NO_MALLOC_TUNING") else _glibc()
     if libc is None:
         yield None
@@ -545,8 +547,6 @@ def training_memory():
         yield (f"glibc: arrays up to {MMAP_FROM >> 20} MiB from the heap, {KEEP_FREED >> 20} "
                "MiB of freed memory kept between steps")
     finally:
-        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)
-        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT)
         libc.malloc_trim(0)
 
 
