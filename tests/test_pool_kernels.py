@@ -70,3 +70,19 @@ def test_strided_views_take_the_kernels(monkeypatch):
     np.testing.assert_array_equal(layer.arg, arg)
     np.testing.assert_array_equal(layer.backward(dout), dx)
 
+
+
+@pytest.mark.parametrize("hw", [(8, 10), (9, 7)])
+def test_the_books_windows_on_a_convolutions_output(monkeypatch, hw):
+    """2 x 2, stride 2 (the unrolled kernels) on a transposed view with odd sizes too: the
+    uncovered last row or column gets a zero gradient."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4, 3, *hw)).astype(np.float32).transpose(1, 0, 2, 3)
+    x[0, 0, 0, :4] = 1.0  # ties
+    layer = xpnet.Pooling(2, 2)
+    dout = rng.standard_normal((4, 3, hw[0] // 2, hw[1] // 2)).astype(np.float32)
+    dout = dout.transpose(1, 0, 2, 3)
+    out, arg, dx = _portable(monkeypatch, layer, x, dout)
+    np.testing.assert_array_equal(layer.forward(x), out)
+    np.testing.assert_array_equal(layer.arg, arg)
+    np.testing.assert_array_equal(layer.backward(dout), dx)

@@ -781,16 +781,24 @@ def max_pool(x, pool_h: int, pool_w: int, stride: int, pad: int, oh: int, ow: in
         return NotImplemented
     out = np.empty((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype)
     arg = np.empty(out.shape, dtype=np.int32)
-    fused.max_pool(x, pool_h, pool_w, stride, pad, out, arg)
+    if (pool_h, pool_w, stride, pad) == (2, 2, 2, 0):  # the book's: unrolled
+        fused.max_pool_2x2(x, out, arg)
+    else:
+        fused.max_pool(x, pool_h, pool_w, stride, pad, out, arg)
     return out, arg
 
 
-def max_pool_backward(dout, arg, x_shape: tuple, pool_w: int, stride: int, pad: int):
+def max_pool_backward(dout, arg, x_shape: tuple, pool_h: int, pool_w: int, stride: int,
+                      pad: int):
     """dx of :class:`xpnet.Pooling`'s max mode, or NotImplemented
     (:data:`xpnet.speedups.max_pool_backward`)."""
     fused = _pool_kernels(dout)
     if fused is None or type(arg) is not np.ndarray:
         return NotImplemented
+    if (pool_h, pool_w, stride, pad) == (2, 2, 2, 0):
+        dx = np.empty(x_shape, dtype=dout.dtype)  # every element written
+        fused.max_pool_2x2_backward(dout, arg, dx)
+        return dx
     dx = np.zeros(x_shape, dtype=dout.dtype)
     fused.max_pool_backward(dout, arg, pool_w, stride, pad, dx)
     return dx

@@ -750,8 +750,8 @@ class Pooling(Layer):
             pieces = [dout / k] * k
         else:  # d max / d x_i = 1 at the chosen maximum, 0 elsewhere
             if speedups.max_pool_backward is not None:
-                fast = speedups.max_pool_backward(dout, self.arg, self.x_shape, self.pool_w,
-                                                  self.stride, self.pad)
+                fast = speedups.max_pool_backward(dout, self.arg, self.x_shape, self.pool_h,
+                                                  self.pool_w, self.stride, self.pad)
                 if fast is not NotImplemented:
                     return fast
             zero = xp.zeros((), dtype=dout.dtype, device=native_device(dout))

@@ -16,7 +16,7 @@ affine = None
 # maximum's offset i * pool_w + j, int32), the portable Pooling's arithmetic; or NotImplemented
 max_pool = None
 
-# (dout, arg, x_shape, pool_w, stride, pad) -> dx of max pooling; or NotImplemented
+# (dout, arg, x_shape, pool_h, pool_w, stride, pad) -> dx of max pooling; or NotImplemented
 max_pool_backward = None
 
 # (net, x, t, optimizer, checked) -> loss: a plain-SGD step of a Sequential net with the
