@@ -1,14 +1,18 @@
-"""One epoch of the book's SimpleConvNet (batch 100): xpnet against the book's im2col NumPy
-code (written below in its style, not part of the library) and PyTorch eager, interleaved,
-with the floor: the convolution's and the affine layers' matrix products alone.
+"""One epoch of the book's SimpleConvNet or DeepConvNet (batch 100): xpnet against the book's
+im2col NumPy code (written below in its style, not part of the library; SimpleConvNet only)
+and PyTorch eager, interleaved, with the floor: the convolutions' and the affine layers'
+matrix products alone.
 
     python benchmarks/bench_conv.py                       # CPU, 60000 samples, 3 rounds
     python benchmarks/bench_conv.py --samples 10000 --rounds 5
+    python benchmarks/bench_conv.py --model deepconvnet --samples 2000
     python benchmarks/bench_conv.py --backends cpu cuda   # with a GPU: CuPy and torch CUDA
 
-Every contender trains SimpleConvNet (conv 30 5x5, ReLU, 2x2 max pool, Affine 100, ReLU,
-Affine 10) with plain SGD on the same random 28x28 images, float32; each round runs every
-contender once, in turn, after a warm-up round; the table gives medians.
+SimpleConvNet: conv 30 5x5, ReLU, 2x2 max pool, Affine 100, ReLU, Affine 10.  DeepConvNet
+(chapter 8): six 3x3 convolutions (16, 16, 32, 32, 64, 64 filters, pad 1 but 2 for the
+fourth) with ReLU and a 2x2 max pool after each pair, Affine 50, ReLU, Dropout 0.5, Affine 10,
+Dropout 0.5.  Every contender trains with plain SGD on the same random 28x28 images, float32;
+each round runs every contender once, in turn, after a warm-up round; the table gives medians.
 """
 
 from __future__ import annotations
@@ -181,8 +185,25 @@ class BookSimpleConvNet:
 # -- contenders: each returns a function that runs one epoch and returns its seconds ----------
 
 
-def xpnet_epoch(device, x, t, batch):
-    net = xpnet.SimpleConvNet(device=device)
+# DeepConvNet's convolutions: (channels in, filters, pad)
+DEEP = [(1, 16, 1), (16, 16, 1), (16, 32, 1), (32, 32, 2), (32, 64, 1), (64, 64, 1)]
+DEEP_HIDDEN = 50
+
+
+def _deep_shapes():
+    """(channels in, filters, output side) of DeepConvNet's convolutions on 28 x 28 images."""
+    side, shapes = 28, []
+    for i, (c, f, pad) in enumerate(DEEP):
+        side = side + 2 * pad - 2
+        shapes.append((c, f, side))
+        if i % 2 == 1:
+            side //= 2
+    return shapes, side
+
+
+def xpnet_epoch(device, x, t, batch, model="convnet"):
+    net = (xpnet.DeepConvNet(device=device) if model == "deepconvnet"
+           else xpnet.SimpleConvNet(device=device))
     trainer = xpnet.Trainer(net, xpnet.SGD(LR), batch_size=batch, epochs=1, progress=False)
     xd, td = to_device(x, device), to_device(t, device)
     return lambda: trainer.fit(xd, td).seconds[0]
@@ -205,14 +226,25 @@ def book_epoch(x, t, batch):
     return run
 
 
-def torch_epoch(device, x, t, batch):
+def torch_epoch(device, x, t, batch, which="convnet"):
     import torch
 
     torch.manual_seed(0)
     nn = torch.nn
-    model = nn.Sequential(nn.Conv2d(1, FN, FS), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                          nn.Linear(FN * 12 * 12, HIDDEN), nn.ReLU(),
-                          nn.Linear(HIDDEN, CLASSES)).to(device)
+    if which == "deepconvnet":
+        layers = []
+        for i, (c, f, pad) in enumerate(DEEP):
+            layers += [nn.Conv2d(c, f, 3, padding=pad), nn.ReLU()]
+            if i % 2 == 1:
+                layers.append(nn.MaxPool2d(2))
+        side = _deep_shapes()[1]
+        layers += [nn.Flatten(), nn.Linear(64 * side * side, DEEP_HIDDEN), nn.ReLU(),
+                   nn.Dropout(0.5), nn.Linear(DEEP_HIDDEN, CLASSES), nn.Dropout(0.5)]
+        model = nn.Sequential(*layers).to(device)
+    else:
+        model = nn.Sequential(nn.Conv2d(1, FN, FS), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                              nn.Linear(FN * 12 * 12, HIDDEN), nn.ReLU(),
+                              nn.Linear(HIDDEN, CLASSES)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     xd, td = torch.as_tensor(x, device=device), torch.as_tensor(t, device=device)
     gen = torch.Generator().manual_seed(0)
@@ -238,7 +270,7 @@ def torch_epoch(device, x, t, batch):
     return run
 
 
-def floor_epoch(device, n, batch):
+def floor_epoch(device, n, batch, model="convnet"):
     """The products of every step alone, on preallocated arrays: the convolution (the im2col
     rows times the filters, and dW), the two affine layers (forward, dW, dx of the second);
     the first layer's dx (the data's) is not computed by anyone."""
@@ -247,6 +279,9 @@ def floor_epoch(device, n, batch):
 
     def arr(*shape):
         return to_device(rng.random(shape, dtype=np.float32), dev)
+
+    if model == "deepconvnet":
+        return _deep_floor(dev, arr, n, batch)
 
     col, w1 = arr(batch * 24 * 24, FS * FS), arr(FS * FS, FN)
     dconv = arr(batch * 24 * 24, FN)
@@ -268,17 +303,46 @@ def floor_epoch(device, n, batch):
     return run
 
 
-def _contenders(backends, x, t, batch, has_torch):
+def _deep_floor(dev, arr, n, batch):
+    """DeepConvNet's products: per convolution the im2col rows times the filters, dW, and dx
+    (not the first's); the two affine layers' forward, dW and dx."""
+    shapes, side = _deep_shapes()
+    products = []  # (a, b): a @ b each step
+    for i, (c, f, out) in enumerate(shapes):
+        m, k = batch * out * out, c * 9
+        col, w, d = arr(m, k), arr(k, f), arr(m, f)
+        products += [(col, w), (col.T, d)] + ([(d, w.T)] if i else [])
+    h0, w1 = arr(batch, 64 * side * side), arr(64 * side * side, DEEP_HIDDEN)
+    h1, w2 = arr(batch, DEEP_HIDDEN), arr(DEEP_HIDDEN, CLASSES)
+    d2, d1 = arr(batch, CLASSES), arr(batch, DEEP_HIDDEN)
+    products += [(h0, w1), (h1, w2), (h1.T, d2), (d2, w2.T), (h0.T, d1), (d1, w1.T)]
+    xp = dev.xp
+    steps = -(-n // batch)
+
+    def run():
+        start = time.perf_counter()
+        for _ in range(steps):
+            for a, b in products:
+                a @ b
+        if dev.library in ("cupy", "torch"):
+            float(xp.sum(w1[0, 0:1]))  # wait for the device
+        return time.perf_counter() - start
+
+    return run
+
+
+def _contenders(backends, x, t, batch, has_torch, model="convnet"):
     runs = {}
     for dev in backends:
         host = "cuda" if "cuda" in dev.split(":") else "cpu"
-        runs[f"xpnet {dev}"] = (xpnet_epoch(dev, x, t, batch), host)
-        if dev == "cpu":
+        runs[f"xpnet {dev}"] = (xpnet_epoch(dev, x, t, batch, model), host)
+        if dev == "cpu" and model == "convnet":
             runs["book's NumPy (im2col)"] = (book_epoch(x, t, batch), host)
         if has_torch and dev in ("cpu", "cuda"):
-            runs[f"PyTorch eager {dev}"] = (torch_epoch(dev, x, t, batch), host)
+            runs[f"PyTorch eager {dev}"] = (torch_epoch(dev, x, t, batch, model), host)
         if dev in ("cpu", "cuda"):
-            runs[f"floor {dev} (products only)"] = (floor_epoch(dev, x.shape[0], batch), host)
+            runs[f"floor {dev} (products only)"] = (
+                floor_epoch(dev, x.shape[0], batch, model), host)
     return runs
 
 
@@ -299,6 +363,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=60000)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--model", choices=["convnet", "deepconvnet"], default="convnet")
     args = ap.parse_args()
     for dev in args.backends:
         try:
@@ -311,10 +376,11 @@ def main() -> None:
     except ImportError:
         has_torch = False
     x, t = make_data(args.samples)
-    runs = _contenders(args.backends, x, t, args.batch_size, has_torch)
+    runs = _contenders(args.backends, x, t, args.batch_size, has_torch, args.model)
     med = _time_rounds(runs, args.rounds)
     print(describe())
-    print(f"- SimpleConvNet, {args.samples} samples, batch {args.batch_size}, SGD, float32; "
+    name = {"convnet": "SimpleConvNet", "deepconvnet": "DeepConvNet"}[args.model]
+    print(f"- {name}, {args.samples} samples, batch {args.batch_size}, SGD, float32; "
           f"median of {args.rounds} interleaved rounds after a warm-up\n")
     print("| contender | epoch | samples/s | vs floor | vs xpnet | vs PyTorch eager |")
     print("|---|---:|---:|---:|---:|---:|")
