@@ -764,6 +764,24 @@ def describe() -> list:
     return lines
 
 
+def im2col(x, fh: int, fw: int, stride: int, pad: int):
+    """:func:`xpnet.functional.im2col` of a NumPy array as one strided copy: the windows are a
+    view (``sliding_window_view``), copied once into the columns' row-major layout
+    (:data:`xpnet.speedups.im2col`; the portable code stacks one slice per window offset,
+    whose result NumPy lays out like its inputs, and reshaping that copies it a second time).
+    NotImplemented for other arrays."""
+    if type(x) is not np.ndarray:
+        return NotImplemented
+    n, c = x.shape[0], x.shape[1]
+    padded = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad))) if pad else x
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (fh, fw), axis=(2, 3))
+    windows = windows[:, :, ::stride, ::stride]  # (N, C, OH, OW, fh, fw)
+    oh, ow = windows.shape[2], windows.shape[3]
+    col = np.empty((c, fh, fw, n, oh, ow), dtype=x.dtype)
+    col[...] = windows.transpose(1, 4, 5, 0, 2, 3)
+    return col.reshape(c * fh * fw, n * oh * ow)
+
+
 def _pool_kernels(x):
     """The compiled max-pooling kernels for x (a float32 or float64 NumPy array, any
     strides: a convolution's output is a transposed view), or None where they do not apply
@@ -806,6 +824,7 @@ def max_pool_backward(dout, arg, x_shape: tuple, pool_h: int, pool_w: int, strid
 
 speedups.training_memory = training_memory
 speedups.affine = _affine_kernel
+speedups.im2col = im2col
 speedups.max_pool = max_pool
 speedups.max_pool_backward = max_pool_backward
 speedups.sgd_step = sgd_train_step

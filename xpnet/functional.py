@@ -231,6 +231,10 @@ def im2col(xp, x, fh: int, fw: int, stride: int = 1, pad: int = 0):
     book's im2col matrix, transposed).  Padding with zeros by array-api-extra's ``pad``; the
     windows by strided slicing of the (C, N, H, W) view, stacked once (no integer-array
     indexing; each slice copies whole rows, which is why this layout is the fast one)."""
+    if speedups.im2col is not None:  # NumPy: one strided copy
+        col = speedups.im2col(x, fh, fw, stride, pad)
+        if col is not NotImplemented:
+            return col
     n, c, h, w = x.shape
     oh, ow = conv_output_size(h, fh, stride, pad), conv_output_size(w, fw, stride, pad)
     xt = xp.permute_dims(pad_spatial(xp, x, pad), (1, 0, 2, 3))  # (C, N, Hp, Wp)

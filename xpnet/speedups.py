@@ -12,6 +12,9 @@ from __future__ import annotations
 # NotImplemented for arrays it does not take.
 affine = None
 
+# (x, fh, fw, stride, pad) -> functional.im2col's columns (C fh fw, N OH OW), or NotImplemented
+im2col = None
+
 # (x, pool_h, pool_w, stride, pad, oh, ow) -> (out, arg) of max pooling (arg: each window's
 # maximum's offset i * pool_w + j, int32), the portable Pooling's arithmetic; or NotImplemented
 max_pool = None

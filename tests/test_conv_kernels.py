@@ -10,7 +10,7 @@ import pytest
 import xpnet
 from xpnet import _fast, speedups
 
-pytestmark = pytest.mark.skipif(_fast.fused_module() is None,
+needs_numba = pytest.mark.skipif(_fast.fused_module() is None,
                                 reason="numba is not installed (the extra fast)")
 
 CASES = [  # (pool_h, pool_w, stride, pad, H, W)
@@ -27,6 +27,7 @@ def _portable(monkeypatch, layer, x, dout):
         return np.array(out), np.array(layer.arg), layer.backward(dout)
 
 
+@needs_numba
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("values", ["random", "ties", "special"])
@@ -52,12 +53,14 @@ def test_the_kernels_equal_the_portable_pooling(monkeypatch, case, dtype, values
     np.testing.assert_array_equal(layer.backward(dout), dx)
 
 
+@needs_numba
 def test_arrays_the_kernels_do_not_take_go_the_portable_way():
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
     assert speedups.max_pool(x.astype(np.float16), 2, 2, 2, 0, 4, 4) is NotImplemented
     assert speedups.max_pool(x.tolist(), 2, 2, 2, 0, 4, 4) is NotImplemented
 
 
+@needs_numba
 def test_strided_views_take_the_kernels(monkeypatch):
     """A convolution's output is a transposed view: the kernels read any strides."""
     rng = np.random.default_rng(1)
@@ -72,6 +75,7 @@ def test_strided_views_take_the_kernels(monkeypatch):
 
 
 
+@needs_numba
 @pytest.mark.parametrize("hw", [(8, 10), (9, 7)])
 def test_the_books_windows_on_a_convolutions_output(monkeypatch, hw):
     """2 x 2, stride 2 (the unrolled kernels) on a transposed view with odd sizes too: the
@@ -86,3 +90,21 @@ def test_the_books_windows_on_a_convolutions_output(monkeypatch, hw):
     np.testing.assert_array_equal(layer.forward(x), out)
     np.testing.assert_array_equal(layer.arg, arg)
     np.testing.assert_array_equal(layer.backward(dout), dx)
+
+
+@pytest.mark.parametrize(("shape", "fh", "fw", "stride", "pad"), [
+    ((3, 2, 9, 8), 3, 3, 1, 1), ((2, 1, 28, 28), 5, 5, 1, 0), ((2, 3, 10, 11), 3, 2, 2, 2),
+    ((1, 2, 4, 4), 4, 4, 1, 0), ((2, 2, 7, 7), 1, 1, 3, 0),
+])
+def test_im2col_in_one_copy_equals_the_portable_columns(monkeypatch, shape, fh, fw, stride, pad):
+    import array_api_compat.numpy as xp
+
+    from xpnet.functional import im2col
+    x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    views = [x, x.transpose(1, 0, 2, 3).copy().transpose(1, 0, 2, 3)]  # also a transposed view
+    fast = [im2col(xp, v, fh, fw, stride, pad) for v in views]
+    monkeypatch.setattr(speedups, "im2col", None)
+    for v, f in zip(views, fast):
+        slow = im2col(xp, v, fh, fw, stride, pad)
+        assert f.flags.c_contiguous and f.shape == slow.shape
+        np.testing.assert_array_equal(f, slow)
