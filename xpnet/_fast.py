@@ -740,7 +740,8 @@ class FusedSteps(runners.Runner):
 
 
 def describe() -> list:
-    """Lines for ``xpnet info``: the BLAS fast path, the fused loop, the BLAS thread policy."""
+    """Lines for ``xpnet info``: the BLAS fast path, the fused loop, the conv nets' kernels and
+    the allocator, the BLAS thread policy."""
     blas = library()
     lines = [("fused SGD step; BLAS for the fused SGD step and bias: " + os.path.basename(blas)
               if blas else "fused SGD step; no BLAS fast path: the fused SGD step and bias use "
@@ -753,6 +754,12 @@ def describe() -> list:
             "XPNET_NO_NUMBA is set" if env_flag("XPNET_NO_NUMBA")
             else "no BLAS fast path" if blas is None
             else "numba is not installed: pip install 'xpnet[fast]'") + ")")
+    lines.append("conv nets on NumPy: im2col in one copy; max pooling "
+                 + ("compiled (numba)" if fused_module() is not None else "portable (no numba)")
+                 + "; allocator during fit: "
+                 + ("untouched (XPNET_NO_MALLOC_TUNING)" if env_flag("XPNET_NO_MALLOC_TUNING")
+                    else f"freed memory kept between steps (glibc, up to {KEEP_FREED >> 20} MiB)"
+                    if _glibc() is not None else "the system's (not glibc)"))
     env = os.environ.get(_THREADS_ENV)
     loaded = ", ".join(f"{api} {version}: {threads} thread(s)"
                        for api, version, threads in blas_info()) or "none found"
