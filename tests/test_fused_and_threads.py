@@ -239,6 +239,7 @@ def _blas_threads():
 ])
 def test_thread_policy_by_the_largest_product(sizes, batch, threads, monkeypatch):
     monkeypatch.delenv("XPNET_BLAS_THREADS", raising=False)
+    monkeypatch.setattr(_fast, "idle_cores", lambda: None)  # whatever else runs meanwhile
     net = xpnet.MultiLayerNet(sizes)
     chosen, reason = _fast.thread_policy(net, (784,), batch)
     assert chosen == (_fast.usable_cores() if threads == "all" else threads)
@@ -247,12 +248,34 @@ def test_thread_policy_by_the_largest_product(sizes, batch, threads, monkeypatch
         a * b for a, b in zip(sizes[:-1], sizes[1:]))
 
 
-def test_largest_product_of_conv_nets():
+def test_largest_product_of_conv_nets(monkeypatch):
+    monkeypatch.setattr(_fast, "idle_cores", lambda: float(os.cpu_count()))  # an idle machine
     net = xpnet.SimpleConvNet()  # conv 30 x 1 x 5 x 5 over 24 x 24 outputs; affine 4320 x 100
     assert _fast.largest_product(net, (1, 28, 28), 100) == 100 * max(24 * 24 * 30 * 25, 4320 * 100)
     deep = xpnet.DeepConvNet()
     assert _fast.largest_product(deep, (1, 28, 28), 100) >= 100 * 28 * 28 * 16 * 16 * 9
     assert _fast.thread_policy(deep, (1, 28, 28), 100)[0] == _fast.usable_cores()
+
+
+@pytest.mark.parametrize(("idle", "chosen"), [(2.0, 2), (1.6, 2), (1.4, 1), (0.9, 1), (0.0, 1),
+                                              (None, 2)])
+def test_large_products_take_the_cores_that_are_idle(monkeypatch, idle, chosen):
+    """Beside a busy process, a thread that must wait for a core stalls every product: a run
+    takes the cores found idle when it starts (a short look at /proc/stat)."""
+    monkeypatch.delenv("XPNET_BLAS_THREADS", raising=False)
+    monkeypatch.setattr(_fast, "usable_cores", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(_fast, "idle_cores", lambda: idle)
+    threads, reason = _fast.thread_policy(xpnet.SimpleConvNet(), (1, 28, 28), 100)
+    assert threads == chosen
+    assert ("busy" in reason) == (chosen < 2), reason
+
+
+def test_the_load_check_reads_the_machine():
+    idle = _fast.idle_cores(0.05)
+    if idle is None:
+        pytest.skip("no /proc/stat here")
+    assert 0.0 <= idle <= os.cpu_count() + 1e-9
 
 
 def test_thread_policy_overrides(monkeypatch):
