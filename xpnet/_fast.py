@@ -499,14 +499,20 @@ def idle_cores(seconds: float = LOAD_SAMPLE_SECONDS) -> float | None:
         return fields[3] + fields[4], sum(fields)  # idle + iowait, all
 
     try:
+        cpu0, wall0 = time.process_time(), time.monotonic()
         idle0, total0 = read()
         time.sleep(seconds)
         idle1, total1 = read()
+        cpu1, wall1 = time.process_time(), time.monotonic()
     except (OSError, ValueError, IndexError):
         return None
-    if total1 <= total0:
+    if total1 <= total0 or wall1 <= wall0:
         return None
-    return (idle1 - idle0) / (total1 - total0) * (os.cpu_count() or 1)
+    cores = os.cpu_count() or 1
+    # This process's own threads count as idle: OpenBLAS's workers spin for a while after the
+    # last product (the previous fit's), and they are the ones this run would use.
+    own = (cpu1 - cpu0) / (wall1 - wall0)
+    return min(cores, (idle1 - idle0) / (total1 - total0) * cores + own)
 
 
 def threads_from_environment() -> int | None:
