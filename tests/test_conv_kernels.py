@@ -108,3 +108,28 @@ def test_im2col_in_one_copy_equals_the_portable_columns(monkeypatch, shape, fh, 
         slow = im2col(xp, v, fh, fw, stride, pad)
         assert f.flags.c_contiguous and f.shape == slow.shape
         np.testing.assert_array_equal(f, slow)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_filters_product_with_its_bias_in_one_gemm_is_bit_identical(monkeypatch, dtype):
+    """The convolution's product with the bias broadcast into its output first (one gemm with
+    beta = 1) gives the bits of the product and an add, also through a whole training run."""
+    rng = np.random.default_rng(4)
+    x = rng.random((40, 1, 28, 28)).astype(dtype)
+    t = rng.integers(0, 10, 40)
+    b1 = 0.1 * rng.standard_normal(30).astype(dtype)
+
+    def train():
+        net = xpnet.SimpleConvNet(dtype=dtype, seed=1)
+        net.params["b1"] = b1.copy()
+        xpnet.Trainer(net, xpnet.SGD(0.1), batch_size=20, epochs=2, progress=False).fit(x, t)
+        return {k: np.array(v) for k, v in net.params.items()}
+
+    layer = xpnet.Convolution(rng.standard_normal((30, 1, 5, 5)).astype(dtype),
+                              rng.standard_normal(30).astype(dtype))
+    fast, trained = layer.forward(x), train()
+    assert speedups.filters(layer.W.reshape(30, -1), layer.col, layer.b) is not NotImplemented
+    monkeypatch.setattr(speedups, "filters", None)
+    np.testing.assert_array_equal(layer.forward(x), fast)
+    for k, v in train().items():
+        np.testing.assert_array_equal(trained[k], v, err_msg=k)

@@ -12,6 +12,10 @@ from __future__ import annotations
 # NotImplemented for arrays it does not take.
 affine = None
 
+# (w, col, b) -> w @ col + b[:, None] for a convolution's filters w (FN, K), columns col (K, M)
+# and bias b (FN,), unchecked; or NotImplemented
+filters = None
+
 # (x, fh, fw, stride, pad) -> functional.im2col's columns (C fh fw, N OH OW), or NotImplemented
 im2col = None
 
