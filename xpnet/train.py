@@ -365,7 +365,7 @@ class Trainer:
             if not isinstance(lr_schedule, Schedule):
                 raise TypeError(f"lr_schedule must be an xpnet.schedules.Schedule (StepDecay, "
                                 f"CosineDecay) or None, got {type(lr_schedule).__name__}")
-            if not is_real(getattr(optimizer, "lr", None)):
+            if _lr_of(optimizer) is None:
                 raise TypeError(f"lr_schedule needs an optimizer with a number lr, "
                                 f"{type(optimizer).__name__} has none")
         self.lr_schedule = lr_schedule
