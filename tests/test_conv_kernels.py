@@ -134,3 +134,108 @@ def test_the_filters_product_with_its_bias_in_one_gemm_is_bit_identical(monkeypa
     np.testing.assert_array_equal(layer.forward(x), fast)
     for k, v in train().items():
         np.testing.assert_array_equal(trained[k], v, err_msg=k)
+
+
+def _relu_then_pool(relu, pool, x, dout):
+    """The two layers' own math, one after the other (what the fused step replaces)."""
+    out = pool.forward(relu.forward(x))
+    return out, relu.backward(pool.backward(dout))
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", [c for c in CASES if c[2] >= max(c[0], c[1])], ids=str)
+@pytest.mark.parametrize("values", ["random", "ties", "special"])
+def test_a_relu_and_the_max_pool_after_it_run_as_one_to_the_bit(case, dtype, values):
+    """Pooling maximum(x, 0) in one pass gives the Relu-then-pool output and gradient bits:
+    windows all <= 0 (their gradient's signed zero at the first offset), NaN, -0.0, padding."""
+    ph, pw, stride, pad, h, w = case
+    rng = np.random.default_rng(hash((case, values, "relu")) % 2**32)
+    x = rng.standard_normal((3, 2, h, w)).astype(dtype)
+    if values == "ties":
+        x = np.round(x).astype(dtype)
+        x[0, 1] = -np.abs(x[0, 1])  # whole channels <= 0
+    elif values == "special":
+        x.flat[rng.integers(0, x.size, 6)] = np.nan
+        x.flat[rng.integers(0, x.size, 6)] = -0.0
+        x[0, 0] = -np.inf
+    oh = (h + 2 * pad - ph) // stride + 1
+    ow = (w + 2 * pad - pw) // stride + 1
+    dout = rng.standard_normal((3, 2, oh, ow)).astype(dtype)
+    relu, pool = xpnet.Relu(), xpnet.Pooling(ph, pw, stride=stride, pad=pad)
+    out, dx = _relu_then_pool(relu, pool, x, dout)
+    (step,) = speedups.fuse_layers([relu, pool])
+    assert type(step) is _fast.ReluMaxPool
+    x_before = x.copy()
+    fused_out = step.forward(x)
+    assert step.arg is not None  # the fused pass ran
+    np.testing.assert_array_equal(fused_out, out)
+    assert np.array_equal(np.signbit(fused_out), np.signbit(out))
+    fused_dx = step.backward(dout)
+    np.testing.assert_array_equal(fused_dx, dx)
+    assert np.array_equal(np.signbit(fused_dx), np.signbit(dx))
+    np.testing.assert_array_equal(x, x_before)
+
+
+@needs_numba
+def test_what_the_fused_pass_cannot_match_takes_the_layers_own_math():
+    """Overlapping windows, a pooling switched to average after the plan was made, float16
+    and non-NumPy arrays: the Relu and the pooling run one after the other, as unfused."""
+    import array_api_strict as strict
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 9, 9)).astype(np.float32)
+    for pool, data in [(xpnet.Pooling(3, 3, stride=2), x),
+                       (xpnet.Pooling(2, 2), x.astype(np.float16)),
+                       (xpnet.Pooling(2, 2), strict.asarray(x))]:
+        relu = xpnet.Relu()
+        (step,) = speedups.fuse_layers([relu, pool])
+        out = step.forward(data)
+        assert step.arg is None
+        expected = xpnet.Pooling(pool.pool_h, pool.pool_w, stride=pool.stride).forward(
+            xpnet.Relu().forward(data))
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
+        dout = np.ones(out.shape, dtype=np.asarray(out).dtype)
+        dout = strict.asarray(dout) if not isinstance(data, np.ndarray) else dout
+        assert step.backward(dout).shape == data.shape
+    relu, pool = xpnet.Relu(), xpnet.Pooling(2, 2)
+    (step,) = speedups.fuse_layers([relu, pool])
+    pool.mode = "avg"
+    np.testing.assert_array_equal(step.forward(x), xpnet.Pooling(2, 2, mode="avg").forward(
+        np.maximum(x, 0)))
+    assert step.arg is None
+
+
+def test_only_a_relu_right_before_a_max_pool_is_fused():
+    if speedups.fuse_layers is None:
+        pytest.skip("no speed module")
+
+    class MyRelu(xpnet.Relu):
+        pass
+
+    relu, pool = xpnet.Relu(), xpnet.Pooling(2, 2)
+    kinds = [type(s).__name__ for s in speedups.fuse_layers(
+        [relu, xpnet.Pooling(2, 2, mode="avg"), MyRelu(), pool, pool, xpnet.Relu(), relu, pool])]
+    assert kinds == ["Relu", "Pooling", "MyRelu", "Pooling", "Pooling", "Relu", "ReluMaxPool"]
+
+
+@pytest.mark.parametrize("model", ["SimpleConvNet", "DeepConvNet"])
+@pytest.mark.parametrize("optimizer", ["SGD", "Adam"])
+def test_training_with_the_relu_and_pool_fused_is_bit_identical(monkeypatch, model, optimizer):
+    """The Trainer's steps take the fused pair (where the speed module is there) and end with
+    the weights and losses of the layers run one by one."""
+    rng = np.random.default_rng(6)
+    x = rng.random((60, 1, 28, 28)).astype(np.float32)
+    t = rng.integers(0, 10, 60)
+
+    def train():
+        net = getattr(xpnet, model)((1, 28, 28), seed=2)
+        history = xpnet.Trainer(net, getattr(xpnet, optimizer)(0.01), batch_size=20, epochs=2,
+                                progress=False, eval_train=0).fit(x, t)
+        return net, history
+
+    fused, fused_history = train()
+    monkeypatch.setattr(speedups, "fuse_layers", None)
+    plain, plain_history = train()
+    assert fused_history.train_loss == plain_history.train_loss
+    for k in plain.params:
+        np.testing.assert_array_equal(fused.params[k], plain.params[k], err_msg=k)

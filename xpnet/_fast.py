@@ -53,7 +53,8 @@ import numpy as np
 
 from . import functional, runners, speedups
 from .backend import backend_of, dtype_name, is_dtype, is_gpu_device, is_writable, namespace
-from .layers import Affine, Convolution, Pooling, Relu, Sigmoid, SoftmaxWithLoss
+from .layers import Affine, Convolution, Pooling, Relu, Sigmoid, SoftmaxWithLoss, unchecked
+from .layers import _windows as _pool_windows
 from .nets import runs_plain_steps
 from .optim import SGD, Momentum
 
@@ -856,35 +857,122 @@ def _pool_kernels(x):
     return fused_module()
 
 
-def max_pool(x, pool_h: int, pool_w: int, stride: int, pad: int, oh: int, ow: int):
-    """``(out, arg)`` of :class:`xpnet.Pooling`'s max mode in one pass over x, or
-    NotImplemented (:data:`xpnet.speedups.max_pool`)."""
+def _planes(x):
+    """``(array, swap)`` for the pooling kernels: x itself, or, where x is the transposed view
+    of a C-contiguous (C, N, H, W) array (a convolution's output, its gradient), that array
+    and True (the kernels then read sample a's channel b at [b, a])."""
+    if not x.flags.c_contiguous:
+        t = x.transpose(1, 0, 2, 3)
+        if t.flags.c_contiguous:
+            return t, True
+    return x, False
+
+
+def max_pool(x, pool_h: int, pool_w: int, stride: int, pad: int, oh: int, ow: int, *,
+             relu: bool = False):
+    """``(out, arg)`` of :class:`xpnet.Pooling`'s max mode in one pass over x (of
+    ``maximum(x, 0)`` with ``relu``: a Relu before it fused in), or NotImplemented
+    (:data:`xpnet.speedups.max_pool`)."""
     fused = _pool_kernels(x)
     if fused is None:
         return NotImplemented
     out = np.empty((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype)
     arg = np.empty(out.shape, dtype=np.int32)
+    planes, swap = _planes(x)
     if (pool_h, pool_w, stride, pad) == (2, 2, 2, 0):  # the book's: unrolled
-        fused.max_pool_2x2(x, out, arg)
+        fused.max_pool_2x2(planes, out, arg, relu, swap)
     else:
-        fused.max_pool(x, pool_h, pool_w, stride, pad, out, arg)
+        fused.max_pool(planes, pool_h, pool_w, stride, pad, out, arg, relu, swap)
     return out, arg
 
 
 def max_pool_backward(dout, arg, x_shape: tuple, pool_h: int, pool_w: int, stride: int,
-                      pad: int):
+                      pad: int, *, relu: bool = False, channel_major: bool = False):
     """dx of :class:`xpnet.Pooling`'s max mode, or NotImplemented
-    (:data:`xpnet.speedups.max_pool_backward`)."""
+    (:data:`xpnet.speedups.max_pool_backward`).  ``relu``: the fused Relu's too (``arg``
+    from :func:`max_pool` with ``relu``, non-overlapping windows); ``channel_major``: dx as
+    the transposed view of a (C, N, H, W) array, the layout of a convolution's output,
+    which the convolution's backward takes without a transposing copy."""
     fused = _pool_kernels(dout)
     if fused is None or type(arg) is not np.ndarray:
         return NotImplemented
-    if (pool_h, pool_w, stride, pad) == (2, 2, 2, 0):
-        dx = np.empty(x_shape, dtype=dout.dtype)  # every element written
-        fused.max_pool_2x2_backward(dout, arg, dx)
-        return dx
-    dx = np.zeros(x_shape, dtype=dout.dtype)
-    fused.max_pool_backward(dout, arg, pool_w, stride, pad, dx)
-    return dx
+    dout = np.ascontiguousarray(dout)  # (the kernels' fast code is for C-contiguous arrays)
+    arg = np.ascontiguousarray(arg)
+    n, c, h, w = x_shape
+    dx = np.empty((c, n, h, w) if channel_major else (n, c, h, w), dtype=dout.dtype)
+    if (pool_h, pool_w, stride, pad) == (2, 2, 2, 0):  # every element of dx written
+        fused.max_pool_2x2_backward(dout, arg, dx, relu, channel_major)
+    else:
+        dx[...] = 0
+        fused.max_pool_backward(dout, arg, pool_h, pool_w, stride, pad, dx, relu, channel_major)
+    return dx.transpose(1, 0, 2, 3) if channel_major else dx
+
+
+class ReluMaxPool:
+    """A :class:`xpnet.Relu` and the max :class:`xpnet.Pooling` right after it, as one step
+    of a net's unchecked steps (:data:`xpnet.speedups.fuse_layers`): on float NumPy arrays
+    one pass pools ``maximum(x, 0)`` and one writes the gradient, so the Relu's full-size
+    output and mask are never made.  The pool of the Relu equals the Relu of the pool, to the
+    bit, with the same offsets and gradients (tie, NaN and signed-zero rules included) for
+    windows that do not overlap; other windows, arrays and a pooling changed since, take the
+    two layers' own math.  The layers' own state (``mask``, ``arg``) is left as it was."""
+
+    param_names = ()
+    has_train_mode = False
+
+    def __init__(self, relu, pool):
+        self.relu, self.pool = relu, pool
+        # The fused pass's offsets (with the Relu's keep), input shape and layout; arg None:
+        # the layers' own math ran.
+        self.arg = self.x_shape = None
+        self.channel_major = False
+
+    def __repr__(self):
+        return f"ReluMaxPool({self.pool!r})"
+
+    @staticmethod
+    def fits(pool) -> bool:
+        """Whether the fused pass gives ``pool``'s bits: max mode, windows apart."""
+        return pool.mode == "max" and pool.stride >= max(pool.pool_h, pool.pool_w)
+
+    def forward(self, x):
+        pool, self.arg = self.pool, None
+        if self.fits(pool) and len(x.shape) == 4:
+            window = (pool.pool_h, pool.pool_w)
+            oh, ow = _pool_windows(pool, x.shape, *window)
+            fast = max_pool(x, *window, pool.stride, pool.pad, oh, ow, relu=True)
+            if fast is not NotImplemented:
+                (out, self.arg), self.x_shape = fast, tuple(x.shape)
+                self.channel_major = _planes(x)[1]
+                return out
+        x = unchecked(self.relu, "forward")(self.relu, x)
+        return unchecked(pool, "forward")(pool, x)
+
+    def backward(self, dout):
+        pool = self.pool
+        if self.arg is None:
+            dout = unchecked(pool, "backward")(pool, dout)
+            return unchecked(self.relu, "backward")(self.relu, dout)
+        return max_pool_backward(dout, self.arg, self.x_shape, pool.pool_h, pool.pool_w,
+                                 pool.stride, pool.pad, relu=True,
+                                 channel_major=self.channel_major)
+
+
+def fuse_layers(layers: list) -> list:
+    """``layers`` (a net's, in order) with each :class:`xpnet.Relu` followed by a max
+    :class:`xpnet.Pooling` (these classes themselves, not subclasses) replaced by one
+    :class:`ReluMaxPool` (:data:`xpnet.speedups.fuse_layers`)."""
+    steps, i = [], 0
+    while i < len(layers):
+        layer = layers[i]
+        after = layers[i + 1] if i + 1 < len(layers) else None
+        if type(layer) is Relu and type(after) is Pooling and after.mode == "max":
+            steps.append(ReluMaxPool(layer, after))
+            i += 2
+        else:
+            steps.append(layer)
+            i += 1
+    return steps
 
 
 speedups.training_memory = training_memory
@@ -893,6 +981,7 @@ speedups.im2col = im2col
 speedups.filters = _filters_kernel
 speedups.max_pool = max_pool
 speedups.max_pool_backward = max_pool_backward
+speedups.fuse_layers = fuse_layers
 speedups.sgd_step = sgd_train_step
 speedups.thread_policy = thread_policy
 speedups.blas_threads = blas_threads

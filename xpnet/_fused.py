@@ -233,55 +233,88 @@ def mlp_steps(address, x, t, order, start, stop, batch, Ws, bs, acts, ds, sigmoi
 # -- max pooling: each window's maximum and its offset in one pass, the gradient back in one --
 
 
+@njit(cache=True, inline="always")
+def _read(v, relu, zero):
+    """An element as the pooling sees it: itself, or ``maximum(v, 0)`` (NumPy's: NaN stays
+    NaN, -0.0 becomes 0.0) when a Relu before the pooling is fused in."""
+    if relu:
+        return v if (v > zero) | (v != v) else zero
+    return v
+
+
+# With ``relu``, :func:`max_pool` adds the window's size to ``arg`` where the maximum's
+# input was > 0 (the Relu's keep, for the backward: no second read of x).
+# The pooling kernels take x (and write dx) as (N, C, H, W), or, with ``swap``, as the
+# (C, N, H, W) array whose transposed view the layers hold (a convolution's output is one):
+# then the plane of sample a, channel b is x[b, a].  Either way every array is C-contiguous
+# for numba, whose code for arrays of any strides is half as fast.
+
 @njit(cache=True)
-def max_pool(x, ph, pw, stride, pad, out, arg):
+def max_pool(x, ph, pw, stride, pad, out, arg, relu, swap):
     """Max pooling of x (N, C, H, W) into out (N, C, OH, OW), with ``arg`` the offset
     ``i * pw + j`` of each window's maximum.  The same arithmetic as the portable
     :class:`xpnet.Pooling` (padding cells are -inf; a later element wins only if strictly
     larger; a NaN makes the maximum NaN and leaves its offset where it was).  Without
-    branches on the data (a comparison of random values mispredicts half the time)."""
-    n, c, h, w = x.shape
-    oh, ow = out.shape[2], out.shape[3]
+    branches on the data (a comparison of random values mispredicts half the time).
+    ``relu``: pools ``maximum(x, 0)`` instead (a Relu fused in: :func:`_read`)."""
+    n, c, oh, ow = out.shape
+    h, w = x.shape[2], x.shape[3]
+    zero = x.dtype.type(0)
     for a in range(n):
         for b in range(c):
+            p, o, g = (x[b, a] if swap else x[a, b]), out[a, b], arg[a, b]
             for r in range(oh):
                 for q in range(ow):
                     r0, q0 = r * stride - pad, q * stride - pad
-                    best = x[a, b, r0, q0] if r0 >= 0 and q0 >= 0 else -np.inf
+                    best = _read(p[r0, q0], relu, zero) if r0 >= 0 and q0 >= 0 else -np.inf
                     where = 0
                     for i in range(ph):  # (0, 0) again: neither larger nor a new NaN
                         row = r0 + i
                         for j in range(pw):
                             col = q0 + j
                             if pad == 0 or (0 <= row < h and 0 <= col < w):
-                                v = x[a, b, row, col]
+                                v = _read(p[row, col], relu, zero)
                             else:
                                 v = -np.inf
                             larger = v > best
                             nan = (v != v) & (best == best)
                             where = i * pw + j if larger else where
                             best = v if larger | nan else best
-                    out[a, b, r, q] = best
-                    arg[a, b, r, q] = where
+                    o[r, q] = best
+                    if relu:  # keep: the Relu's, for the backward (NaN: x at the offset)
+                        keep = best > zero if best == best else \
+                            p[r0 + where // pw, q0 + where % pw] > zero
+                        where += ph * pw if keep else 0
+                    g[r, q] = where
 
 
 @njit(cache=True)
-def max_pool_backward(dout, arg, pw, stride, pad, dx):
+def max_pool_backward(dout, arg, ph, pw, stride, pad, dx, relu, swap):
     """The gradient of :func:`max_pool`: each window's ``dout`` added onto its maximum's
-    position in dx (N, C, H, W), which the caller zeroed (a padding cell's is dropped)."""
+    position in dx (N, C, H, W), which the caller zeroed (a padding cell's is dropped).
+    ``relu`` (non-overlapping windows only; ``arg`` from :func:`max_pool` with ``relu``): the
+    fused Relu's backward too, the sum times 1 where x was > 0 and 0 elsewhere:
+    ``(0 + dout) * keep``, the unfused layers' arithmetic.  ``swap``: dx is (C, N, H, W)."""
+    size = ph * pw
     n, c, oh, ow = dout.shape
     h, w = dx.shape[2], dx.shape[3]
+    one, zero = dx.dtype.type(1), dx.dtype.type(0)
     for a in range(n):
         for b in range(c):
+            d, g, p = dout[a, b], arg[a, b], dx[b, a] if swap else dx[a, b]
             # Windows last to first: where they overlap, a position's contributions add up in
             # the portable code's order (by offset in the window: the later window first).
             for r in range(oh - 1, -1, -1):
                 for q in range(ow - 1, -1, -1):
-                    k = arg[a, b, r, q]
+                    k = g[r, q] % size
                     row = r * stride + k // pw - pad
                     col = q * stride + k % pw - pad
                     if 0 <= row < h and 0 <= col < w:
-                        dx[a, b, row, col] += dout[a, b, r, q]
+                        if relu:
+                            keep = one if g[r, q] >= size else zero
+                            p[row, col] = (p[row, col] + d[r, q]) * keep
+                        else:
+                            p[row, col] += d[r, q]
 
 
 @njit(cache=True, inline="always")
@@ -293,38 +326,50 @@ def _max_step(best, where, v, k):
 
 
 @njit(cache=True)
-def max_pool_2x2(x, out, arg):
+def max_pool_2x2(x, out, arg, relu, swap):
     """:func:`max_pool` for the book's windows (2 x 2, stride 2, no padding), unrolled: about
     three times faster than the general loops."""
-    n, c = x.shape[0], x.shape[1]
-    oh, ow = out.shape[2], out.shape[3]
+    n, c, oh, ow = out.shape
+    zero = x.dtype.type(0)
     for a in range(n):
         for b in range(c):
-            p, o, g = x[a, b], out[a, b], arg[a, b]
+            p, o, g = (x[b, a] if swap else x[a, b]), out[a, b], arg[a, b]
             for r in range(oh):
                 for q in range(ow):
                     best, where = p[2 * r, 2 * q], 0
                     best, where = _max_step(best, where, p[2 * r, 2 * q + 1], 1)
                     best, where = _max_step(best, where, p[2 * r + 1, 2 * q], 2)
                     best, where = _max_step(best, where, p[2 * r + 1, 2 * q + 1], 3)
+                    if relu:
+                        # The pool of maximum(x, 0), from x's: where the value at the offset
+                        # (best, or x there for a NaN window) is > 0, the same offset and the
+                        # Relu keeps the gradient; else every element before the first NaN
+                        # became 0, so the first offset wins, and the gradient is dropped.
+                        at = best if best == best else p[2 * r + where // 2, 2 * q + where % 2]
+                        where = where + 4 if at > zero else 0
+                        best = best if (best > zero) | (best != best) else zero
                     o[r, q] = best
                     g[r, q] = where
 
 
 @njit(cache=True)
-def max_pool_2x2_backward(dout, arg, dx):
+def max_pool_2x2_backward(dout, arg, dx, relu, swap):
     """:func:`max_pool_backward` for 2 x 2 windows, stride 2, no padding: every element of dx
     is written (each window's gradient or 0; the rows and columns no window covers, 0), so
-    dx needs no zeroing first."""
+    dx needs no zeroing first.  ``relu``: each window's gradient times its keep (1 where x
+    at the window's maximum was > 0, else 0), as the unfused Relu's backward multiplies."""
     n, c, oh, ow = dout.shape
     h, w = dx.shape[2], dx.shape[3]
-    zero = dx.dtype.type(0)
+    one, zero = dx.dtype.type(1), dx.dtype.type(0)
     for a in range(n):
         for b in range(c):
-            d, g, p = dout[a, b], arg[a, b], dx[a, b]
+            d, g, p = dout[a, b], arg[a, b], dx[b, a] if swap else dx[a, b]
             for r in range(oh):
                 for q in range(ow):
                     k, v = g[r, q], d[r, q]
+                    if relu:
+                        v = v * (one if k >= 4 else zero)
+                        k = k & 3
                     p[2 * r, 2 * q] = v if k == 0 else zero
                     p[2 * r, 2 * q + 1] = v if k == 1 else zero
                     p[2 * r + 1, 2 * q] = v if k == 2 else zero

@@ -299,10 +299,12 @@ class Sequential:
         # What the Trainer's steps call: each layer's math without its checks (the run's
         # data were checked once, at its start), and where each parameter and gradient is.
         self._table = [(key, layer, attr, grad_name(attr)) for key, (layer, attr) in owners.items()]
-        self._forwards = [(unchecked(layer, "forward"), layer, layer.has_train_mode)
-                          for layer in named.values()]
-        self._backwards = [(unchecked(layer, "backward"), layer)
-                           for layer in reversed(named.values())]
+        steps = list(named.values())
+        if speedups.fuse_layers is not None:  # neighbours that run as one (Relu, max pool)
+            steps = speedups.fuse_layers(steps)
+        self._forwards = [(unchecked(step, "forward"), step, step.has_train_mode)
+                          for step in steps]
+        self._backwards = [(unchecked(step, "backward"), step) for step in reversed(steps)]
 
     # -- where the net lives -------------------------------------------------------------------
 

@@ -26,6 +26,10 @@ max_pool = None
 # (dout, arg, x_shape, pool_h, pool_w, stride, pad) -> dx of max pooling; or NotImplemented
 max_pool_backward = None
 
+# ([layer, ...]) -> [step, ...]: a net's layers as its unchecked steps run them, where some
+# neighbours run as one (objects with forward, backward, param_names and has_train_mode)
+fuse_layers = None
+
 # (net, x, t, optimizer, checked) -> loss: a plain-SGD step of a Sequential net with the
 # update fused into its backward pass (checked: through the layers' checked methods).
 sgd_step = None
