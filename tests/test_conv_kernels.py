@@ -239,3 +239,36 @@ def test_training_with_the_relu_and_pool_fused_is_bit_identical(monkeypatch, mod
     assert fused_history.train_loss == plain_history.train_loss
     for k in plain.params:
         np.testing.assert_array_equal(fused.params[k], plain.params[k], err_msg=k)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(("shape", "fh", "fw", "stride", "pad"), [
+    ((3, 2, 9, 8), 3, 3, 1, 1), ((2, 1, 28, 28), 5, 5, 1, 0), ((2, 3, 10, 11), 3, 2, 2, 2),
+    ((1, 2, 4, 4), 4, 4, 1, 0), ((2, 2, 7, 7), 1, 1, 3, 0), ((4, 3, 14, 14), 3, 3, 1, 2),
+    ((2, 2, 9, 9), 2, 3, 3, 1),
+])
+def test_col2im_in_one_pass_gives_the_portable_sums_bits(monkeypatch, shape, fh, fw, stride,
+                                                         pad, dtype):
+    """The compiled col2im adds each element's contributions in the portable order: the same
+    bits (signed zeros and NaN included), in the same channel-major layout."""
+    import array_api_compat.numpy as xp
+
+    from xpnet.functional import col2im, conv_output_size
+    n, c, h, w = shape
+    rows = c * fh * fw
+    cols = n * conv_output_size(h, fh, stride, pad) * conv_output_size(w, fw, stride, pad)
+    rng = np.random.default_rng(7)
+    col = rng.standard_normal((rows, cols)).astype(dtype)
+    col.flat[rng.integers(0, col.size, 5)] = -0.0
+    col.flat[rng.integers(0, col.size, 2)] = np.nan
+    col_before = col.copy()
+    fast = col2im(xp, col, shape, fh, fw, stride, pad)
+    assert speedups.col2im(col, shape, fh, fw, stride, pad) is not NotImplemented
+    monkeypatch.setattr(speedups, "col2im", None)
+    slow = col2im(xp, col, shape, fh, fw, stride, pad)
+    assert fast.shape == slow.shape == shape and fast.dtype == slow.dtype
+    np.testing.assert_array_equal(fast, slow)
+    assert np.array_equal(np.signbit(fast), np.signbit(slow))
+    assert fast.transpose(1, 0, 2, 3).flags.c_contiguous  # channel-major, as the portable's
+    np.testing.assert_array_equal(col, col_before)

@@ -848,8 +848,22 @@ def im2col(x, fh: int, fw: int, stride: int, pad: int):
     return col.reshape(c * fh * fw, n * oh * ow)
 
 
+def col2im(col, shape: tuple, fh: int, fw: int, stride: int, pad: int):
+    """:func:`xpnet.functional.col2im` of float NumPy columns in one compiled pass
+    (:data:`xpnet.speedups.col2im`): the same sums in the same order, so the same bits, as
+    the transposed view of a (C, N, H, W) array, like the portable result; about twice as
+    fast (no pass per window offset).  NotImplemented for other arrays or without numba."""
+    fused = _pool_kernels(col)
+    if fused is None or len(col.shape) != 2:
+        return NotImplemented
+    n, c, h, w = shape
+    dx = np.empty((c, n, h, w), dtype=col.dtype)  # every element written
+    fused.col2im(np.ascontiguousarray(col), fh, fw, stride, pad, dx)
+    return dx.transpose(1, 0, 2, 3)
+
+
 def _pool_kernels(x):
-    """The compiled max-pooling kernels for x (a float32 or float64 NumPy array, any
+    """The compiled pooling (and col2im) kernels for x (a float32 or float64 NumPy array, any
     strides: a convolution's output is a transposed view), or None where they do not apply
     or numba is not there."""
     if type(x) is not np.ndarray or x.dtype not in (np.float32, np.float64):
@@ -978,6 +992,7 @@ def fuse_layers(layers: list) -> list:
 speedups.training_memory = training_memory
 speedups.affine = _affine_kernel
 speedups.im2col = im2col
+speedups.col2im = col2im
 speedups.filters = _filters_kernel
 speedups.max_pool = max_pool
 speedups.max_pool_backward = max_pool_backward

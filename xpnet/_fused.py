@@ -381,3 +381,42 @@ def max_pool_2x2_backward(dout, arg, dx, relu, swap):
                 for col in range(2 * ow, w):
                     p[row, col] = zero
 
+
+
+@njit(cache=True)
+def col2im(col, fh, fw, stride, pad, dx):
+    """The adjoint of im2col: columns (C fh fw, N OH OW) summed onto dx (C, N, H, W), a
+    channel-major array (the layers see its transposed view), each element's contributions
+    added in window-offset order onto 0, as the portable :func:`xpnet.functional.col2im`
+    adds them: the same bits.  Every element of dx is written.  Each row of the columns
+    is read once, in order, into one channel of dx (which stays in the cache)."""
+    c, n, h, w = dx.shape
+    oh, ow = (h + 2 * pad - fh) // stride + 1, (w + 2 * pad - fw) // stride + 1
+    zero = dx.dtype.type(0)
+    for ch in range(c):
+        slab = dx[ch]
+        for a in range(n):
+            for y in range(h):
+                for x in range(w):
+                    slab[a, y, x] = zero
+        for i in range(fh):
+            # the output rows r whose row r * stride + i - pad is inside: r in [r0, r1)
+            r0 = max(0, (pad - i + stride - 1) // stride)
+            r1 = min(oh, (h - 1 + pad - i) // stride + 1)
+            for j in range(fw):
+                q0 = max(0, (pad - j + stride - 1) // stride)
+                q1 = min(ow, (w - 1 + pad - j) // stride + 1)
+                src = col[(ch * fh + i) * fw + j]
+                for a in range(n):
+                    base = a * oh * ow
+                    for r in range(r0, r1):
+                        row, at = slab[a, r * stride + i - pad], base + r * ow
+                        if stride == 1:  # contiguous on both sides: vectorized (indices
+                            # from 0 up, which LLVM sees are never negative)
+                            out, part = row[q0 + j - pad:], src[at + q0:]
+                            for q in range(q1 - q0):
+                                out[q] += part[q]
+                        else:
+                            out, part = row[q0 * stride + j - pad:], src[at + q0:]
+                            for q in range(q1 - q0):
+                                out[q * stride] += part[q]

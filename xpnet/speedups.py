@@ -19,6 +19,10 @@ filters = None
 # (x, fh, fw, stride, pad) -> functional.im2col's columns (C fh fw, N OH OW), or NotImplemented
 im2col = None
 
+# (col, x_shape, fh, fw, stride, pad) -> functional.col2im's dx (the same bits, a transposed
+# view of a channel-major array), or NotImplemented
+col2im = None
+
 # (x, pool_h, pool_w, stride, pad, oh, ow) -> (out, arg) of max pooling (arg: each window's
 # maximum's offset i * pool_w + j, int32), the portable Pooling's arithmetic; or NotImplemented
 max_pool = None
