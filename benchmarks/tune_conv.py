@@ -1,14 +1,17 @@
-"""Choose a conv net's learning-rate schedule on a validation split, then train with it and
-report the test accuracy (Fashion-MNIST; the test set is read only for the final figure).
+"""Choose a conv net's learning-rate schedule and weight decay on a validation split, then
+train with them and report the test accuracy (Fashion-MNIST; the test set is read only for
+the final figure).
 
     python benchmarks/tune_conv.py --model convnet --epochs 15
+    python benchmarks/tune_conv.py --model convnet --epochs 15 --weight-decays 0 3e-4 1e-3
     python benchmarks/tune_conv.py --model deepconvnet --epochs 20 --schedules cosine
 
 For each schedule asked for (``constant``, ``cosine``: cosine decay with one epoch of
-warm-up, ``step``: x0.1 at 2/3 of the epochs), the net trains with Adam (lr 0.001, batch 100)
-on 50,000 training images and is scored on the other 10,000 (a seeded split); the best
-validation accuracy wins and is trained again on all 60,000, whose test accuracy is the
-figure reported, with the wall time of each run.
+warm-up, ``step``: x0.1 at 2/3 of the epochs) and each weight decay (the nets' L2
+``weight_decay``, default 0 alone), the net trains with Adam (lr 0.001, batch 100) on 50,000
+training images and is scored on the other 10,000 (a seeded split); the best validation
+accuracy wins and is trained again on all 60,000, whose test accuracy is the figure
+reported, with the wall time of each run.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ from xpnet.datasets import load_mnist  # noqa: E402
 from xpnet.schedules import CosineDecay, StepDecay  # noqa: E402
 
 MODELS = {
-    "convnet": lambda dev: xpnet.SimpleConvNet((1, 28, 28), device=dev),
-    "deepconvnet": lambda dev: xpnet.DeepConvNet((1, 28, 28), device=dev),
+    "convnet": lambda dev, wd: xpnet.SimpleConvNet((1, 28, 28), weight_decay=wd, device=dev),
+    "deepconvnet": lambda dev, wd: xpnet.DeepConvNet((1, 28, 28), weight_decay=wd, device=dev),
 }
 
 
@@ -41,15 +44,15 @@ def schedule(name: str, epochs: int):
     return None
 
 
-def run(model, device, name, epochs, x, t, x_eval, t_eval, eval_train):
-    net = MODELS[model](device)
+def run(model, device, name, decay, epochs, x, t, x_eval, t_eval, eval_train):
+    net = MODELS[model](device, decay)
     trainer = xpnet.Trainer(net, xpnet.Adam(1e-3), batch_size=100, epochs=epochs,
                             lr_schedule=schedule(name, epochs), eval_train=eval_train,
                             progress=False)
     start = time.perf_counter()
 
     def report(r):
-        print(f"  {name} epoch {r['epoch']:>2}: loss {r['train_loss']:.4f}, eval "
+        print(f"  {name} wd {decay:g} epoch {r['epoch']:>2}: loss {r['train_loss']:.4f}, eval "
               f"{r['test_accuracy']:.4f}, {r['seconds']:.1f} s", flush=True)
 
     history = trainer.fit(x, t, x_eval, t_eval, on_epoch=report)
@@ -62,6 +65,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--schedules", nargs="+", default=["constant", "cosine"],
                    choices=["constant", "cosine", "step"])
+    p.add_argument("--weight-decays", nargs="+", type=float, default=[0.0], metavar="LAMBDA")
     p.add_argument("--device", default="cpu")
     p.add_argument("--validation", type=int, default=10000)
     args = p.parse_args()
@@ -69,21 +73,24 @@ def main() -> int:
     order = np.random.default_rng(0).permutation(x.shape[0])
     val, train = order[:args.validation], order[args.validation:]
     print(describe())
+    settings = [(name, decay) for name in args.schedules for decay in args.weight_decays]
     scores = {}
-    for name in args.schedules:
-        if len(args.schedules) == 1:
+    for name, decay in settings:
+        if len(settings) == 1:
             break  # nothing to choose
-        history, seconds = run(args.model, args.device, name, args.epochs, x[train], t[train],
-                               x[val], t[val], eval_train=0)
-        scores[name] = history.test_accuracy[-1]
-        print(f"{name}: validation accuracy {scores[name]:.4f} ({seconds:.0f} s)", flush=True)
-    best = max(scores, key=scores.get) if scores else args.schedules[0]
-    history, seconds = run(args.model, args.device, best, args.epochs, x, t, x_test, t_test,
+        history, seconds = run(args.model, args.device, name, decay, args.epochs, x[train],
+                               t[train], x[val], t[val], eval_train=0)
+        scores[name, decay] = history.test_accuracy[-1]
+        print(f"{name}, weight decay {decay:g}: validation accuracy {scores[name, decay]:.4f} "
+              f"({seconds:.0f} s)", flush=True)
+    best = max(scores, key=scores.get) if scores else settings[0]
+    history, seconds = run(args.model, args.device, *best, args.epochs, x, t, x_test, t_test,
                            eval_train=10000)
-    print(f"| {args.model}, Adam 0.001, {args.epochs} epochs, schedule {best} (chosen on "
-          f"validation: {', '.join(f'{k} {v:.4f}' for k, v in scores.items()) or '-'}) | "
-          f"test accuracy {history.test_accuracy[-1]:.4f} (best epoch "
-          f"{max(history.test_accuracy):.4f}) | {seconds:.0f} s |")
+    chosen = ", ".join(f"{n} wd {d:g} {v:.4f}" for (n, d), v in scores.items()) or "-"
+    print(f"| {args.model}, Adam 0.001, {args.epochs} epochs, schedule {best[0]}, weight decay "
+          f"{best[1]:g} (chosen on validation: {chosen}) | test accuracy "
+          f"{history.test_accuracy[-1]:.4f} (best epoch {max(history.test_accuracy):.4f}) | "
+          f"{seconds:.0f} s |")
     return 0
 
 

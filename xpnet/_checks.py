@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
+
 from .backend import DeviceMismatchError, cast_hint, dtype_name, is_array, is_dtype, to_numpy
 
 # -- scalars and options -------------------------------------------------------------------------
@@ -53,6 +55,23 @@ def real_option(name: str, value, low: float, high: float, *, high_open: bool = 
     if not (low <= value <= high) or (high_open and value == high) or not math.isfinite(value):
         raise ValueError(f"{name} must be in [{low}, {high}{')' if high_open else ']'}, got {value}")
     return value
+
+
+def check_flag(name: str, value) -> bool:
+    """``value`` as a bool: True, False (or a NumPy bool); TypeError naming ``name`` for
+    anything else (a string such as "no" is not False)."""
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+
+
+def check_nonzero_in(name: str, value: float, dtype) -> None:
+    """ValueError naming ``name`` where the positive ``value`` rounds to 0 in ``dtype`` (1e-50
+    in float32), where a division by it or by ``sqrt(0 + value)`` would give NaN or inf."""
+    name_of = dtype_name(dtype)
+    if value > 0 and float(np.asarray(value, dtype=name_of)) == 0.0:
+        raise ValueError(f"{name}={value!r} rounds to 0 in {name_of}: give at least "
+                         f"{float(np.finfo(name_of).smallest_subnormal)!r}")
 
 
 def check_seed(seed, name: str = "seed") -> int:

@@ -253,10 +253,11 @@ def _read(v, relu, zero):
 def max_pool(x, ph, pw, stride, pad, out, arg, relu, swap):
     """Max pooling of x (N, C, H, W) into out (N, C, OH, OW), with ``arg`` the offset
     ``i * pw + j`` of each window's maximum.  The same arithmetic as the portable
-    :class:`xpnet.Pooling` (padding cells are -inf; a later element wins only if strictly
-    larger; a NaN makes the maximum NaN and leaves its offset where it was).  Without
-    branches on the data (a comparison of random values mispredicts half the time).
-    ``relu``: pools ``maximum(x, 0)`` instead (a Relu fused in: :func:`_read`)."""
+    :class:`xpnet.Pooling`: each window's input elements only (a padding cell never wins),
+    the first NaN, else the first maximum.  Without branches on the data (a comparison of
+    random values mispredicts half the time).  ``relu``: pools ``maximum(x, 0)`` instead (a
+    Relu fused in: :func:`_read`), and adds ``ph * pw`` to ``arg`` where the maximum is > 0
+    (the Relu's keep)."""
     n, c, oh, ow = out.shape
     h, w = x.shape[2], x.shape[3]
     zero = x.dtype.type(0)
@@ -264,28 +265,19 @@ def max_pool(x, ph, pw, stride, pad, out, arg, relu, swap):
         for b in range(c):
             p, o, g = (x[b, a] if swap else x[a, b]), out[a, b], arg[a, b]
             for r in range(oh):
+                r0 = r * stride - pad
+                i0, i1 = max(0, -r0), min(ph, h - r0)
                 for q in range(ow):
-                    r0, q0 = r * stride - pad, q * stride - pad
-                    best = _read(p[r0, q0], relu, zero) if r0 >= 0 and q0 >= 0 else -np.inf
-                    where = 0
-                    for i in range(ph):  # (0, 0) again: neither larger nor a new NaN
-                        row = r0 + i
-                        for j in range(pw):
-                            col = q0 + j
-                            if pad == 0 or (0 <= row < h and 0 <= col < w):
-                                v = _read(p[row, col], relu, zero)
-                            else:
-                                v = -np.inf
-                            larger = v > best
-                            nan = (v != v) & (best == best)
-                            where = i * pw + j if larger else where
-                            best = v if larger | nan else best
+                    q0 = q * stride - pad
+                    j0, j1 = max(0, -q0), min(pw, w - q0)
+                    best, where = _read(p[r0 + i0, q0 + j0], relu, zero), i0 * pw + j0
+                    for i in range(i0, i1):  # (the first again: neither larger nor a new NaN)
+                        for j in range(j0, j1):
+                            best, where = _max_step(best, where,
+                                                    _read(p[r0 + i, q0 + j], relu, zero),
+                                                    i * pw + j)
                     o[r, q] = best
-                    if relu:  # keep: the Relu's, for the backward (NaN: x at the offset)
-                        keep = best > zero if best == best else \
-                            p[r0 + where // pw, q0 + where % pw] > zero
-                        where += ph * pw if keep else 0
-                    g[r, q] = where
+                    g[r, q] = where + (ph * pw if relu and best > zero else 0)
 
 
 @njit(cache=True)
@@ -319,10 +311,10 @@ def max_pool_backward(dout, arg, ph, pw, stride, pad, dx, relu, swap):
 
 @njit(cache=True, inline="always")
 def _max_step(best, where, v, k):
-    """One element of a window after another: :func:`max_pool`'s rule, without branches."""
-    larger = v > best
-    nan = (v != v) & (best == best)
-    return (v if larger | nan else best), (k if larger else where)
+    """One element of a window after another: :func:`max_pool`'s rule (the first NaN wins,
+    else the first maximum), without branches."""
+    larger = (v > best) | ((v != v) & (best == best))
+    return (v if larger else best), (k if larger else where)
 
 
 @njit(cache=True)
@@ -341,13 +333,12 @@ def max_pool_2x2(x, out, arg, relu, swap):
                     best, where = _max_step(best, where, p[2 * r + 1, 2 * q], 2)
                     best, where = _max_step(best, where, p[2 * r + 1, 2 * q + 1], 3)
                     if relu:
-                        # The pool of maximum(x, 0), from x's: where the value at the offset
-                        # (best, or x there for a NaN window) is > 0, the same offset and the
-                        # Relu keeps the gradient; else every element before the first NaN
-                        # became 0, so the first offset wins, and the gradient is dropped.
-                        at = best if best == best else p[2 * r + where // 2, 2 * q + where % 2]
-                        where = where + 4 if at > zero else 0
-                        best = best if (best > zero) | (best != best) else zero
+                        # The pool of maximum(x, 0), from x's: a NaN window keeps its first
+                        # NaN (the Relu drops its gradient); a maximum > 0, its offset (the
+                        # Relu keeps it); else every element became 0 and the first wins.
+                        keep = best > zero
+                        where = where + 4 if keep else (where if best != best else 0)
+                        best = best if keep | (best != best) else zero
                     o[r, q] = best
                     g[r, q] = where
 

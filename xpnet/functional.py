@@ -216,6 +216,30 @@ def window_slices(fh: int, fw: int, stride: int, oh: int, ow: int) -> list:
             for i in range(fh) for j in range(fw)]
 
 
+def live_windows(fh: int, fw: int, stride: int, pad: int, h: int, w: int, oh: int,
+                 ow: int) -> list:
+    """``[(k, rows, cols, real), ...]`` for the window offsets k = i * fw + j (row-major) whose
+    strided slices of the padded input (H + 2 pad, W + 2 pad) pick at least one input
+    element; ``real``: None where every element they pick is one, else host boolean lists
+    ``(rows (OH,), cols (OW,))`` of the windows where it is.  A window larger than its input
+    (padding all round) hence costs its input's size, not its own."""
+    def inside(f: int, o: int, size: int) -> list:  # per offset along one axis
+        found = []
+        for i in range(f):
+            cells = [pad <= r * stride + i < pad + size for r in range(o)]
+            if any(cells):
+                found.append((i, cells, all(cells)))
+        return found
+
+    live = []
+    for i, in_rows, rows_all in inside(fh, oh, h):
+        for j, in_cols, cols_all in inside(fw, ow, w):
+            live.append((i * fw + j, slice(i, i + stride * (oh - 1) + 1, stride),
+                         slice(j, j + stride * (ow - 1) + 1, stride),
+                         None if rows_all and cols_all else (in_rows, in_cols)))
+    return live
+
+
 def pad_spatial(xp, x, pad: int, value: float = 0.0):
     """x (N, C, H, W) padded by ``pad`` on both sides of H and W with ``value`` (array-api-extra's
     ``pad``); x itself when ``pad`` is 0."""
@@ -262,16 +286,21 @@ def col2im(xp, col, shape: tuple, fh: int, fw: int, stride: int = 1, pad: int = 
     return xp.permute_dims(dx, (1, 0, 2, 3))
 
 
-def add_at_windows(xp, pieces: list, shape: tuple, fh: int, fw: int, stride: int, pad: int):
+def add_at_windows(xp, pieces: list, shape: tuple, fh: int, fw: int, stride: int, pad: int,
+                   offsets=None):
     """The adjoint of taking windows (pooling's, and :func:`col2im`'s): ``pieces[k]``
-    (A, B, OH, OW), the gradient at window offset k, summed onto an array of ``shape``
-    (A, B, H, W) at that offset's strided positions (array-api-extra's ``at(...).add(...)``:
-    in place on a fresh array where the library allows it, functional on JAX); overlapping
-    windows add up, the padding is cut off."""
+    (A, B, OH, OW), the gradient at window offset k (or at ``offsets[k]``: those of
+    :func:`live_windows`), summed onto an array of ``shape`` (A, B, H, W) at that offset's
+    strided positions (array-api-extra's ``at(...).add(...)``: in place on a fresh array
+    where the library allows it, functional on JAX); overlapping windows add up, the padding
+    is cut off."""
     n, c, h, w = shape
     oh, ow = pieces[0].shape[2], pieces[0].shape[3]
     dx = xp.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=pieces[0].dtype,
                   device=native_device(pieces[0]))
-    for piece, (rows, cols) in zip(pieces, window_slices(fh, fw, stride, oh, ow)):
+    slices = window_slices(fh, fw, stride, oh, ow)
+    if offsets is not None:
+        slices = [slices[k] for k in offsets]
+    for piece, (rows, cols) in zip(pieces, slices):
         dx = xpx.at(dx)[:, :, rows, cols].add(piece, xp=xp)
     return dx[:, :, pad:pad + h, pad:pad + w] if pad else dx

@@ -34,6 +34,8 @@ from ._checks import (
     check_affine_input,
     check_array,
     check_bias,
+    check_flag,
+    check_nonzero_in,
     check_image_batch,
     check_logits,
     check_same_dtype,
@@ -61,6 +63,7 @@ from .backend import (
 )
 from .functional import (
     add_at_windows,
+    live_windows,
     affine,
     col2im,
     conv_output_size,
@@ -173,6 +176,13 @@ def unchecked(layer, name: str):
     A method no Layer wrapped (a loss object of another kind) comes back as it is."""
     method = getattr(type(layer), name)
     return getattr(method, "_xpnet_unchecked", method)
+
+
+def _check_no_empty_axis(W, name: str, axes: str) -> None:
+    """A weight array with a zero-size axis (no filters, no inputs) computes nothing."""
+    if 0 in tuple(W.shape):
+        raise ValueError(f"{name} must have every axis of {axes} at least 1, got shape "
+                         f"{tuple(W.shape)}")
 
 
 class Layer:
@@ -500,9 +510,10 @@ class Affine(Layer):
     def __init__(self, W, b, *, input_grad: bool = True):
         xp = namespace(W=W, b=b)
         check_array(xp, W, "W", ndim=2)
+        _check_no_empty_axis(W, "W", "(D inputs, M outputs)")
         check_bias(xp, W, b, "(M,)", 1)
         self.W, self.b = W, b
-        self.input_grad = bool(input_grad)
+        self.input_grad = check_flag("input_grad", input_grad)
         self.x = self.x_shape = self.dW = self.db = None
 
     def __repr__(self):
@@ -623,9 +634,11 @@ class Convolution(Layer):
     def __init__(self, W, b, *, stride: int = 1, pad: int = 0, input_grad: bool = True):
         xp = namespace(W=W, b=b)
         check_array(xp, W, "W", ndim=4)
+        _check_no_empty_axis(W, "W", "(FN filters, C channels, FH, FW)")
         check_bias(xp, W, b, "(FN,)", 0)
         self.stride, self.pad = int_option("stride", stride, 1), int_option("pad", pad, 0)
-        self.W, self.b, self.input_grad = W, b, bool(input_grad)
+        self.W, self.b = W, b
+        self.input_grad = check_flag("input_grad", input_grad)
         self.col = self.x_shape = self.dW = self.db = None
 
     def __repr__(self):
@@ -689,11 +702,13 @@ class Pooling(Layer):
         window (padding included), like PyTorch's ``avg_pool2d`` by default.
     mode : {"max", "avg"}
 
-    ``forward(x)`` takes (N, C, H, W) and returns (N, C, OH, OW).  Max pooling's
-    ``backward`` routes each window's gradient to one position: the first maximum in
-    row-major order within the window when several are equal (``argmax``'s choice, and
-    PyTorch's); average pooling spreads it evenly.  Where windows overlap, the
-    contributions add up.
+    ``forward(x)`` takes (N, C, H, W) and returns (N, C, OH, OW), a new array.  Max
+    pooling's ``backward`` routes each window's gradient to one position: the window's
+    first NaN if it holds one (its output is NaN), else the first maximum in row-major
+    order when several are equal (``argmax``'s choice, and PyTorch's); a padding cell never
+    takes it, even from a window of -inf.  Average pooling spreads it evenly.  Where windows
+    overlap, the contributions add up.  A window larger than the input costs the input's
+    size, not the window's.
     """
 
     def __init__(self, pool_h: int, pool_w: int, *, stride: int | None = None, pad: int = 0,
@@ -709,6 +724,7 @@ class Pooling(Layer):
                              "has no input")
         self.mode = mode
         self.arg = self.x_shape = None  # arg: the offset of each window's maximum (max mode)
+        self.offsets = None  # the window offsets that reach the input (the portable forward's)
 
     def __repr__(self):
         return (f"Pooling({self.pool_h}, {self.pool_w}, stride={self.stride}, pad={self.pad}, "
@@ -731,27 +747,55 @@ class Pooling(Layer):
         if self.mode == "max" and speedups.max_pool is not None:  # one pass, where it can
             fast = speedups.max_pool(x, *window, self.stride, self.pad, oh, ow)
             if fast is not NotImplemented:
-                out, self.arg = fast
+                (out, self.arg), self.offsets = fast, None
                 return out
         padded = pad_spatial(xp, x, self.pad, -math.inf if self.mode == "max" else 0.0)
-        # One strided view per window offset: k elementwise passes, no (..., k) stack to reduce.
-        pieces = [padded[:, :, rows, cols]
-                  for rows, cols in window_slices(*window, self.stride, oh, ow)]
-        if self.mode == "avg":
-            return sum(pieces[1:], pieces[0]) / len(pieces)
-        out, arg = pieces[0], xp.zeros(pieces[0].shape, dtype=xp.int32, device=native_device(x))
-        for k, piece in enumerate(pieces[1:], start=1):
-            larger = piece > out  # strictly: a tie keeps the first maximum (row-major)
-            arg = xp.where(larger, xp.asarray(k, dtype=xp.int32, device=native_device(x)), arg)
-            out = xp.maximum(out, piece)  # (NaN propagates, as in max)
+        # One strided view per window offset that reaches the input: k elementwise passes,
+        # no (..., k) stack to reduce.
+        live = live_windows(*window, self.stride, self.pad, x.shape[2], x.shape[3], oh, ow)
+        self.offsets = [k for k, *_ in live]
+        pieces = [padded[:, :, rows, cols] for _, rows, cols, _ in live]
+        if self.mode == "avg":  # (the offsets left out add zeros; the divisor counts them)
+            return sum(pieces[1:], pieces[0]) / (self.pool_h * self.pool_w)
+        device = native_device(x)
+        # The first NaN of a window wins (its gradient goes to it), else the first maximum
+        # (row-major); a padding cell never wins, even over -inf.
+        out = xp.asarray(pieces[0], copy=True)  # (never a view of x: a 1 x 1 window)
+        arg = xp.full(out.shape, live[0][0], dtype=xp.int32, device=device)
+        real = self._real_mask(xp, live[0][3], device)  # where out holds an input element
+        for (k, _, _, mask), piece in zip(live[1:], pieces[1:]):
+            larger = (piece > out) | (xp.isnan(piece) & ~xp.isnan(out))
+            if real is not None:
+                larger = larger | ~real
+            mask = self._real_mask(xp, mask, device)
+            if mask is not None:
+                larger = larger & mask
+                real = None if real is None else real | mask
+            elif real is not None:
+                real = None
+            arg = xp.where(larger, xp.asarray(k, dtype=xp.int32, device=device), arg)
+            out = xp.where(larger, piece, out)
         self.arg = arg
         return out
+
+    @staticmethod
+    def _real_mask(xp, real, device):
+        """:func:`live_windows`'s host masks as one (OH, OW) boolean array, or None."""
+        if real is None:
+            return None
+        rows, cols = real
+        grid = [[a and b for b in cols] for a in rows]
+        return xp.asarray(grid, dtype=xp.bool, device=device)
 
     def backward(self, dout):
         xp = namespace(dout)
         k = self.pool_h * self.pool_w
+        offsets = self.offsets
+        if offsets is None:  # (the forward's fast path ran)
+            offsets = [i for i, *_ in live_windows(self.pool_h, self.pool_w, self.stride,
+                                                   self.pad, *self.x_shape[2:], *dout.shape[2:])]
         if self.mode == "avg":  # d mean / d x_i = 1 / k for each of the k positions
-            pieces = [dout / k] * k
+            pieces = [dout / k] * len(offsets)
         else:  # d max / d x_i = 1 at the chosen maximum, 0 elsewhere
             if speedups.max_pool_backward is not None:
                 fast = speedups.max_pool_backward(dout, self.arg, self.x_shape, self.pool_h,
@@ -759,9 +803,9 @@ class Pooling(Layer):
                 if fast is not NotImplemented:
                     return fast
             zero = xp.zeros((), dtype=dout.dtype, device=native_device(dout))
-            pieces = [xp.where(self.arg == i, dout, zero) for i in range(k)]
+            pieces = [xp.where(self.arg == i, dout, zero) for i in offsets]
         return add_at_windows(xp, pieces, self.x_shape, self.pool_h, self.pool_w, self.stride,
-                              self.pad)
+                              self.pad, offsets)
 
 
 class BatchNormalization(Layer):
@@ -806,6 +850,7 @@ class BatchNormalization(Layer):
         self.eps = real_option("eps", eps, 0.0, math.inf)
         if self.eps == 0.0:
             raise ValueError("eps must be > 0: it keeps the division finite for a constant feature")
+        check_nonzero_in("eps", self.eps, gamma.dtype)  # (1e-50 is 0 in float32: NaN)
         self.gamma, self.beta = gamma, beta
         device = native_device(gamma)
         self.running_mean = xp.zeros(gamma.shape, dtype=gamma.dtype, device=device)
@@ -819,11 +864,17 @@ class BatchNormalization(Layer):
     def check_forward(self, x, train: bool = True):
         xp = namespace(x=require_array(x, "x"), gamma=self.gamma, beta=self.beta)
         check_array(xp, x, "x")
+        train = check_flag("train", train)
         d = self.gamma.shape[0]
         if x.ndim not in (2, 4) or x.shape[1] != d or x.shape[0] == 0:
             raise ValueError(f"x must be a non-empty batch (N, {d}) or (N, {d}, H, W) for "
                              f"{d} features, got shape {tuple(x.shape)}")
         check_same_dtype(x, self.gamma, "x", "gamma")
+        check_nonzero_in("eps", self.eps, x.dtype)
+        if train and math.prod(x.shape) // d < 2:
+            raise ValueError(f"BatchNormalization in training needs more than one value per "
+                             f"feature to normalize, got x of shape {tuple(x.shape)} (one value "
+                             "per feature): pass train=False, or a larger batch")
 
     def forward(self, x, train: bool = True):
         xp = namespace(x)
@@ -892,6 +943,7 @@ class Dropout(Layer):
 
     def check_forward(self, x, train: bool = True):
         check_array(namespace(x=require_array(x, "x")), x, "x")
+        check_flag("train", train)
 
     def forward(self, x, train: bool = True):
         if not train or self.ratio == 0.0:

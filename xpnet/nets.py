@@ -24,11 +24,10 @@ from .backend import (
     dtype_name,
     namespace,
     resolve_device,
-    resolve_dtype,
     to_device,
     to_numpy,
 )
-from ._checks import check_seed, check_targets, is_int, is_real
+from ._checks import check_flag, check_seed, check_targets, is_int, is_real
 from .functional import conv_output_size
 from .gradcheck import numerical_gradients
 from .layers import (
@@ -351,6 +350,7 @@ class Sequential:
         """Scores (N, C) for inputs x (N, ...) on the net's device; ``train`` selects the
         training behaviour of the layers that have one (dropout, batch normalization).
         (Each layer makes its inputs' device current itself: no context is taken here.)"""
+        train = check_flag("train", train)
         for layer in self.layers.values():
             x = layer.forward(x, train=train) if layer.has_train_mode else layer.forward(x)
         return x
@@ -673,10 +673,9 @@ def _build(plan, weight_init, seed, device, dtype) -> list:
     """The layers of ``plan``: normal weights (std from ``weight_init`` and each layer's fan-in)
     drawn in order from a host generator seeded with ``seed``, zero biases, batch norm at
     gamma 1 and beta 0; the first layer computes no gradient for the data."""
-    dev = resolve_device(device)
-    dt = resolve_dtype(dev.xp, dtype)
-    if not dev.xp.isdtype(dt, "real floating"):
+    if dtype not in _FLOAT_DTYPES:  # (float16, as to() and load(dtype=) refuse it too)
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    dev = resolve_device(device)
     rng = np.random.default_rng(check_seed(seed))
     seeds = iter(_dropout_seeds(seed, sum(item[0] == "dropout" for item in plan)))
 

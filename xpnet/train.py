@@ -54,7 +54,7 @@ from .backend import (
 from .compiled import CompiledSteps, compile_mode
 from .distributed import Solo, Team
 from .schedules import Schedule
-from .layers import Layer
+from .layers import BatchNormalization, Layer
 
 __all__ = ["DivergenceError", "History", "Trainer"]
 
@@ -129,6 +129,15 @@ class History:
 # its training batch size (faster than 1000 there: the arrays fit the caches), SimpleConvNet
 # about 160 KB (batches of about 200), TwoLayerNet 4 KB (1000).
 EVAL_MEMORY = 32 << 20
+
+
+def _statistics_per_sample(net) -> int | None:
+    """After a forward of one sample: the fewest values per feature that one sample gives a
+    BatchNormalization layer of ``net`` (1 for (N, D) rows, H * W for images), or None
+    without one."""
+    counts = [math.prod(layer.xn.shape[2:]) for layer in getattr(net, "layers", {}).values()
+              if isinstance(layer, BatchNormalization) and layer.xn is not None]
+    return min(counts) if counts else None
 
 
 def _held_bytes(net) -> int:
@@ -371,6 +380,7 @@ class Trainer:
         self.lr_schedule = lr_schedule
         self._base_lr = None  # the optimizer's lr when a scheduled fit started (while it runs)
         self._sample_bytes = 0  # what a forward pass keeps per sample (measured at the boundary)
+        self._statistics_per_sample = None  # (measured there too: _statistics_per_sample)
         # The compiled steps are made (and so checked) now, and kept: one trace per shape.
         self.compiled_steps = None if self.compile is None else CompiledSteps(
             net, optimizer, self.compile, self.batch_size)
@@ -410,6 +420,7 @@ class Trainer:
         sample the layers refuse is an error naming ``x_name``.  Nets without ``predict``
         are asked for ``sizes``; None where neither tells."""
         net, shape = self.net, tuple(x.shape)
+        self._statistics_per_sample = None
         predict = getattr(net, "predict", None)
         if not callable(predict):
             sizes = getattr(net, "sizes", None)
@@ -421,6 +432,7 @@ class Trainer:
         try:
             scores = predict(sample)
             self._sample_bytes = _held_bytes(net)  # what its forward keeps, per sample
+            self._statistics_per_sample = _statistics_per_sample(net)
         except (ValueError, TypeError) as exc:
             kind = type(exc) if isinstance(exc, TypeError) and not isinstance(
                 exc, ValueError) else ValueError
@@ -659,6 +671,7 @@ class Trainer:
                                    processes_per_node=self.team.local_size)
             if speedups.thread_policy is not None
             else (None, "the BLAS library's own (no xpnet._fast)"))
+        self._check_batches_normalize(x.shape[0])
         run = _Run(x, t, test, namespace(x=x), np.random.default_rng(self.seed), history,
                    _Position())
         if resume is not None:  # (checked against the optimizer's lr: the base rate)
@@ -675,6 +688,26 @@ class Trainer:
         history.config.update(eval_batch_size=run.eval_batch_size, eval_every=self.eval_every,
                               eval_train=self.eval_train)
         return run
+
+    def _check_batches_normalize(self, n: int) -> None:
+        """Where the net normalizes by batch statistics one value per sample and feature
+        (BatchNormalization of (N, D) rows), every batch, and every process's share of it,
+        needs two samples or more: a ValueError before the first step otherwise."""
+        per_sample = self._statistics_per_sample
+        if per_sample is None or per_sample > 1:
+            return
+        size, b = self.team.size, self.batch_size
+        counts = {min(b, n)} | ({n % b} if n > b and n % b else set())
+        smallest = min(counts)
+        if smallest // size >= 2:
+            return
+        where = (f"a last batch of {n % b} sample(s)" if smallest == n % b and n > b
+                 else f"batches of {smallest} sample(s)")
+        shared = f", split across {size} processes," if size > 1 else ""
+        raise ValueError(
+            f"batch_size={b} on {n} training samples leaves {where}{shared} and the net's "
+            "BatchNormalization cannot normalize one sample's features in training: choose a "
+            f"batch_size that leaves at least {2 * size} samples in every batch")
 
     def _train_sample(self, run: _Run) -> tuple | None:
         """The training data of the training accuracy: all of it, a fixed sample of
