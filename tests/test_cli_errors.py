@@ -73,6 +73,22 @@ CASES = {
     "--weight-decay below 0": (["--weight-decay", "-0.1"], "--weight-decay must be a finite number"),
     "--filters 0": (["--model", "convnet", "--filters", "0"], "filter_num'] must be an int >= 1"),
     "--threads 0": (["--threads", "0"], "--threads must be >= 1, got 0"),
+    "--threads past a C int": (["--threads", "99999999999999999999"],
+                               "--threads must be at most 4096"),
+    "--save onto --checkpoint": (["--save", "x.npz", "--checkpoint", "x.npz"],
+                                 "--save and --checkpoint name the same file"),
+    "--save onto --history by ./": (["--save", "m.npz", "--history", "./m.npz"],
+                                     "--save and --history name the same file"),
+    "--checkpoint onto --history": (["--checkpoint", "h.json", "--history", "h.json"],
+                                    "--history and --checkpoint name the same file"),
+    "--save onto --resume's checkpoint": (["--resume", "old.npz", "--save", "old.npz"],
+                                          "--save and --resume name the same file"),
+    "--hidden larger than memory": (["--hidden", "100000000000"],
+                                    "--hidden 100000000000 ask for a net of"),
+    "--filters larger than memory": (["--model", "convnet", "--filters", "1000000000"],
+                                     "--filters 1000000000 and --hidden 8 ask for a net of"),
+    "--weight-decay 1e308": (["--weight-decay", "1e308"],
+                             "--weight-decay=1e+308 makes the loss's L2 term"),
 }
 
 
@@ -85,7 +101,7 @@ def test_train_mistakes_are_one_line_with_exit_2(data, tmp_path, case):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("xpnet train: error: "), res.stderr
     assert match in lines[0] and "Traceback" not in res.stderr
-    if "explodes" not in case and "batch-size" not in case and "hidden" not in case:
+    if not any(word in case for word in ("explodes", "batch-size", "hidden", "1e308")):
         assert res.stdout == ""  # refused before the data was loaded
     assert (tmp_path / "old.npz").read_bytes() == b"an existing checkpoint"
     CLI_CHECKED["count"] += 1
@@ -100,6 +116,27 @@ def test_a_bad_thread_count_in_the_environment_is_one_line_before_the_data(tmp_p
     assert res.returncode == 2 and res.stdout == "", res.stdout + res.stderr
     assert res.stderr.strip() == ("xpnet train: error: XPNET_BLAS_THREADS must be a whole "
                                   "number >= 1, got 'many'")
+    CLI_CHECKED["count"] += 1
+
+
+def test_a_thread_count_past_the_blas_librarys_is_recorded_as_it_runs(data, tmp_path):
+    """XPNET_BLAS_THREADS=999: the run goes on with what the BLAS library runs (OpenBLAS caps
+    at its build's maximum) and says so; a count past a C int is refused in one line."""
+    env = {**os.environ, "HOME": str(tmp_path), "XPNET_BLAS_THREADS": "999"}
+    res = subprocess.run([sys.executable, "-m", "xpnet", *_train(data, "--history", "h.json")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    import json
+    config = json.loads((tmp_path / "h.json").read_text())["config"]
+    assert 1 <= config["blas_threads"] <= 999
+    if config["blas_threads"] < 999:
+        assert "999 asked, the BLAS library runs at most" in config["thread_policy"]
+    env["XPNET_BLAS_THREADS"] = "99999999999999999999"
+    res = subprocess.run([sys.executable, "-m", "xpnet", *_train(data)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().endswith("XPNET_BLAS_THREADS must be at most 4096, got "
+                                       "99999999999999999999")
     CLI_CHECKED["count"] += 1
 
 

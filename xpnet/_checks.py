@@ -57,6 +57,19 @@ def real_option(name: str, value, low: float, high: float, *, high_open: bool = 
     return value
 
 
+# The most threads a thread count may ask for (a C int holds it; no machine has more cores).
+MAX_THREADS = 4096
+
+
+def thread_count(name: str, value) -> int:
+    """``value`` as a thread count: an int in [1, MAX_THREADS] (TypeError / ValueError naming
+    ``name``; 10**20 would overflow the C int the BLAS libraries take)."""
+    value = positive_int(name, value)
+    if value > MAX_THREADS:
+        raise ValueError(f"{name} must be at most {MAX_THREADS}, got {value}")
+    return value
+
+
 def check_flag(name: str, value) -> bool:
     """``value`` as a bool: True, False (or a NumPy bool); TypeError naming ``name`` for
     anything else (a string such as "no" is not False)."""

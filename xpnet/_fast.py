@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from . import functional, runners, speedups
+from ._checks import thread_count
 from .backend import backend_of, dtype_name, is_dtype, is_gpu_device, is_writable, namespace
 from .layers import Affine, Convolution, Pooling, Relu, Sigmoid, SoftmaxWithLoss, unchecked
 from .layers import _windows as _pool_windows
@@ -543,20 +544,24 @@ def threads_from_environment() -> int | None:
         return None
     if not env.isdigit() or int(env) < 1:
         raise ValueError(f"{_THREADS_ENV} must be a whole number >= 1, got {env!r}")
-    return int(env)
+    return thread_count(_THREADS_ENV, int(env))
 
 
 @contextlib.contextmanager
 def blas_threads(threads: int | None):
     """Within the block, the BLAS libraries of the process (NumPy's OpenBLAS, ...) use
-    ``threads`` threads (threadpoolctl); None leaves them as they are."""
+    ``threads`` threads (threadpoolctl); None leaves them as they are.  Yields the threads
+    they run (fewer than asked where a library caps them: OpenBLAS at its build's maximum),
+    or None."""
     if threads is None:
-        yield
+        yield None
         return
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_info, threadpool_limits
 
     with threadpool_limits(limits=threads, user_api="blas"):
-        yield
+        counts = [info.get("num_threads") for info in threadpool_info()
+                  if info.get("user_api") == "blas"]
+        yield min((c for c in counts if isinstance(c, int) and c > 0), default=None)
 
 
 # -- the allocator while training ---------------------------------------------------------------

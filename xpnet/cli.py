@@ -175,12 +175,30 @@ def _check_output(flag: str, path) -> None:
         raise ValueError(f"{flag} {path}: cannot write in {str(parent)!r}")
 
 
+def _check_distinct_outputs(outputs: dict) -> None:
+    """Every file a command writes is its own: two flags naming one file (also as ./X or by
+    a link) would leave only the last write.  ValueError naming both flags."""
+    seen = {}
+    for flag, path in outputs.items():
+        if not path:
+            continue
+        key = os.path.normcase(os.path.realpath(path))
+        if key in seen:
+            raise ValueError(f"{seen[key]} and {flag} name the same file {path!r}: each "
+                             "output needs a file of its own")
+        seen[key] = flag
+
+
 def _check_train_paths(args: argparse.Namespace):
     """Check every path ``xpnet train`` was given; returns the checkpoint path (or None) and
     the checkpoint to resume (or None)."""
     for flag in ("save", "history", "plot", "checkpoint"):
         if getattr(args, flag):
             _check_output(f"--{flag}", getattr(args, flag))
+    _check_distinct_outputs({"--save": args.save, "--history": args.history,
+                             "--plot": args.plot,
+                             "--checkpoint" if args.checkpoint else "--resume":
+                             args.checkpoint or args.resume})
     resumed = None
     if args.resume:
         if not Path(args.resume).is_file():
@@ -234,7 +252,38 @@ class NetChoice:
                              f"got {len(choice.hidden)}")
         if model != "mlp" and choice.activation != "relu":
             raise ValueError(f"--activation applies to --model mlp; {model} uses ReLU")
+        choice._check_fits_memory()
         return choice
+
+    def weight_count(self) -> int:
+        """About how many weights the net has (the hidden layers dominate)."""
+        hidden = self.hidden
+        if self.model == "convnet":
+            filters = 30 if self.filters is None else self.filters
+            return filters * 26 + (filters * 144 + 1) * hidden[0] + (hidden[0] + 1) * 10
+        if self.model == "deepconvnet":
+            return 60000 + (1024 + 1) * hidden[0] + (hidden[0] + 1) * 10
+        sizes = [_IMAGE_PIXELS, *hidden, 10]
+        return sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+
+    def _check_fits_memory(self) -> None:
+        """A net whose weights alone would not fit in this machine's memory is refused before
+        anything is allocated, naming the flags that size it (an allocation the system grants
+        lazily could otherwise end the process when the weights are first written)."""
+        try:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):
+            return
+        # Drawn in float64 on the host, then held in the net's dtype (and its gradients).
+        need = self.weight_count() * (8 + 2 * (4 if self.dtype == "float32" else 8))
+        if need > memory:
+            flags = [f"--hidden {' '.join(map(str, self.hidden))}"]
+            if self.model == "convnet":
+                flags.insert(0, f"--filters {30 if self.filters is None else self.filters}")
+            raise ValueError(f"{' and '.join(flags)} ask for a net of "
+                             f"{self.weight_count():.3g} weights, about {need / 2**30:.3g} GiB "
+                             f"to build and train, more than this machine's "
+                             f"{memory / 2**30:.3g} GiB of memory")
 
 
 def _make_net(choice: NetChoice, conv_init=0.01):
@@ -380,7 +429,7 @@ def _train(args: argparse.Namespace) -> int:
         config = TrainConfig.from_args(args, device)
         trainer, data = _train_setup(config, say, dist)
     try:
-        with np.errstate(all="ignore"):  # the Trainer reports divergence itself, by epoch and step
+        with np.errstate(all="ignore"), _as_flags():  # (the Trainer reports divergence itself)
             history = trainer.fit(*data, on_epoch=_epoch_reporter(config, say),
                                   resume=config.resume)
     except KeyboardInterrupt:
@@ -656,6 +705,11 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     except (DivergenceError, ValueError, TypeError, OSError) as exc:
         tell(f"{name}: error: {_one_line(exc)}")
+        return 2
+    except MemoryError as exc:  # a net or batch larger than the machine (--hidden 10**11)
+        detail = f" ({_one_line(exc)})" if str(exc) else ""
+        tell(f"{name}: error: not enough memory for what was asked{detail}: a smaller net "
+             "(--hidden, --filters) or batch (--batch-size)")
         return 2
     except Exception as exc:
         if not getattr(exc, "xpnet_agreed", False):

@@ -38,6 +38,7 @@ from ._checks import (
     is_int,
     is_real,
     positive_int,
+    thread_count,
 )
 from ._io import atomic_write
 from .backend import (
@@ -131,6 +132,23 @@ class History:
 EVAL_MEMORY = 32 << 20
 
 
+def _check_decay_term(net) -> None:
+    """A weight decay whose L2 term ``0.5 * weight_decay * sum(W ** 2)`` is already infinite
+    on the net's weights (weight_decay=1e308) is an error naming it, before any step: it
+    would stop the run at its first step as a divergence, blamed on the learning rate."""
+    decay = getattr(net, "weight_decay", 0.0)
+    keys = getattr(net, "_decayed", ())
+    if not decay or not keys:
+        return
+    squares = sum(float(np.sum(np.square(to_numpy(net.params[key]).astype(np.float64))))
+                  for key in keys)
+    term = 0.5 * decay * squares
+    if not math.isfinite(term) or not math.isfinite(float(np.asarray(term, dtype=net.dtype))):
+        raise ValueError(f"weight_decay={decay!r} makes the loss's L2 term 0.5 * weight_decay "
+                         f"* sum(W ** 2) infinite in {net.dtype} on the net's weights "
+                         f"(sum(W ** 2) = {squares:.4g}): lower it")
+
+
 def _statistics_per_sample(net) -> int | None:
     """After a forward of one sample: the fewest values per feature that one sample gives a
     BatchNormalization layer of ``net`` (1 for (N, D) rows, H * W for images), or None
@@ -169,8 +187,9 @@ _UNSCALED = 1e4
 
 
 def _likely_cause(run: _Run) -> str:
-    """Why a loss became NaN or infinite: the data, if they explain it, else the learning rate.
-    (Reads the dataset once more; only after a divergence.)"""
+    """Why a loss became NaN or infinite: the data, if they explain it, else the learning rate
+    (and the weight decay, where the net has one).  (Reads the dataset once more; only after
+    a divergence.)"""
     xp, x = run.xp, run.x
     if not all_finite(xp, x):
         return "the training data now hold NaN or infinite values (they changed during training)"
@@ -178,6 +197,9 @@ def _likely_cause(run: _Run) -> str:
     if largest > _UNSCALED:
         return (f"the training data reach {largest:.3g}: scale them first (e.g. x / 255, or "
                 "load_mnist(normalize=True))")
+    if run.weight_decay:
+        return (f"the learning rate or the weight decay ({run.weight_decay:g}) is probably too "
+                "high")
     return "the learning rate is probably too high"
 
 
@@ -194,6 +216,7 @@ class _Run:
     history: History
     position: _Position
     interrupt: _DeferredInterrupt | None = None
+    weight_decay: float = 0.0  # the net's, for the cause of a divergence
     runner: runners.Runner | None = None  # how its steps run (chosen at the run boundary)
     train_eval: tuple | None = None  # (x, t) of the training accuracy, None for none
     eval_batch_size: int = 1000
@@ -366,7 +389,7 @@ class Trainer:
             raise ValueError("distributed=True and compile= do not go together: a distributed "
                              "step exchanges gradients between the processes, which a compiled "
                              "loop cannot do")
-        self.blas_threads = None if blas_threads is None else positive_int("blas_threads",
+        self.blas_threads = None if blas_threads is None else thread_count("blas_threads",
                                                                             blas_threads)
         if speedups.threads_from_environment is not None:
             speedups.threads_from_environment()  # a bad XPNET_BLAS_THREADS: before any data
@@ -623,13 +646,19 @@ class Trainer:
         run.history.config["step"] = run.runner.name
 
     def _epochs(self, run: _Run, on_epoch) -> History:
-        threads = run.history.config["blas_threads"]
+        config = run.history.config
+        threads = config["blas_threads"]
         with _DeferredInterrupt(self.checkpoint is not None) as run.interrupt, \
                 (speedups.blas_threads(threads) if speedups.blas_threads is not None
-                 else contextlib.nullcontext()), \
+                 else contextlib.nullcontext()) as running, \
                 (speedups.training_memory() if speedups.training_memory is not None
                  else contextlib.nullcontext()) as allocator:
             run.history.config["allocator"] = allocator or "the system's, as it is"
+            if threads is not None and running is not None and running != threads:
+                # What the BLAS library runs, not what was asked (OpenBLAS caps at its build's)
+                config["blas_threads"] = running
+                config["thread_policy"] += (f"; {threads} asked, the BLAS library runs at "
+                                            f"most {running}")
             for epoch in range(run.position.epoch, self.epochs + 1):
                 record = self._epoch(run, epoch)
                 run.history.records.append(record)
@@ -672,8 +701,9 @@ class Trainer:
             if speedups.thread_policy is not None
             else (None, "the BLAS library's own (no xpnet._fast)"))
         self._check_batches_normalize(x.shape[0])
+        _check_decay_term(net)
         run = _Run(x, t, test, namespace(x=x), np.random.default_rng(self.seed), history,
-                   _Position())
+                   _Position(), weight_decay=float(getattr(net, "weight_decay", 0.0) or 0.0))
         if resume is not None:  # (checked against the optimizer's lr: the base rate)
             run.position = self._restore(resume_path, resume, history)
             history.config["resumed_from"] = str(resume_path)
