@@ -16,6 +16,20 @@ def _temp_pattern(path: Path) -> str:
     return f".{path.name}.*{TEMP_SUFFIX}"
 
 
+def check_writable(path, name: str) -> None:
+    """ValueError naming ``name`` (a flag or parameter) and ``path`` unless a file can be
+    written there: not a directory, in a directory that exists and can be written.  Asked
+    before a run starts, so that nothing is computed for an output that cannot be kept."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise ValueError(f"{name} {path}: that is a directory; name a file in it")
+    if not parent.is_dir():
+        raise ValueError(f"{name} {path}: the directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{name} {path}: cannot write in {str(parent)!r}")
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode: str = "wb"):
     """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
@@ -62,18 +76,22 @@ def _umask() -> int:
 # more is corrupt, and is rejected before anything that size is allocated.
 MAX_DEFLATE_RATIO = 1032
 _CHUNK = 1 << 22
+_FIRST_CHUNK = 1 << 16
 
 
 def read_exact(stream, n: int, what: str) -> bytes:
     """Exactly ``n`` bytes from ``stream``, read in chunks so that memory grows only as data
     arrives (never to what a header merely claims); ValueError naming ``what`` if it ends first."""
-    chunks, got = [], 0
+    chunks, got, size = [], 0, _FIRST_CHUNK
     while got < n:
-        chunk = stream.read(min(_CHUNK, n - got))
+        # Chunks that double from 64 KiB: a read asks for (and a gzip stream allocates) no
+        # more than about what has arrived already.
+        chunk = stream.read(min(size, n - got))
         if not chunk:
             raise ValueError(f"truncated: {what} needs {n} bytes, the file holds {got}")
         chunks.append(chunk)
         got += len(chunk)
+        size = min(2 * size, _CHUNK)
     return b"".join(chunks)
 
 
