@@ -48,3 +48,104 @@ def test_the_history_records_the_threads_the_blas_library_runs():
     assert 1 <= threads <= 4096
     if threads < 4096:
         assert "4096 asked, the BLAS library runs at most" in history.config["thread_policy"]
+
+
+# -- absurd values in files: checked as they will be held, before anything is assigned -----
+
+
+def _bn_dropout_net(dtype="float64"):
+    return xpnet.MultiLayerNet([6, 5, 3], use_batchnorm=True, use_dropout=True, dtype=dtype)
+
+
+def _layer(net, kind):
+    return next(layer for layer in net.layers.values() if type(layer).__name__ == kind)
+
+
+@pytest.mark.parametrize(("change", "load_dtype", "match"), [
+    (lambda n: setattr(_layer(n, "BatchNormalization"), "running_var", -np.ones(5)), None,
+     r"running_var1'\] holds negative values"),
+    (lambda n: setattr(_layer(n, "BatchNormalization"), "running_mean", np.full(5, 1e300)),
+     "float32", r"running_mean1'\] holds NaN or infinite values in float32"),
+    (lambda n: n.params.__setitem__("W1", np.full((6, 5), 1e300)), "float32",
+     "W1 holds values beyond float32's range"),
+    (lambda n: setattr(_layer(n, "Dropout"), "draws", 2**62 + 1), None,
+     r"draws1'\] must be an int in \[0, 4611686018427387904\]"),
+], ids=["negative variance", "mean past float32", "weights past float32", "draws past int64"])
+def test_values_a_net_file_holds_are_checked_as_they_will_be_held(tmp_path, change, load_dtype,
+                                                                  match):
+    net = _bn_dropout_net()
+    change(net)
+    net.save(tmp_path / "m.npz")
+    with pytest.raises(ValueError, match=match):
+        xpnet.MultiLayerNet.load(tmp_path / "m.npz", dtype=load_dtype)
+
+
+def test_a_header_dtype_other_than_float32_or_64_is_refused(tmp_path):
+    from xpnet import checkpoint
+    net = xpnet.TwoLayerNet(6, 5, 3)
+    config = {**net.config(), "dtype": "float16"}
+    checkpoint.save_model(tmp_path / "m.npz", config, {k: np.asarray(v) for k, v in
+                                                       net.params.items()})
+    with pytest.raises(ValueError, match="header's dtype 'float16' is not one of"):
+        xpnet.TwoLayerNet.load(tmp_path / "m.npz")
+
+
+def test_load_blames_an_unknown_device_not_the_file(tmp_path):
+    xpnet.TwoLayerNet(6, 5, 3).save(tmp_path / "m.npz")
+    with pytest.raises(ValueError, match="^unknown device 'gpu0'"):
+        xpnet.TwoLayerNet.load(tmp_path / "m.npz", device="gpu0")
+
+
+def test_a_checkpoint_in_a_missing_directory_is_refused_before_training(tmp_path):
+    net = xpnet.TwoLayerNet(6, 5, 3)
+    before = {k: np.array(v) for k, v in net.params.items()}
+    trainer = xpnet.Trainer(net, xpnet.SGD(0.1), batch_size=10, epochs=1, progress=False,
+                            checkpoint=tmp_path / "missing" / "ck.npz")
+    with pytest.raises(ValueError, match=r"checkpoint .*ck.npz: the directory .*missing' does "
+                                         "not exist"):
+        trainer.fit(*_data())
+    for k, v in before.items():
+        np.testing.assert_array_equal(net.params[k], v)
+
+
+def _slot(kind, value_of):
+    def change(state):
+        slots = state.optimizer["state"]
+        key = next(iter(slots))
+        slots[key][kind] = value_of(slots[key][kind])
+    return change
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (_slot("v", lambda v: v.astype(np.complex128)), "has dtype complex128, expected real"),
+    (_slot("v", lambda v: v.astype(np.int64)), "has dtype int64, expected real"),
+    (_slot("v", lambda v: -np.abs(v) - 1.0), "holds negative values; it is a sum of squares"),
+    (_slot("m", lambda v: np.full_like(v, 1e300, dtype=np.float64)),
+     "holds NaN or infinite values in float32"),
+    (lambda s: s.net_state.__setitem__("running_mean1", np.full(5, 1e300)),
+     "holds NaN or infinite values in float32"),
+    (lambda s: s.optimizer.__setitem__("steps", 2**63), "step count must be an int in"),
+], ids=["complex", "int64", "negative v", "m past float32", "mean past float32", "steps"])
+def test_a_refused_checkpoint_changes_neither_net_nor_optimizer(tmp_path, change, match):
+    from xpnet import checkpoint
+    x, t = _data()
+    path = tmp_path / "ck.npz"
+    net = xpnet.MultiLayerNet([6, 5, 3], use_batchnorm=True)
+    xpnet.Trainer(net, xpnet.Adam(0.01), batch_size=10, epochs=1, progress=False,
+                  checkpoint=path).fit(x, t)
+    state = checkpoint.read_training(path)
+    change(state)
+    bad = tmp_path / "bad.npz"
+    checkpoint.save_training(bad, state)
+    fresh = xpnet.MultiLayerNet([6, 5, 3], use_batchnorm=True)
+    optimizer = xpnet.Adam(0.01)
+    params = {k: np.array(v) for k, v in fresh.params.items()}
+    layer_state = {k: np.array(v) for k, v in fresh.state.items()}
+    trainer = xpnet.Trainer(fresh, optimizer, batch_size=10, epochs=2, progress=False)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(x, t, resume=bad)
+    for k, v in params.items():
+        np.testing.assert_array_equal(fresh.params[k], v)
+    for k, v in layer_state.items():
+        np.testing.assert_array_equal(fresh.state[k], v)
+    assert optimizer.steps == 0 and not optimizer.state

@@ -57,6 +57,10 @@ def real_option(name: str, value, low: float, high: float, *, high_open: bool = 
     return value
 
 
+# The largest count a file may hold (optimizer steps, dropout draws): saved as int64, with room
+# to go on counting (2**63 would overflow the next save).
+MAX_COUNT = 2**62
+
 # The most threads a thread count may ask for (a C int holds it; no machine has more cores).
 MAX_THREADS = 4096
 

@@ -72,9 +72,10 @@ def split_state(arrays: dict) -> dict:
     return {k[len(STATE_PREFIX):]: arrays.pop(k) for k in keys}
 
 
-def check_param_arrays(path, arrays: dict, expected: dict) -> None:
+def check_param_arrays(path, arrays: dict, expected: dict, dtype: str | None = None) -> None:
     """Raise ValueError unless ``arrays`` holds exactly the names of ``expected``
-    ({name: shape}), each of that shape, of a floating dtype and finite."""
+    ({name: shape}), each of that shape, of a floating dtype and finite (also as it will be
+    held, in ``dtype``: a float64 1e300 is inf in float32)."""
     missing = sorted(set(expected) - set(arrays))
     unexpected = sorted(set(arrays) - set(expected))
     if missing or unexpected:
@@ -87,6 +88,11 @@ def check_param_arrays(path, arrays: dict, expected: dict) -> None:
             raise ValueError(f"{path}: {name} has dtype {a.dtype}, expected a float dtype")
         if not np.all(np.isfinite(a)):
             raise ValueError(f"{path}: {name} holds NaN or infinite values")
+        if dtype is not None and a.dtype != np.dtype(dtype):
+            with np.errstate(over="ignore", invalid="ignore"):
+                if not np.all(np.isfinite(a.astype(dtype))):
+                    raise ValueError(f"{path}: {name} holds values beyond {dtype}'s range "
+                                     f"(largest magnitude {float(np.max(np.abs(a))):.3g})")
 
 
 # -- training checkpoints ----------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, distributed, speedups
+from ._io import check_writable
 from .backend import available_backends, is_gpu_device, self_test, to_device
 from .checkpoint import TrainingState, read_training
 from .optim import DEFAULT_LR, OPTIMIZERS
@@ -165,14 +166,7 @@ def _plot(history, path) -> None:
 def _check_output(flag: str, path) -> None:
     """Raise ValueError unless ``path`` can be written: before any data is loaded or any
     epoch runs, so that a finished training is never lost to a typo in a path."""
-    p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
-    if p.is_dir():
-        raise ValueError(f"{flag} {path}: that is a directory; name a file in it")
-    if not parent.is_dir():
-        raise ValueError(f"{flag} {path}: the directory {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"{flag} {path}: cannot write in {str(parent)!r}")
+    check_writable(path, flag)
 
 
 def _check_distinct_outputs(outputs: dict) -> None:

@@ -72,7 +72,6 @@ from .functional import (
     pad_spatial,
     softmax_cross_entropy,
     stable_sigmoid,
-    window_slices,
 )
 
 __all__ = [
@@ -860,6 +859,11 @@ class BatchNormalization(Layer):
 
     def config(self) -> dict:
         return {"momentum": self.momentum, "eps": self.eps}
+
+    def check_state_value(self, name: str, value, where: str) -> None:
+        """A running variance below 0 would make every prediction NaN (sqrt)."""
+        if name == "running_var" and bool((value < 0).any()):
+            raise ValueError(f"{where} holds negative values; a variance is >= 0")
 
     def check_forward(self, x, train: bool = True):
         xp = namespace(x=require_array(x, "x"), gamma=self.gamma, beta=self.beta)

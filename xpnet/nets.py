@@ -27,7 +27,7 @@ from .backend import (
     to_device,
     to_numpy,
 )
-from ._checks import check_flag, check_seed, check_targets, is_int, is_real
+from ._checks import MAX_COUNT, check_flag, check_seed, check_targets, is_int, is_real
 from .functional import conv_output_size
 from .gradcheck import numerical_gradients
 from .layers import (
@@ -492,7 +492,8 @@ class Sequential:
         missing, unknown = sorted(set(self._state) - set(values)), sorted(set(values) - set(self._state))
         if missing or unknown:
             raise ValueError(f"{where}: state missing {missing}, unexpected {unknown}")
-        return {key: _checked_state_value(f"{where}[{key!r}]", values[key], current)
+        return {key: _checked_state_value(f"{where}[{key!r}]", values[key], current,
+                                          *self._state[key])
                 for key, current in self.state.items()}
 
     def load_state(self, values: dict, where: str = "state") -> None:
@@ -537,6 +538,7 @@ class Sequential:
         unreadable file, a missing or foreign header, wrong parameter names or
         shapes, non-float arrays.  Never unpickles.
         """
+        resolve_device(device)  # (a device string it does not know: the argument's fault)
         config, arrays = checkpoint.read_model(path)
         state = checkpoint.split_state(arrays)
         kind = _NET_CLASSES.get(config.get("class"))
@@ -545,15 +547,19 @@ class Sequential:
                              "cannot build; load it with its own class")
         if dtype is not None and dtype not in _FLOAT_DTYPES:
             raise ValueError(f"dtype must be one of {_FLOAT_DTYPES} or None, got {dtype!r}")
+        if dtype is None and config.get("dtype") not in _FLOAT_DTYPES:
+            raise ValueError(f"{path}: its header's dtype {config.get('dtype')!r} is not one of "
+                             f"{_FLOAT_DTYPES}")
+        dtype = dtype or config["dtype"]
         try:
             # The header must describe the arrays the file holds before anything is built:
             # a header alone may not make us allocate (sizes [6, 10**9, 3] in a 1 kB file).
             expected = kind._param_shapes(config, arrays)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"{path}: its config {config} does not build a net: {exc}") from None
-        checkpoint.check_param_arrays(path, arrays, expected)
+        checkpoint.check_param_arrays(path, arrays, expected, dtype)
         try:
-            net = kind._from_config(config, arrays, device, dtype or config["dtype"])
+            net = kind._from_config(config, arrays, device, dtype)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a foreign config
             raise ValueError(f"{path}: its config {config} does not build a net: {exc}") from None
         net.load_state(state, where=str(path))
@@ -586,21 +592,35 @@ class Sequential:
                    weight_decay=config.get("weight_decay", 0.0))
 
 
-def _checked_state_value(where: str, value, current):
-    """``value`` for a state entry now holding ``current``: an int >= 0 for an int, else an
-    array of current's shape (finite, converted to its device and dtype)."""
+def _checked_state_value(where: str, value, current, layer=None, name: str = ""):
+    """``value`` for a state entry now holding ``current``: an int in [0, MAX_COUNT] for an
+    int, else an array of current's shape, finite as it will be held (in current's dtype: 1e300
+    is inf in float32), converted to its device and dtype; and what ``layer`` requires of its
+    state ``name`` (``Layer.check_state_value``: a variance >= 0)."""
     if isinstance(current, int):
         host = np.asarray(to_numpy(value) if not isinstance(value, (int, np.integer)) else value)
-        if host.shape != () or not np.issubdtype(host.dtype, np.integer) or int(host) < 0:
-            raise ValueError(f"{where} must be an int >= 0, got {host.dtype} of shape {host.shape}")
+        if (host.shape != () or not np.issubdtype(host.dtype, np.integer) or int(host) < 0
+                or int(host) > MAX_COUNT):
+            raise ValueError(f"{where} must be an int in [0, {MAX_COUNT}], got "
+                             f"{host.dtype} {host.tolist()!r}")
         return int(host)
     host = to_numpy(value) if not isinstance(value, np.ndarray) else value
     if tuple(host.shape) != tuple(current.shape) or not np.issubdtype(host.dtype, np.floating):
         raise ValueError(f"{where} must be a float array of shape {tuple(current.shape)}, got "
                          f"{host.dtype} of shape {tuple(host.shape)}")
-    if not np.all(np.isfinite(host)):
-        raise ValueError(f"{where} holds NaN or infinite values")
-    return to_device(host, device_of(current), dtype=dtype_name(current.dtype), copy=True)
+    held = _as_held(host, dtype_name(current.dtype))
+    if not np.all(np.isfinite(held)):
+        raise ValueError(f"{where} holds NaN or infinite values in {dtype_name(current.dtype)}")
+    check = getattr(layer, "check_state_value", None)
+    if callable(check):
+        check(name, held, where)
+    return to_device(held, device_of(current), dtype=dtype_name(current.dtype), copy=True)
+
+
+def _as_held(host, dtype: str):
+    """A host array in the dtype it will be held in (values past its range become inf)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return host.astype(dtype)
 
 
 def _init_std(weight_init, fan_in: int) -> float:

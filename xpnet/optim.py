@@ -15,6 +15,9 @@ import math
 import numbers
 from collections.abc import Mapping
 
+import numpy as np
+
+from ._checks import MAX_COUNT
 from .backend import (
     HOST_ARRAY,
     device_context,
@@ -216,7 +219,10 @@ class Optimizer:
         Everything is checked (:meth:`check_state_dict`) before anything changes.
         """
         hyper, steps, slots = self.check_state_dict(state, params)
-        moved = {n: {k: to_device(v, device, copy=True) for k, v in s.items()}
+        # In each parameter's dtype where the net is given (a float64 slot of a float32 net
+        # would turn its updates float64).
+        moved = {n: {k: to_device(v, device, copy=True, dtype=None if params is None
+                                  else dtype_name(params[n].dtype)) for k, v in s.items()}
                  for n, s in slots.items()}
         for k, v in hyper.items():
             setattr(self, k, v)
@@ -237,8 +243,10 @@ class Optimizer:
                              f"{sorted(self.hyperparameters())}")
         hyper = {k: _hyper(k, v, **_BOUNDS.get(k, {})) for k, v in hyper.items()}
         steps = state.get("steps")
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-            raise ValueError(f"the saved step count must be an int >= 0, got {steps!r}")
+        if (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0
+                or steps > MAX_COUNT):
+            raise ValueError(f"the saved step count must be an int in [0, {MAX_COUNT}], got "
+                             f"{steps!r}")
         slots = state.get("state")
         if not isinstance(slots, Mapping) or not all(
                 isinstance(s, Mapping) and set(s) == set(self.STATE_SLOTS) for s in slots.values()):
@@ -268,6 +276,26 @@ def _check_slots_fit(optimizer: str, slots, params, every: bool) -> None:
                 raise ValueError(f"{optimizer}'s saved state {n}/{k} has shape "
                                  f"{tuple(getattr(v, 'shape', ()))}, the parameter {n} has "
                                  f"{tuple(params[n].shape)}")
+            _check_slot_values(f"{optimizer}'s saved state {n}/{k}", v, params[n],
+                               k in _NONNEGATIVE_SLOTS.get(optimizer, ()))
+
+
+# The slots that hold sums of squares: a negative value would make sqrt NaN.
+_NONNEGATIVE_SLOTS = {"AdaGrad": ("h",), "Adam": ("v",)}
+
+
+def _check_slot_values(where: str, value, param, nonnegative: bool) -> None:
+    """A saved slot as it will be held: real floats, finite in the parameter's dtype (1e300
+    is inf in float32), >= 0 where the slot is a sum of squares.  ValueError otherwise."""
+    host = to_numpy(value)
+    if not np.issubdtype(host.dtype, np.floating):
+        raise ValueError(f"{where} has dtype {host.dtype}, expected real floats")
+    with np.errstate(over="ignore", invalid="ignore"):
+        held = host.astype(dtype_name(param.dtype))
+    if not np.all(np.isfinite(held)):
+        raise ValueError(f"{where} holds NaN or infinite values in {dtype_name(param.dtype)}")
+    if nonnegative and np.any(held < 0):
+        raise ValueError(f"{where} holds negative values; it is a sum of squares (>= 0)")
 
 
 # Bounds of the hyperparameters other than the default (0, inf): the momentum-like ones.

@@ -40,7 +40,7 @@ from ._checks import (
     positive_int,
     thread_count,
 )
-from ._io import atomic_write
+from ._io import atomic_write, check_writable
 from .backend import (
     compiling_backend,
     device_context,
@@ -537,7 +537,8 @@ class Trainer:
         position = self._checked_position(path, state.position, history.config["train_samples"])
         records = History.from_dict(state.history, f"{path}: history")
         files.check_param_arrays(path, state.params, {k: tuple(v.shape)
-                                                      for k, v in self.net.params.items()})
+                                                      for k, v in self.net.params.items()},
+                                 self.net.dtype)
         try:
             self.optimizer.check_state_dict(state.optimizer, self.net.params)
         except ValueError as exc:
@@ -679,6 +680,8 @@ class Trainer:
             resume_path = resume.path or "the checkpoint given to fit"
         else:
             resume_path, resume = resume, (None if resume is None else files.read_training(resume))
+        if self.checkpoint is not None and self.team.root:  # (rank 0 writes it)
+            check_writable(self.checkpoint, "checkpoint")
         if (self.checkpoint is not None and self.checkpoint.exists()
                 and (resume_path is None
                      or Path(resume_path).resolve() != self.checkpoint.resolve())):
