@@ -149,3 +149,93 @@ def test_a_refused_checkpoint_changes_neither_net_nor_optimizer(tmp_path, change
     for k, v in layer_state.items():
         np.testing.assert_array_equal(fresh.state[k], v)
     assert optimizer.steps == 0 and not optimizer.state
+
+
+# -- conversions after validation, so that the messages name the argument -------------------
+
+
+@pytest.mark.parametrize("make", [
+    lambda: xpnet.MultiLayerNet([4, 3, 2], weight_decay="abc"),
+    lambda: xpnet.SimpleConvNet(weight_decay="abc"),
+    lambda: xpnet.DeepConvNet(weight_decay="abc"),
+])
+def test_a_weight_decay_that_is_not_a_number_is_named(make):
+    with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0, got 'abc'"):
+        make()
+
+
+def test_net_options_are_checked_before_they_are_converted():
+    with pytest.raises(TypeError, match="weight_init must be 'he', 'xavier' or a positive"):
+        xpnet.MultiLayerNet([4, 3, 2], weight_init=None)
+    with pytest.raises(TypeError, match="use_dropout must be True or False"):
+        xpnet.MultiLayerNet([4, 3, 2], use_dropout="no")
+    with pytest.raises(TypeError, match="weight_init_std must be"):
+        xpnet.SimpleConvNet(weight_init_std=[0.01])
+
+
+def _square_sum(v):
+    return float((np.asarray(v, dtype=np.float64) ** 2).sum())
+
+
+def test_numerical_gradient_names_its_arguments():
+    x = np.array([1.0, 2.0])
+    with pytest.raises(TypeError, match="f must be a function f\\(x\\) -> scalar, got int 3"):
+        xpnet.numerical_gradient(3, x)
+    with pytest.raises(TypeError, match="h must be a number, got str"):
+        xpnet.numerical_gradient(_square_sum, x, h="small")
+    np.testing.assert_allclose(xpnet.numerical_gradient(_square_sum, x, h=np.float64(1e-5)),
+                               [2.0, 4.0], rtol=1e-8)
+    np.testing.assert_allclose(xpnet.numerical_gradient(_square_sum, x, h=np.float32(1e-3)),
+                               [2.0, 4.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(("dtype", "h"), [("float16", 1e-5), ("float32", 1e-12),
+                                          ("float64", 1e-20)])
+def test_a_step_below_the_resolution_of_x_is_an_error_not_a_zero_or_a_crash(dtype, h):
+    x = np.array([1.0, 2.0], dtype=dtype)
+    before = x.copy()
+    with pytest.raises(ValueError, match=rf"h={h!r} is too small for x\[0\] = 1.0 in {dtype}"):
+        xpnet.numerical_gradient(_square_sum, x, h=h)
+    np.testing.assert_array_equal(x, before)
+
+
+@pytest.mark.parametrize("view", ["read-only", "broadcast"])
+def test_numerical_gradient_refuses_arrays_it_cannot_perturb(view):
+    x = np.array([1.0, 2.0])
+    if view == "read-only":
+        x.flags.writeable = False
+    else:
+        x = np.broadcast_to(x, (3, 2))
+    with pytest.raises(ValueError, match="read-only or a broadcast view"):
+        xpnet.numerical_gradient(_square_sum, x)
+
+
+@pytest.mark.parametrize("value", [None, "abc", b"raw", np.array([object()]),
+                                   np.array(["a", "b"]), [[1, 2], [3]]],
+                         ids=["None", "str", "bytes", "objects", "strings", "ragged"])
+def test_to_device_refuses_what_is_not_numbers(value):
+    with pytest.raises(TypeError, match="x must|x is not an array of numbers"):
+        xpnet.to_device(value, "cpu")
+
+
+@pytest.mark.parametrize("device", ["cpu", "array_api_strict", "torch:cpu"])
+def test_nan_is_never_cast_to_an_integer_silently(device):
+    try:
+        xpnet.resolve_device(device)
+    except xpnet.BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    x = np.array([1.0, np.nan, 3.0])
+    with pytest.raises(ValueError, match="cannot cast NaN or infinite values"):
+        xpnet.to_device(x, device, dtype="int32")
+    on_device = xpnet.to_device(x, device)
+    with pytest.raises(ValueError, match="cannot cast NaN or infinite values"):
+        xpnet.to_device(on_device, device, dtype="int32")
+
+
+def test_big_endian_and_reversed_arrays_reach_torch_as_their_values():
+    torch = pytest.importorskip("torch")
+    for host in (np.arange(6, dtype=">f4"), np.arange(6, dtype=np.float32)[::-1],
+                 np.arange(12, dtype=">f8").reshape(3, 4)[::-1, ::-2]):
+        out = xpnet.to_device(host, "torch:cpu")
+        assert isinstance(out, torch.Tensor)
+        np.testing.assert_array_equal(out.numpy(), host.astype(host.dtype.newbyteorder("=")))

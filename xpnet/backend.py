@@ -999,19 +999,29 @@ def to_device(x, device: str | Device, *, dtype=None, copy: bool = False):
         # narrower array once (half the transfer for float64 -> float32, and a device without
         # float64 never sees one).
         if backend is None:
-            host = np.asarray(x)
+            host = _host_numbers(x)
         else:
             host = x if backend.library == "numpy" else backend.to_numpy(x)
         if dtype is not None:
-            host = host.astype(dtype_name(resolve_dtype(target.xp, dtype)), copy=False)
+            host = _cast_on_host(host, dtype_name(resolve_dtype(target.xp, dtype)))
+        if not host.dtype.isnative or any(step < 0 for step in host.strides):
+            # Big-endian data, reversed views: native and in order for every library (torch
+            # refuses both in its own words).
+            host = np.ascontiguousarray(host, dtype=host.dtype.newbyteorder("="))
         with target.backend.context(target.name):
             return target.backend.from_host(host, target.native)
     xp = target.xp
     out, source = x, backend.device_name(x)
+    if backend.library == "numpy" and out.dtype.kind not in "biufc":
+        raise TypeError(f"x must hold numbers, got a NumPy array of dtype {out.dtype}")
     if dtype is not None:
         wanted = resolve_dtype(xp, target.backend.storable(dtype_name(resolve_dtype(xp, dtype))))
         if out.dtype != wanted:  # cast where the array is: the move below copies less
             with backend.context(source):
+                if (is_dtype(xp, wanted, "integral") and is_dtype(xp, out.dtype, "real floating")
+                        and not bool(xp.all(xp.isfinite(out)))):
+                    raise ValueError(f"cannot cast NaN or infinite values of x "
+                                     f"({dtype_name(out.dtype)}) to {dtype_name(wanted)}")
                 out = xp.astype(out, wanted)
             copy = False
     if source != target.name:
@@ -1021,6 +1031,29 @@ def to_device(x, device: str | Device, *, dtype=None, copy: bool = False):
         with target.backend.context(target.name):
             out = xp.asarray(out, copy=True)
     return out
+
+
+def _host_numbers(x) -> np.ndarray:
+    """An array-like (a list, a number, a NumPy array) as a NumPy array of numbers; TypeError
+    naming what it is for None, strings and arrays of objects, strings or dates."""
+    if x is None or isinstance(x, (str, bytes)):
+        raise TypeError(f"x must be an array or numbers, got {type(x).__name__} {x!r}")
+    try:
+        host = np.asarray(x)
+    except (ValueError, TypeError) as exc:  # ragged lists
+        raise TypeError(f"x is not an array of numbers: {exc}") from None
+    if host.dtype.kind not in "biufc":
+        raise TypeError(f"x must hold numbers, got a NumPy array of dtype {host.dtype}")
+    return host
+
+
+def _cast_on_host(host: np.ndarray, dtype: str) -> np.ndarray:
+    """``host`` as ``dtype``; ValueError where a cast to integers would turn NaN or infinite
+    values into arbitrary ones (NumPy casts them silently)."""
+    target = np.dtype(dtype)
+    if target.kind in "iu" and host.dtype.kind in "fc" and not np.all(np.isfinite(host)):
+        raise ValueError(f"cannot cast NaN or infinite values of x ({host.dtype}) to {dtype}")
+    return host.astype(target, copy=False)
 
 
 def dropout_mask(like, ratio: float, seed: int, draw: int):

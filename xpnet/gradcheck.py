@@ -54,6 +54,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ._checks import is_real
 from .backend import device_context, device_of, dtype_name, is_array, to_device, to_numpy
 from .layers import find_params
 from .reports import GradientCheckError, GradientCheckReport, GradientRow
@@ -84,9 +85,15 @@ def _central_difference(f, p: np.ndarray, idx, h: float) -> float:
     try:
         p[idx] = old + h
         up = p[idx]
-        f_plus = f()
         p[idx] = old - h
         down = p[idx]
+        if up == old or down == old:  # h below the element's resolution: no step at all
+            where = f"[{', '.join(map(str, idx))}]" if idx else ""
+            raise ValueError(f"h={h!r} is too small for x{where} = {float(old)!r} in "
+                             f"{p.dtype}: x + h rounds to x; use a larger h (or float64)")
+        p[idx] = up
+        f_plus = f()
+        p[idx] = down
         f_minus = f()
     finally:
         p[idx] = old
@@ -108,7 +115,10 @@ def _directional_difference(f, p: np.ndarray, d: np.ndarray, h: float) -> float:
 
 
 def _check_step(h) -> float:
-    if isinstance(h, bool) or not isinstance(h, (int, float)) or not (math.isfinite(h) and h > 0):
+    """``h`` as a float > 0 (a Python or NumPy real number); TypeError or ValueError naming h."""
+    if not is_real(h):
+        raise TypeError(f"h must be a number, got {type(h).__name__} {h!r}")
+    if not (math.isfinite(float(h)) and float(h) > 0):
         raise ValueError(f"h must be a positive finite number, got {h!r}")
     return float(h)
 
@@ -141,6 +151,9 @@ def numerical_gradient(f, x, h: float = 1e-5) -> np.ndarray:
     -------
     float64 NumPy array of x's shape.
     """
+    if not callable(f):
+        raise TypeError(f"f must be a function f(x) -> scalar, got {type(f).__name__} {f!r} "
+                        "(the arguments are numerical_gradient(f, x))")
     if not isinstance(x, np.ndarray):
         raise TypeError(
             "numerical_gradient works on host NumPy arrays; got "
@@ -150,7 +163,13 @@ def numerical_gradient(f, x, h: float = 1e-5) -> np.ndarray:
     h = _check_step(h)
     if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
         raise TypeError(f"x must hold real numbers, got dtype {x.dtype}")
-    target = x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float64)
+    floating = np.issubdtype(x.dtype, np.floating)
+    if floating and (not x.flags.writeable or any(
+            step == 0 and size > 1 for step, size in zip(x.strides, x.shape))):
+        raise ValueError(f"x {x.shape} is read-only or a broadcast view, and numerical_gradient "
+                         "perturbs it in place (f may read it through a closure): pass a "
+                         "writable array (x.copy(), and a function of that copy)")
+    target = x if floating else x.astype(np.float64)
     grad = np.zeros(target.shape, dtype=np.float64)
     for idx in np.ndindex(target.shape):
         grad[idx] = _central_difference(lambda: float(f(target)), target, idx, h)

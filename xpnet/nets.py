@@ -723,6 +723,17 @@ def _build(plan, weight_init, seed, device, dtype) -> list:
     return layers
 
 
+def _std_or_name(name: str, value):
+    """A weight initialization: a name (checked by :func:`_init_std`) or a real number, kept
+    as a Python float (a NumPy scalar would not save); TypeError naming ``name`` otherwise."""
+    if isinstance(value, str):
+        return value
+    if not is_real(value):
+        raise TypeError(f"{name} must be 'he', 'xavier' or a positive standard deviation, got "
+                        f"{type(value).__name__} {value!r}")
+    return float(value)
+
+
 def _check_ratio(name: str, value) -> float:
     if not is_real(value) or not 0 <= value < 1:
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
@@ -827,13 +838,16 @@ class MultiLayerNet(_PlannedNet):
                  use_batchnorm: bool = False, use_dropout: bool = False,
                  dropout_ratio: float = 0.5, weight_decay: float = 0.0, seed: int = 0,
                  device: str = "cpu", dtype: str = "float32"):
+        use_batchnorm = check_flag("use_batchnorm", use_batchnorm)
+        use_dropout = check_flag("use_dropout", use_dropout)
         plan = _mlp_plan(sizes, activation, use_batchnorm, use_dropout, dropout_ratio)
         sizes = _check_sizes(sizes)
         # A standard deviation is kept as a Python float (a NumPy scalar would not save).
-        weight_init = weight_init if isinstance(weight_init, str) else float(weight_init)
+        weight_init = _std_or_name("weight_init", weight_init)
         args = {"sizes": sizes, "activation": activation, "weight_init": weight_init,
-                "use_batchnorm": bool(use_batchnorm), "use_dropout": bool(use_dropout),
-                "dropout_ratio": float(dropout_ratio), "weight_decay": float(weight_decay)}
+                "use_batchnorm": use_batchnorm, "use_dropout": use_dropout,
+                "dropout_ratio": float(dropout_ratio),
+                "weight_decay": _check_weight_decay(weight_decay)}
         self._setup(args, plan, weight_init, seed, device, dtype, weight_decay)
         self.sizes, self.activation, self.weight_init = sizes, activation, weight_init
 
@@ -974,12 +988,12 @@ class SimpleConvNet(_PlannedNet):
         if conv_param is None:
             conv_param = {"filter_num": 30, "filter_size": 5, "pad": 0, "stride": 1}
         plan = _simple_conv_plan(input_dim, conv_param, hidden_size, output_size)
-        weight_init_std = (weight_init_std if isinstance(weight_init_std, str)
-                           else float(weight_init_std))
+        weight_init_std = _std_or_name("weight_init_std", weight_init_std)
         args = {"input_dim": _check_input_dim(input_dim),
                 "conv_param": _check_conv_param("conv_param", conv_param),
                 "hidden_size": int(hidden_size), "output_size": int(output_size),
-                "weight_init_std": weight_init_std, "weight_decay": float(weight_decay)}
+                "weight_init_std": weight_init_std,
+                "weight_decay": _check_weight_decay(weight_decay)}
         self._setup(args, plan, weight_init_std, seed, device, dtype, weight_decay)
 
     @classmethod
@@ -1043,7 +1057,8 @@ class DeepConvNet(_PlannedNet):
         args = {"input_dim": _check_input_dim(input_dim),
                 **{k: _check_conv_param(k, v) for k, v in params.items()},
                 "hidden_size": int(hidden_size), "output_size": int(output_size),
-                "dropout_ratio": float(dropout_ratio), "weight_decay": float(weight_decay)}
+                "dropout_ratio": float(dropout_ratio),
+                "weight_decay": _check_weight_decay(weight_decay)}
         self._setup(args, plan, "he", seed, device, dtype, weight_decay)
 
     @classmethod
