@@ -3,6 +3,13 @@ counts past what a BLAS library takes, and what a divergence is blamed on."""
 
 from __future__ import annotations
 
+import functools
+import io
+import os
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 
@@ -239,3 +246,126 @@ def test_big_endian_and_reversed_arrays_reach_torch_as_their_values():
         out = xpnet.to_device(host, "torch:cpu")
         assert isinstance(out, torch.Tensor)
         np.testing.assert_array_equal(out.numpy(), host.astype(host.dtype.newbyteorder("=")))
+
+
+# -- what a new user tripped on -------------------------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_the_bar_shows_the_running_loss_mid_epoch_on_a_terminal(monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    x, t = _data(n=400)
+    net = xpnet.TwoLayerNet(6, 5, 3)
+    step = net.train_step
+
+    def slow_step(*a, **k):  # (an epoch long enough for tqdm to redraw the bar on the way)
+        time.sleep(0.01)
+        return step(*a, **k)
+
+    net.train_step = slow_step
+    xpnet.Trainer(net, xpnet.SGD(0.1), batch_size=10, epochs=1, log_every=5).fit(x, t)
+    frames = terminal.getvalue().split("\r")
+    mid = [f for f in frames if "loss=" in f and "40/40" not in f]
+    assert mid, frames[-3:]  # the running loss, before the epoch's end
+    assert all(len(f.strip("\n")) <= 80 for f in frames)
+
+
+def test_a_resumed_epoch_reports_the_speed_of_the_steps_it_ran(tmp_path):
+    x, t = _data(n=400)
+    net = xpnet.TwoLayerNet(6, 5, 3)
+    calls = []
+    step = net.train_step
+
+    def crashing(*a, **k):
+        calls.append(1)
+        if len(calls) == 31:
+            raise RuntimeError("crash")
+        return step(*a, **k)
+
+    net.train_step = crashing
+    path = tmp_path / "ck.npz"
+    trainer = xpnet.Trainer(net, xpnet.SGD(0.1), batch_size=10, epochs=1, progress=False,
+                            checkpoint=path, checkpoint_every=30)
+    with pytest.raises(RuntimeError):
+        trainer.fit(x, t)
+    net.train_step = step
+    fresh = xpnet.Trainer(net, xpnet.SGD(0.1), batch_size=10, epochs=1, progress=False,
+                          checkpoint=path)
+    history = fresh.fit(x, t, resume=path)
+    record = history.records[-1]
+    # 10 of the epoch's 40 steps ran: 100 samples in its seconds, not 400.
+    assert record["samples_per_second"] == pytest.approx(100 / record["seconds"])
+
+
+def test_the_info_a_caller_gives_is_recorded_and_checked():
+    x, t = _data()
+    history = xpnet.Trainer(xpnet.TwoLayerNet(6, 5, 3), xpnet.SGD(0.1), batch_size=10,
+                            epochs=1, progress=False, info={"dataset": "mine"}).fit(x, t)
+    assert history.config["dataset"] == "mine"
+    with pytest.raises(TypeError, match="info must hold JSON values"):
+        xpnet.Trainer(xpnet.TwoLayerNet(6, 5, 3), xpnet.SGD(0.1), info={"x": object()})
+    with pytest.raises(TypeError, match="info must be a dict with str keys"):
+        xpnet.Trainer(xpnet.TwoLayerNet(6, 5, 3), xpnet.SGD(0.1), info=["dataset"])
+
+
+@pytest.mark.slow
+def test_resume_alone_continues_the_run_with_its_recorded_flags(tmp_path):
+    """``xpnet train --resume ck.npz`` needs no other flag: the net, optimizer, rate,
+    schedule, batch size, seed, epochs and dataset come from the checkpoint; a flag given
+    that disagrees is refused in one line."""
+    from test_datasets import make_dataset
+    make_dataset(tmp_path / "data", np.random.default_rng(0), n_train=600, n_test=100)
+    common = ["--data-dir", str(tmp_path / "data"), "--quiet"]
+    first = ["train", "--dataset", "mnist", "--epochs", "3", "--hidden", "8", "--optimizer",
+             "adam", "--lr", "0.003", "--batch-size", "50", "--seed", "4", "--lr-schedule",
+             "cosine", "--save", str(tmp_path / "full.npz"), *common]
+    env = {**os.environ, "HOME": str(tmp_path)}
+    run = functools.partial(subprocess.run, cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert run([sys.executable, "-m", "xpnet", *first]).returncode == 0
+    # The same run, stopped after its first epoch (--epochs 1 changes the schedule: so it is
+    # stopped by a checkpoint of the 3-epoch run instead, interrupted after epoch 1).
+    ck = tmp_path / "ck.npz"
+    code = ("import sys, xpnet\n"
+            "from xpnet import cli\n"
+            "real = xpnet.Trainer.fit\n"
+            "def fit(self, *a, on_epoch=None, **k):\n"
+            "    def stop(r):\n"
+            "        raise KeyboardInterrupt\n"
+            "    return real(self, *a, on_epoch=stop, **k)\n"
+            "xpnet.Trainer.fit = fit\n"
+            "sys.exit(cli.main(sys.argv[1:]))\n")
+    stopped = run([sys.executable, "-c", code, *[a for a in first if a != "--save"
+                                                  and not a.endswith("full.npz")],
+                   "--checkpoint", str(ck)])
+    assert stopped.returncode == 130 and ck.exists(), stopped.stderr
+    resumed = run([sys.executable, "-m", "xpnet", "train", "--resume", str(ck), "--save",
+                   str(tmp_path / "resumed.npz"), *common])
+    assert resumed.returncode == 0, resumed.stderr
+    a = xpnet.TwoLayerNet.load(tmp_path / "full.npz")
+    b = xpnet.TwoLayerNet.load(tmp_path / "resumed.npz")
+    for k in a.params:
+        np.testing.assert_array_equal(np.asarray(a.params[k]), np.asarray(b.params[k]))
+    refused = run([sys.executable, "-m", "xpnet", "train", "--resume", str(ck), "--hidden",
+                   "9", *common])
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert "the checkpoint is for the net" in refused.stderr
+
+
+@pytest.mark.slow
+def test_train_fits_80_columns(tmp_path):
+    from test_datasets import make_dataset
+    make_dataset(tmp_path / "data", np.random.default_rng(0), n_train=600, n_test=100)
+    env = {**os.environ, "HOME": str(tmp_path), "COLUMNS": "80"}
+    res = subprocess.run([sys.executable, "-m", "xpnet", "train", "--dataset", "mnist",
+                          "--data-dir", str(tmp_path / "data"), "--epochs", "2",
+                          "--lr-schedule", "cosine", "--hidden", "8"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert all(len(line) <= 80 for line in res.stdout.splitlines()), res.stdout

@@ -10,7 +10,9 @@ import math
 import os
 import platform
 import re
+import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -336,6 +338,8 @@ class TrainConfig:
         """The configuration of ``args`` on ``device`` (a distributed rank's own); the paths
         are checked here (before any data is read), the rest by the library."""
         checkpoint, resume = _check_train_paths(args)
+        if resume is not None:  # --resume alone: the rest from the checkpoint (a new namespace)
+            args = _with_checkpoint_flags(args, resume)
         net = NetChoice.of(args.model, args.hidden, activation=args.activation,
                            filters=args.filters, weight_decay=args.weight_decay,
                            dropout=args.dropout, batchnorm=args.batchnorm, seed=args.seed,
@@ -418,7 +422,7 @@ def _train(args: argparse.Namespace) -> int:
 
         dist = Context.world()
         device = local_device(device, dist)
-    say = (lambda *a: None) if args.quiet or (dist and not dist.root) else print
+    say = (lambda *a: None) if args.quiet or (dist and not dist.root) else _say
     with dist.together() if dist else contextlib.nullcontext():
         config = TrainConfig.from_args(args, device)
         trainer, data = _train_setup(config, say, dist)
@@ -439,6 +443,15 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say(text: str) -> None:
+    """Print ``text`` wrapped to the terminal's width (80 columns where there is none), the
+    lines after the first indented: a long line never wraps mid-word on an 80-column
+    terminal."""
+    width = max(40, shutil.get_terminal_size((80, 24)).columns - 1)
+    print(textwrap.fill(text, width=width, subsequent_indent="  ", break_long_words=False,
+                        break_on_hyphens=False))
+
+
 def _train_setup(config: TrainConfig, say, dist):
     """The trainer and the data ``config`` asks for.  The net, the optimizer and the trainer
     are built (and so every option checked) before the data is looked for: a bad flag is
@@ -455,7 +468,8 @@ def _train_setup(config: TrainConfig, say, dist):
                           checkpoint=config.checkpoint, checkpoint_every=config.checkpoint_every,
                           compile=config.compile, blas_threads=config.threads,
                           distributed=dist is not None, lr_schedule=config.schedule(),
-                          eval_every=config.eval_every, eval_train=config.eval_train)
+                          eval_every=config.eval_every, eval_train=config.eval_train,
+                          info={"dataset": config.dataset})
     images = config.net.model != "mlp"
     (x, t), (xt, tt) = load_mnist(config.dataset, data_dir=config.data_dir,
                                   download=config.download, flatten=not images)
@@ -483,13 +497,15 @@ _EXPLODED_LOSS = 100 * math.log(10)
 def _epoch_reporter(config: TrainConfig, say):
     from .train import DivergenceError
 
+    schedule = config.lr_schedule != "constant"
+
     def report(r):
-        accuracies = "".join(f"  {name} {r[key]:.4f}" for key, name in (
-            ("train_accuracy", "train acc"), ("test_accuracy", "test acc"))
-            if r[key] is not None)
-        say(f"epoch {r['epoch']:>3}/{config.epochs}  loss {r['train_loss']:.4f}{accuracies}  "
-            f"{r['seconds']:.2f} s  {r['samples_per_second']:,.0f} samples/s"
-            + (f"  lr {r['lr']:.3g}" if config.lr_schedule != "constant" else ""))
+        # Within 80 columns: "acc" is train / test ("-" where not evaluated that epoch).
+        train, test = ("-" if r[key] is None else f"{r[key]:.4f}"
+                       for key in ("train_accuracy", "test_accuracy"))
+        say(f"epoch {r['epoch']:>3}/{config.epochs}  loss {r['train_loss']:.4f}  acc {train} / "
+            f"{test}  {r['seconds']:.2f} s  {r['samples_per_second']:,.0f}/s"
+            + (f"  lr {r['lr']:.3g}" if schedule else ""))
         if r["train_loss"] > _EXPLODED_LOSS:
             raise DivergenceError(
                 f"the training loss reached {r['train_loss']:.3g} in epoch {r['epoch']} (a "
@@ -662,11 +678,82 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
+    if args.command == "train":
+        args.given = _given_flags(argv)
     return _run(args)
+
+
+def _given_flags(argv: list) -> set:
+    """The ``xpnet train`` options ``argv`` gives (their argparse names), told apart from the
+    defaults: parsed again with every default suppressed."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices["train"]._actions:
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command", "func"}
+
+
+# A checkpoint's net class as xpnet train's --model.
+_MODELS = {"TwoLayerNet": "mlp", "MultiLayerNet": "mlp", "SimpleConvNet": "convnet",
+           "DeepConvNet": "deepconvnet"}
+
+
+def _flags_of_checkpoint(state: TrainingState) -> dict:
+    """What a training checkpoint says of the run that wrote it, as ``xpnet train``'s options
+    (argparse names): the net, the optimizer and its rate, the schedule, the batch size, the
+    seed, the epochs and the dataset (where xpnet train recorded it).  ``{}`` for a net the
+    command line does not build."""
+    net, trainer = state.net, state.trainer
+    model = _MODELS.get(net.get("class")) if isinstance(net, dict) else None
+    if model is None or not isinstance(trainer, dict):
+        return {}
+    flags = {"model": model, "dtype": net.get("dtype"),
+             "weight_decay": net.get("weight_decay", 0.0)}
+    if model == "mlp":
+        flags.update(hidden=list(net["sizes"][1:-1]), activation=net.get("activation", "relu"),
+                     batchnorm=bool(net.get("use_batchnorm")),
+                     dropout=net.get("dropout_ratio") if net.get("use_dropout") else None)
+    elif model == "convnet":
+        flags.update(hidden=[net["hidden_size"]], filters=net["conv_param"]["filter_num"])
+    else:
+        flags.update(hidden=[net["hidden_size"]], dropout=net.get("dropout_ratio"))
+    flags.update(seed=trainer.get("seed"), batch_size=trainer.get("batch_size"))
+    optimizer = state.optimizer if isinstance(state.optimizer, dict) else {}
+    name = str(optimizer.get("type", "")).lower()
+    if name in OPTIMIZERS:
+        flags.update(optimizer=name, lr=optimizer.get("hyper", {}).get("lr"))
+    schedule = trainer.get("lr_schedule") or {}
+    kind = {"CosineDecay": "cosine", "StepDecay": "step"}.get(schedule.get("type"), "constant")
+    flags["lr_schedule"] = kind
+    if kind == "cosine":
+        flags.update(lr_min_factor=schedule.get("min_factor"),
+                     warmup_epochs=schedule.get("warmup_epochs"))
+    elif kind == "step":
+        flags.update(lr_step=schedule.get("every"), lr_gamma=schedule.get("gamma"),
+                     warmup_epochs=schedule.get("warmup_epochs"))
+    config = state.history.get("config", {}) if isinstance(state.history, dict) else {}
+    for key in ("epochs", "dataset"):
+        if key in config:
+            flags[key] = config[key]
+    return {k: v for k, v in flags.items() if v is not None or k == "dropout"}
+
+
+def _with_checkpoint_flags(args: argparse.Namespace,
+                           state: TrainingState) -> argparse.Namespace:
+    """``--resume`` alone continues the run: ``args`` (a copy) with every option the command
+    line did not give taken from the checkpoint.  The options given must agree with it: the
+    library refuses a checkpoint of another net, optimizer or batch size."""
+    given = getattr(args, "given", None)
+    if given is None:  # (built by hand, not by main: every option counts as given)
+        return args
+    taken = {k: v for k, v in _flags_of_checkpoint(state).items() if k not in given}
+    return argparse.Namespace(**{**vars(args), **taken})
 
 
 def _run(args: argparse.Namespace) -> int:

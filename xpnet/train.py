@@ -132,6 +132,18 @@ class History:
 EVAL_MEMORY = 32 << 20
 
 
+def _check_info(info) -> dict:
+    """``Trainer(info=)``: a dict of str keys and JSON values, copied; TypeError otherwise."""
+    if info is None:
+        return {}
+    if not isinstance(info, dict) or not all(isinstance(k, str) for k in info):
+        raise TypeError(f"info must be a dict with str keys, got {type(info).__name__} {info!r}")
+    try:
+        return json.loads(json.dumps(info, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"info must hold JSON values (str, numbers, lists, dicts): {exc}") from None
+
+
 def _check_decay_term(net) -> None:
     """A weight decay whose L2 term ``0.5 * weight_decay * sum(W ** 2)`` is already infinite
     on the net's weights (weight_decay=1e308) is an error naming it, before any step: it
@@ -345,6 +357,11 @@ class Trainer:
         (the global batches do not depend on it).  Batch normalization normalizes each
         process's share, and dropout draws its masks per process.
 
+    info : dict, optional
+        Entries of your own for ``History.config`` (strings as keys, JSON values), saved with
+        the history and in checkpoints: ``xpnet train`` records its dataset there, and a
+        ``--resume`` reads it back.  They cannot replace the entries the Trainer records.
+
     On NumPy with numba installed (``pip install 'xpnet[fast]'``), SGD and Momentum training
     of the book's multilayer perceptrons (Affine, Relu or Sigmoid, ..., SoftmaxWithLoss,
     integer labels; no batch norm or dropout) runs as one compiled loop over the steps
@@ -358,7 +375,7 @@ class Trainer:
                  checkpoint=None, checkpoint_every: int | None = None, compile=False,
                  blas_threads: int | None = None, distributed: bool = False,
                  lr_schedule: Schedule | None = None, eval_every: int = 1,
-                 eval_train: int | None = None):
+                 eval_train: int | None = None, info: dict | None = None):
         check_protocol("net", net, ("params", "loss", "accuracy", "device", "dtype"),
                        "an xpnet net (Sequential, TwoLayerNet, ...)")
         check_protocol("optimizer", optimizer, ("update", "state_dict"),
@@ -375,6 +392,7 @@ class Trainer:
         if eval_train is not None:
             eval_train = int_option("eval_train", eval_train, 0)
         self.eval_train = eval_train
+        self.info = _check_info(info)
         self.log_every = positive_int("log_every", log_every)
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         if checkpoint_every is not None:
@@ -693,6 +711,7 @@ class Trainer:
         test = None if x_test is None else self._prepare(x_test, t_test, "x_test", "t_test")
         net = self.net
         history = History(config={
+            **self.info,
             "net": repr(net), "optimizer": repr(self.optimizer), "batch_size": self.batch_size,
             "epochs": self.epochs, "seed": self.seed, "device": net.device, "dtype": net.dtype,
             "train_samples": x.shape[0], "compile": self.compile or False,
@@ -759,11 +778,12 @@ class Trainer:
             run.position = _Position(epoch, 0, 0.0, run.rng.bit_generator.state,
                                      run.position.global_step)
         bar = _Progress(self, run, epoch)
+        trained = run.n - min(run.n, run.position.step * self.batch_size)  # (resumed: the rest)
         try:
             start = time.perf_counter()
             self._steps(run, epoch, bar)
             seconds = time.perf_counter() - start
-            record = self._record(run, epoch, seconds, bar)
+            record = self._record(run, epoch, seconds, bar, trained)
             bar.done(record)
         finally:
             bar.close()  # also on Ctrl-C or divergence
@@ -816,9 +836,11 @@ class Trainer:
             stop = min(stop, (i // self.log_every + 1) * self.log_every)
         return stop
 
-    def _record(self, run: _Run, epoch: int, seconds: float, bar: _Progress) -> dict:
+    def _record(self, run: _Run, epoch: int, seconds: float, bar: _Progress,
+                trained: int) -> dict:
         """The epoch's record: its mean loss and the accuracies (every ``eval_every`` epochs
-        and after the last), evaluated in batches with the bar showing how far."""
+        and after the last), evaluated in batches with the bar showing how far; its speed is
+        of the ``trained`` samples its steps took in ``seconds`` (a resumed epoch's rest)."""
         due = epoch % self.eval_every == 0 or epoch == self.epochs
         train = run.train_eval if due else None
         return {
@@ -829,7 +851,7 @@ class Trainer:
             "test_accuracy": None if run.test is None or not due else self._accuracy(
                 run, *run.test, "test", bar),
             "seconds": seconds,
-            "samples_per_second": run.n / seconds if seconds > 0 else math.inf,
+            "samples_per_second": trained / seconds if seconds > 0 else math.inf,
             "lr": _lr_of(self.optimizer),
         }
 
@@ -857,11 +879,15 @@ class _Progress:
 
         steps = math.ceil(run.n / trainer.batch_size)
         self.test = run.test is not None
+        # Short enough for 80 columns with the figures at the end (tqdm cuts the right end).
         self.bar = tqdm(total=steps, initial=run.position.step,
                         desc=f"epoch {epoch}/{trainer.epochs}", unit="batch", leave=True,
                         disable=None if trainer.progress and trainer.team.root else True,
-                        dynamic_ncols=True)
-        self.shown = self.bar.disable is False
+                        dynamic_ncols=True,
+                        bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                   "[{elapsed}<{remaining}{postfix}]")
+        # (disable=None: tqdm leaves None there on a terminal, True elsewhere.)
+        self.shown = not self.bar.disable
 
     def update(self, count: int) -> None:
         self.bar.update(count)
@@ -874,11 +900,15 @@ class _Progress:
             self.bar.set_postfix_str(f"evaluating {what} accuracy {done}/{total}")
 
     def done(self, record: dict) -> None:
-        shown = {"loss": f"{record['train_loss']:.4f}"}
-        for key, name in (("train_accuracy", "train_acc"), ("test_accuracy", "test_acc")):
-            if record[key] is not None:
-                shown[name] = f"{record[key]:.4f}"
-        self.bar.set_postfix(**shown)
+        shown = f"loss={record['train_loss']:.4f}"
+        train, test = record["train_accuracy"], record["test_accuracy"]
+        if train is not None and test is not None:
+            shown += f" acc={train:.4f}/{test:.4f}"  # train/test
+        elif test is not None:
+            shown += f" test_acc={test:.4f}"
+        elif train is not None:
+            shown += f" train_acc={train:.4f}"
+        self.bar.set_postfix_str(shown)
 
     def close(self) -> None:
         self.bar.close()
