@@ -369,3 +369,46 @@ def test_train_fits_80_columns(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert all(len(line) <= 80 for line in res.stdout.splitlines()), res.stdout
+
+
+class _Frozen(xpnet.Layer):
+    """A layer that forgot param_names: its W gets a gradient, which no net would apply."""
+
+    def __init__(self, W):
+        self.W = W
+
+    def forward(self, x):
+        self.x = x
+        return x @ self.W
+
+    def backward(self, dout):
+        self.dW = self.x.T @ dout
+        return dout @ self.W.T
+
+
+def test_the_checker_catches_a_weight_its_layer_does_not_declare():
+    rng = np.random.default_rng(0)
+    layer = _Frozen(rng.standard_normal((3, 2)))
+    report = xpnet.check_layer(layer, rng.standard_normal((4, 3)))
+    assert not report.ok
+    assert any("dW for W, which the layer does not declare" in f for f in report.findings)
+    declared = type("Declared", (_Frozen,), {"param_names": ("W",)})
+    assert xpnet.check_layer(declared(rng.standard_normal((3, 2))),
+                             rng.standard_normal((4, 3))).ok
+
+
+def test_the_first_backward_of_such_a_layer_warns():
+    rng = np.random.default_rng(1)
+    cls = type("Forgetful", (_Frozen,), {})
+    layer = cls(rng.standard_normal((3, 2)))
+    layer.forward(rng.standard_normal((4, 3)))
+    with pytest.warns(UserWarning, match=r"Forgetful.backward set gradients \['dW'\] for "
+                                         r"\['W'\], which its param_names \(\) does not list"):
+        layer.backward(np.ones((4, 2)))
+
+
+def test_check_layer_with_its_arguments_swapped_says_so():
+    x = np.ones((2, 3))
+    with pytest.raises(TypeError, match=r"first argument must be a layer .* got ndarray of "
+                                        r"shape \(2, 3\); the layer comes first"):
+        xpnet.check_layer(x, xpnet.Relu())

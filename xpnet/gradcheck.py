@@ -50,13 +50,14 @@ import copy
 import inspect
 import math
 import types
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
 
 from ._checks import is_real
 from .backend import device_context, device_of, dtype_name, is_array, to_device, to_numpy
-from .layers import find_params
+from .layers import find_params, undeclared_params
 from .reports import GradientCheckError, GradientCheckReport, GradientRow
 
 __all__ = [
@@ -520,9 +521,14 @@ class _LayerSubject(_Subject):
             layer.forward(*inputs)
             return layer.backward(dout)
 
-        returned = _watched(report, run, [*inputs, dout], [*self.names, "dout"],
-                            lambda n: f"{'backward' if n == 'dout' else 'forward/backward'} "
-                                      f"wrote into its argument {n}")
+        with warnings.catch_warnings():  # (said in the report instead: undeclared_params)
+            warnings.simplefilter("ignore", UserWarning)
+            returned = _watched(report, run, [*inputs, dout], [*self.names, "dout"],
+                                lambda n: f"{'backward' if n == 'dout' else 'forward/backward'} "
+                                          f"wrote into its argument {n}")
+        for name in undeclared_params(layer):
+            report.note(f"backward set d{name} for {name}, which the layer does not declare as "
+                        "a parameter (param_names): a net would never update or save it")
         self.returned_tuple = isinstance(returned, (tuple, list))
         return _as_list(returned)
 
@@ -621,6 +627,14 @@ def check_layer(layer, *inputs, mode: str = "full", seed: int = 0, dout=None, wr
     -------
     GradientCheckReport
     """
+    if not (callable(getattr(layer, "forward", None)) and callable(getattr(layer, "backward",
+                                                                            None))):
+        swapped = any(callable(getattr(v, "backward", None)) for v in inputs)
+        raise TypeError(f"check_layer's first argument must be a layer with forward() and "
+                        f"backward(), got {type(layer).__name__}"
+                        + (f" of shape {tuple(layer.shape)}" if hasattr(layer, "shape") else "")
+                        + ("; the layer comes first: check_layer(layer, x, ...)" if swapped
+                           else ""))
     h = _check_options(mode, h, rtol, atol, samples, directions)
     subject = _LayerSubject(layer, inputs, dout, wrt)
     return _run_check(subject, mode, seed, h=h, rtol=rtol, atol=atol, samples=samples,

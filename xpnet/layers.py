@@ -26,8 +26,10 @@ and writes ``forward`` and ``backward``::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import warnings
 
 from . import speedups
 from ._checks import (
@@ -142,6 +144,34 @@ def _recorded(forward):
     return wrapper
 
 
+def undeclared_params(layer) -> list:
+    """The array attributes ``X`` of ``layer`` that ``backward`` gave a gradient ``dX`` (an
+    array) but that its declared parameters (``param_names``, or a ``params`` dict) and
+    ``state_names`` leave out: weights a net would never update, nor save."""
+    declared = set(find_params(layer)) | set(getattr(layer, "state_names", ()))
+    return sorted(name for name, value in vars(layer).items()
+                  if not name.startswith("_") and name not in declared and is_array(value)
+                  and is_array(getattr(layer, grad_name(name), None)))
+
+
+_SCANNED: set = set()  # the Layer classes whose first backward was looked at (undeclared_params)
+
+
+def _warn_undeclared(layer) -> None:
+    """Once per class: a warning naming the weights a layer's backward gave gradients to
+    without declaring them (``param_names``), which a net would silently never train."""
+    cls = type(layer)
+    if cls in _SCANNED:
+        return
+    _SCANNED.add(cls)
+    names = undeclared_params(layer)
+    if names:
+        warnings.warn(f"{cls.__name__}.backward set gradients {[grad_name(n) for n in names]} "
+                      f"for {names}, which its param_names {tuple(cls.param_names)} does not "
+                      "list: a net would never update or save them (declare them in "
+                      "param_names)", UserWarning, stacklevel=3)
+
+
 def _checked(backward):
     """Wrap a subclass's backward: raise unless forward ran and dout fits its output, then
     run it with dout's device current (or, for a loss layer's default dout, its arrays')."""
@@ -152,16 +182,19 @@ def _checked(backward):
             dout = args[0] if args else kwargs["dout"]
             self.check_dout(dout)
             if type(dout) is HOST_ARRAY:  # NumPy: no device to make current
-                return backward(self, *args, **kwargs)
-            context = device_context(dout)
+                context = contextlib.nullcontext()
+            else:
+                context = device_context(dout)
         else:  # backward() with its default dout (a loss layer's 1): its output's device
             self.check_dout(None)
             out = self._output
-            if out is None or out[0] == "numpy":
-                return backward(self, *args, **kwargs)
-            context = recorded_device_context(out[0], out[3])
+            context = (contextlib.nullcontext() if out is None or out[0] == "numpy"
+                       else recorded_device_context(out[0], out[3]))
         with context:
-            return backward(self, *args, **kwargs)
+            result = backward(self, *args, **kwargs)
+        if type(self) not in _SCANNED:
+            _warn_undeclared(self)
+        return result
 
     wrapper._xpnet_wrapped = True
     wrapper._xpnet_unchecked = backward
