@@ -181,13 +181,14 @@ def test_an_error_in_one_ranks_step_stops_both(tmp_path):
     assert results[0]["calls"] == results[1]["calls"] == 4  # both stopped at that step
 
 
-def test_divergence_on_one_ranks_data_is_reported_alike_on_both(tmp_path):
+def test_divergence_is_reported_alike_on_both(tmp_path):
+    """(Data that differ between the ranks are refused before the first step: see
+    test_ranks_that_disagree_on_the_run_stop_before_the_first_step.)"""
     run = _mpirun("""
         from mpi4py import MPI
         rank = MPI.COMM_WORLD.Get_rank()
         x, t = data()
-        if rank == 1:
-            x = x * 1e30  # finite, but every product overflows
+        x = x * 1e30  # finite, but every product overflows
         net = xpnet.MultiLayerNet([20, 16, 4], dtype="float32")
         try:
             with np.errstate(all="ignore"):
@@ -201,7 +202,7 @@ def test_divergence_on_one_ranks_data_is_reported_alike_on_both(tmp_path):
     assert len(errors) == 1, errors
     (error,) = errors
     assert error.startswith("DivergenceError: the training loss became") and \
-        "on rank 1, the training data reach" in error, error
+        "on rank 0, the training data reach" in error, error
 
 
 def test_checkpoint_from_rank_0_resumes_to_the_uninterrupted_result(tmp_path):
@@ -349,3 +350,119 @@ def test_nccl_two_gpus_train_what_one_gpu_trains(tmp_path, optimizer):
         for key, value in net.params.items():
             np.testing.assert_allclose(r["params"][key], value, rtol=1e-10, atol=1e-13)
         np.testing.assert_allclose(r["loss"], history.train_loss, rtol=1e-10)
+
+
+# -- ranks that disagree, interrupts, a killed rank: one error or a stop, never a hang ------
+
+def test_ranks_that_disagree_on_the_run_stop_before_the_first_step(tmp_path):
+    """Each way two processes can start different runs (data size, batch size, epochs, seed,
+    optimizer, other data of one size, nets of other shapes, a checkpoint on one only) is
+    the same ValueError on both, naming what differs, before any step."""
+    run = _mpirun("""
+        from mpi4py import MPI
+        rank = MPI.COMM_WORLD.Get_rank()
+        cases = {"x_train": "size", "batch_size": "batch", "epochs": "epochs", "seed": "seed",
+                 "optimizer": "optimizer", "x_train ": "data", "net": "net",
+                 "checkpoint": "checkpoint"}
+        for key, case in cases.items():
+            x, t = data()
+            other = rank == 1
+            net = xpnet.MultiLayerNet([20, 17 if case == "net" and other else 16, 4],
+                                      dtype="float64")
+            before = params(net)
+            opt = xpnet.Adam(0.01) if case == "optimizer" and other else xpnet.SGD(0.1)
+            options = dict(batch_size=50 if case == "batch" and other else 100,
+                           epochs=3 if case == "epochs" and other else 2,
+                           seed=5 if case == "seed" and other else 0,
+                           checkpoint=f"ck{rank}.npz" if case == "checkpoint" and other
+                           else None)
+            if case == "size" and other:
+                x, t = x[:500], t[:500]
+            if case == "data" and other:
+                x = x + 1e-3
+            try:
+                xpnet.Trainer(net, opt, progress=False, distributed=True, **options).fit(x, t)
+                emit(f"{rank}:{case}", case=case, error=None)
+            except ValueError as exc:
+                emit(f"{rank}:{case}", case=case, error=str(exc), same=params(net) == before)
+        """, tmp_path)
+    assert run.returncode == 0, run.stderr
+    results = _results(run)
+    by_case = {}
+    for value in results.values():
+        by_case.setdefault(value["case"], []).append(value)
+    assert len(by_case) == 8, by_case.keys()
+    for case, values in by_case.items():
+        assert len(values) == 2 and values[0]["error"] == values[1]["error"], values
+        assert values[0]["error"] and "disagree on" in values[0]["error"], values
+        assert all(v["same"] for v in values), case  # refused before any step
+
+
+INTERRUPTED = """
+import os, signal, time
+from mpi4py import MPI
+rank = MPI.COMM_WORLD.Get_rank()
+rng = np.random.default_rng(0)
+x, t = rng.random((2000, 50)), rng.integers(0, 4, 2000)
+net = xpnet.MultiLayerNet([50, 64, 4], dtype="float64")
+checkpoint = sys.argv[1] if sys.argv[1] != "none" else None
+calls = []
+step = net.loss_and_gradient
+
+def stepping(*args, **kwargs):
+    calls.append(1)
+    if rank == 1 and len(calls) == 20:  # Ctrl-C on rank 1 alone, mid-run
+        for _ in range(int(sys.argv[2])):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    return step(*args, **kwargs)
+
+net.loss_and_gradient = stepping
+try:
+    xpnet.Trainer(net, xpnet.SGD(0.1), batch_size=10, epochs=1000, progress=False,
+                  distributed=True, checkpoint=checkpoint).fit(x, t)
+except KeyboardInterrupt:
+    emit(rank, interrupted=True, steps=len(calls))
+"""
+
+
+@pytest.mark.parametrize("checkpoint", [None, "ck.npz"])
+def test_a_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, checkpoint):
+    run = _mpirun(INTERRUPTED, tmp_path, 2, checkpoint or "none", "1", timeout=120)
+    assert run.returncode == 0, run.stderr
+    results = _results(run)
+    assert results[0]["interrupted"] and results[1]["interrupted"]
+    assert results[0]["steps"] == results[1]["steps"] <= 22
+    if checkpoint:
+        state = xpnet.checkpoint.read_training(tmp_path / checkpoint)
+        assert state.position["global_step"] == results[0]["steps"]
+
+
+def test_a_second_ctrl_c_stops_every_rank_at_once(tmp_path):
+    run = _mpirun(INTERRUPTED, tmp_path, 2, "ck.npz", "2", timeout=120)
+    assert run.returncode != 0  # every process stopped (MPI_Abort), none left waiting
+    assert "interrupted twice: stopping every process" in run.stderr
+
+
+def test_a_killed_rank_leaves_no_rank_waiting(tmp_path):
+    script = INTERRUPTED.replace("os.kill(os.getpid(), signal.SIGINT)",
+                                 "os.kill(os.getpid(), signal.SIGKILL)")
+    run = _mpirun(script, tmp_path, 2, "none", "1", timeout=120)  # (a hang: the timeout)
+    assert run.returncode != 0
+
+
+def test_a_missing_checkpoint_directory_on_rank_0_stops_both_before_training(tmp_path):
+    run = _mpirun("""
+        from mpi4py import MPI
+        rank = MPI.COMM_WORLD.Get_rank()
+        x, t = data()
+        net = xpnet.MultiLayerNet([20, 16, 4], dtype="float64")
+        try:
+            xpnet.Trainer(net, xpnet.SGD(0.1), progress=False, distributed=True,
+                          checkpoint="missing/ck.npz").fit(x, t)
+        except ValueError as exc:
+            emit(rank, error=str(exc))
+        """, tmp_path)
+    assert run.returncode == 0, run.stderr
+    errors = {r["error"] for r in _results(run).values()}
+    assert errors == {"checkpoint missing/ck.npz: the directory 'missing' does not exist"}

@@ -17,9 +17,16 @@ per rank chosen from the rank's place on its node (:func:`local_device`), and a 
 allreduce carries the control values.  torch, JAX and array_api_strict nets take the host path:
 their gradients are copied to the host and back each step, which is the slow path.
 
-A failure on one rank (bad input, an exception in a step, a checkpoint that cannot be
-written) is agreed on by all ranks at the next exchange: every rank raises the same error, of
-the same type and with the same one-line message, instead of waiting for the failed one.
+Before the first step the ranks exchange what defines their run (the net and its shapes, the
+optimizer, the batch size, epochs, seed, schedule, checkpointing, where a resume starts, and
+the data's shapes and a digest of a sample of their rows): ranks that would start different
+runs, which would wait forever for an exchange or train apart, all raise the same ValueError
+naming what differs.  A failure on one rank (bad input, an exception in a step, a checkpoint
+that cannot be written) is agreed on by all ranks at the next exchange: every rank raises the
+same error, of the same type and with the same one-line message, instead of waiting for the
+failed one.  A Ctrl-C on any rank goes into the next exchange and every rank stops after the
+same step (saving the checkpoint, if there is one); a second Ctrl-C stops every process at
+once (MPI_Abort), and a rank that dies is reported by mpiexec, which ends the others.
 Losses and accuracies are global (reduced across the ranks); only rank 0 writes checkpoints.
 
 Install: ``pip install 'xpnet[mpi]'`` (mpi4py and Open MPI's wheels from PyPI) or, with a
@@ -374,6 +381,12 @@ class Solo:
     def cause(self, run, likely_cause) -> str:
         return likely_cause(run)
 
+    def agree_on_run(self, signature: dict) -> None:
+        """One process: nothing to agree on."""
+
+    def interrupted_twice(self) -> None:
+        """A second Ctrl-C: the caller raises KeyboardInterrupt at once."""
+
 
 class Team(Solo):
     """The processes of a data-parallel fit (``Trainer(distributed=True)``): they agree on
@@ -411,6 +424,28 @@ class Team(Solo):
                       file=sys.stderr, flush=True)
                 self.context.comm.Abort(1)
             raise
+
+    def agree_on_run(self, signature: dict) -> None:
+        """Every process must start the same run: one exchange of what defines it (the
+        Trainer's :meth:`_run_signature`); on any difference every process raises the same
+        ValueError, naming what differs and each rank's value, before the first step."""
+        everyone = self.context.gather(signature)
+        for key in signature:
+            values = [s.get(key) for s in everyone]
+            if any(v != values[0] for v in values[1:]):
+                said = ", ".join(f"rank {r} has {v!r}" for r, v in enumerate(values))
+                error = ValueError(f"the processes of this distributed run disagree on {key}: "
+                                   f"{said}; every process must start the same run (the same "
+                                   "net, optimizer, settings and data)")
+                error.xpnet_agreed = True
+                raise error
+
+    def interrupted_twice(self) -> None:
+        """A second Ctrl-C on this process: every process is stopped now (MPI_Abort), as none
+        can wait for an exchange this one would never make."""
+        print(f"xpnet: rank {self.context.rank}: interrupted twice: stopping every process",
+              file=sys.stderr, flush=True)
+        self.context.comm.Abort(130)
 
     def cause(self, run, likely_cause) -> str:
         """Why the global loss diverged, the same on every process: the first rank whose data
@@ -452,11 +487,14 @@ class DistributedSteps(Runner):
                 loss, grads = self.gradients(xb, tb, check_labels=False)
         except Exception as exc:  # noqa: BLE001 - agreed on by every process below
             error, loss, grads = exc, None, None
+        # This process's Ctrl-C goes into the exchange; the run stops where every process
+        # learnt of one (a Ctrl-C during the exchange goes into the next: never lost, and
+        # never acted on by one process alone).
         summed, mean, failed, interrupted = self.exchange.reduce(
             grads, loss, (hi - lo) / count, error is not None, run.interrupt.requested)
         if failed:
             dist.agree(error)
-        run.interrupt.requested = interrupted
+        run.interrupt.agreed = interrupted
         self.optimizer.update(self.net.params, summed)
         return 1, to_device(np.asarray(mean * count), self.net.device) if isinstance(
             mean, float) else mean * count

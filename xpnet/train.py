@@ -15,6 +15,7 @@ Rules of the loop (they keep a GPU busy):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import operator
@@ -44,6 +45,7 @@ from ._io import atomic_write, check_writable
 from .backend import (
     compiling_backend,
     device_context,
+    device_of,
     dtype_name,
     is_array,
     is_dtype,
@@ -130,6 +132,19 @@ class History:
 # its training batch size (faster than 1000 there: the arrays fit the caches), SimpleConvNet
 # about 160 KB (batches of about 200), TwoLayerNet 4 KB (1000).
 EVAL_MEMORY = 32 << 20
+
+
+def _digest(x) -> str | None:
+    """An array's shape, dtype and a digest of up to 16 of its rows (evenly spaced): two
+    processes holding other data of one shape tell it apart, without reading it all."""
+    if x is None:
+        return None
+    n = x.shape[0]
+    rows = np.unique(np.linspace(0, n - 1, num=min(n, 16)).astype(np.int64))
+    sample = to_numpy(namespace(x=x).take(x, to_device(rows, device_of(x).name, dtype="int64"),
+                                          axis=0)) if n else np.zeros(0)
+    digest = hashlib.blake2b(np.ascontiguousarray(sample).tobytes(), digest_size=8).hexdigest()
+    return f"{tuple(x.shape)} {dtype_name(x.dtype)} #{digest}"
 
 
 def _check_info(info) -> dict:
@@ -253,15 +268,27 @@ class _Position:
 class _DeferredInterrupt:
     """While active, a first Ctrl-C only sets a flag, so the loop can stop between steps
     (with the parameters and the optimizer state consistent) and save a checkpoint; a
-    second Ctrl-C interrupts at once."""
+    second Ctrl-C interrupts at once.  In a distributed run (``team``) the processes stop
+    together: the flag goes into each step's exchange (``agreed``: some process had one), and
+    a second Ctrl-C stops every process (``team.interrupted_twice``)."""
 
-    def __init__(self, active: bool):
-        self.active = active and threading.current_thread() is threading.main_thread()
-        self.requested = False
+    def __init__(self, active: bool, team=None):
+        self.team = team if team is not None and team.distributed else None
+        self.active = ((active or self.team is not None)
+                       and threading.current_thread() is threading.main_thread())
+        self.requested = False  # this process had a Ctrl-C
+        self.agreed = False  # some process had one, as the last exchange said (distributed)
         self._previous = None
+
+    @property
+    def stop(self) -> bool:
+        """Whether the loop stops at this step: every process at the same one."""
+        return self.agreed if self.team is not None else self.requested
 
     def _handler(self, signum, frame):
         if self.requested:
+            if self.team is not None:
+                self.team.interrupted_twice()
             raise KeyboardInterrupt
         self.requested = True
 
@@ -656,8 +683,33 @@ class Trainer:
         """The run boundary: every check, the data moved, the way to run steps chosen."""
         with self.team.together():
             run = self._start(x_train, t_train, x_test, t_test, resume)
+        if self.team.distributed:  # one exchange: every process starts the same run
+            self.team.agree_on_run(self._run_signature(run))
         self._choose_runner(run)  # (distributed: rank 0's weights to every rank)
         return run
+
+    def _run_signature(self, run: _Run) -> dict:
+        """What defines a run, which every process of a distributed fit must share (else it
+        would wait forever for an exchange the others never make, or train other weights):
+        the net and its parameters' shapes, the optimizer, the settings, where it resumes,
+        and the data (shapes, dtypes, a digest of a sample of their rows)."""
+        params = self.net.params
+        test = run.test or (None, None)
+        return {
+            "net": self._net_config(),
+            "parameters": [(k, tuple(params[k].shape), dtype_name(params[k].dtype))
+                           for k in params],
+            "optimizer": (type(self.optimizer).__name__, self.optimizer.hyperparameters()
+                          if hasattr(self.optimizer, "hyperparameters") else None),
+            "batch_size": self.batch_size, "epochs": self.epochs, "seed": self.seed,
+            "lr_schedule": None if self.lr_schedule is None else self.lr_schedule.config(),
+            "compile": self.compile, "checkpoint": self.checkpoint is not None,
+            "checkpoint_every": self.checkpoint_every, "eval_every": self.eval_every,
+            "eval_train": self.eval_train, "eval_batch_size": run.eval_batch_size,
+            "resumed at": (run.position.epoch, run.position.step, run.position.global_step),
+            "x_train": _digest(run.x), "t_train": _digest(run.t),
+            "x_test": _digest(test[0]), "t_test": _digest(test[1]),
+        }
 
     def _choose_runner(self, run: _Run) -> None:
         """How the run's steps go on (:func:`xpnet.runners.choose`), recorded in its history."""
@@ -667,7 +719,7 @@ class Trainer:
     def _epochs(self, run: _Run, on_epoch) -> History:
         config = run.history.config
         threads = config["blas_threads"]
-        with _DeferredInterrupt(self.checkpoint is not None) as run.interrupt, \
+        with _DeferredInterrupt(self.checkpoint is not None, self.team) as run.interrupt, \
                 (speedups.blas_threads(threads) if speedups.blas_threads is not None
                  else contextlib.nullcontext()) as running, \
                 (speedups.training_memory() if speedups.training_memory is not None
@@ -814,13 +866,14 @@ class Trainer:
             i += count
             position.global_step += count
             due = self.checkpoint_every and position.global_step % self.checkpoint_every == 0
-            if due or run.interrupt.requested or (shown and i % self.log_every == 0):
+            stop_now = run.interrupt.stop
+            if due or stop_now or (shown and i % self.log_every == 0):
                 position.loss_sum += losses.drain(position.step)
                 position.step = i
-                if due or run.interrupt.requested:
+                if (due or stop_now) and self.checkpoint is not None:
                     self.save_checkpoint(self.checkpoint, position, run.history)
-                    if run.interrupt.requested:
-                        raise KeyboardInterrupt
+                if stop_now:
+                    raise KeyboardInterrupt
                 bar.loss(position.loss_sum / min(n, position.step * b))
             bar.update(count)
         position.loss_sum += losses.drain(position.step)  # syncs
