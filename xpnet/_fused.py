@@ -276,6 +276,8 @@ def max_pool(x, ph, pw, stride, pad, out, arg, relu, swap):
                             best, where = _max_step(best, where,
                                                     _read(p[r0 + i, q0 + j], relu, zero),
                                                     i * pw + j)
+                    if best != best:  # (rare) a NaN window: its gradient goes to its NaN
+                        where = _first_nan(p, r0, q0, i0, i1, j0, j1, pw)
                     o[r, q] = best
                     g[r, q] = where + (ph * pw if relu and best > zero else 0)
 
@@ -311,10 +313,24 @@ def max_pool_backward(dout, arg, ph, pw, stride, pad, dx, relu, swap):
 
 @njit(cache=True, inline="always")
 def _max_step(best, where, v, k):
-    """One element of a window after another: :func:`max_pool`'s rule (the first NaN wins,
-    else the first maximum), without branches."""
-    larger = (v > best) | ((v != v) & (best == best))
-    return (v if larger else best), (k if larger else where)
+    """One element of a window after another, without branches: the first maximum's value
+    and offset; a NaN makes the value NaN (and leaves the offset, which :func:`_first_nan`
+    then moves to the NaN: kept out of this loop, which it would make twice as slow)."""
+    larger = v > best
+    nan = (v != v) & (best == best)
+    return (v if larger | nan else best), (k if larger else where)
+
+
+@njit(cache=True, inline="always")
+def _first_nan(p, r0, q0, i0, i1, j0, j1, pw):
+    """The offset ``i * pw + j`` of the first NaN of a window (rows i0..i1, columns j0..j1 of
+    the window at (r0, q0) in plane p): where a NaN window's gradient goes."""
+    for i in range(i0, i1):
+        for j in range(j0, j1):
+            v = p[r0 + i, q0 + j]
+            if v != v:
+                return i * pw + j
+    return i0 * pw + j0
 
 
 @njit(cache=True)
@@ -332,6 +348,8 @@ def max_pool_2x2(x, out, arg, relu, swap):
                     best, where = _max_step(best, where, p[2 * r, 2 * q + 1], 1)
                     best, where = _max_step(best, where, p[2 * r + 1, 2 * q], 2)
                     best, where = _max_step(best, where, p[2 * r + 1, 2 * q + 1], 3)
+                    if best != best:  # (rare) a NaN window: its gradient goes to its NaN
+                        where = _first_nan(p, 2 * r, 2 * q, 0, 2, 0, 2, 2)
                     if relu:
                         # The pool of maximum(x, 0), from x's: a NaN window keeps its first
                         # NaN (the Relu drops its gradient); a maximum > 0, its offset (the
