@@ -49,6 +49,7 @@ def test_the_kernels_equal_the_portable_pooling(monkeypatch, case, dtype, values
     fast_out = layer.forward(x)
     assert type(fast_out) is np.ndarray and not np.shares_memory(fast_out, x)
     np.testing.assert_array_equal(fast_out, out)  # NaN where NaN
+    assert np.array_equal(np.signbit(fast_out), np.signbit(out))  # (ties of -0.0 and 0.0)
     np.testing.assert_array_equal(layer.arg, arg)
     np.testing.assert_array_equal(layer.backward(dout), dx)
 

@@ -318,7 +318,9 @@ def _max_step(best, where, v, k):
     then moves to the NaN: kept out of this loop, which it would make twice as slow)."""
     larger = v > best
     nan = (v != v) & (best == best)
-    return (v if larger | nan else best), (k if larger else where)
+    # The value: NumPy's maximum(best, v), which keeps the later of two equal values (-0.0
+    # after 0.0); the offset: the first maximum's.
+    return (v if (v >= best) | nan else best), (k if larger else where)
 
 
 @njit(cache=True, inline="always")

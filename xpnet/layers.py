@@ -792,11 +792,12 @@ class Pooling(Layer):
         device = native_device(x)
         # The first NaN of a window wins (its gradient goes to it), else the first maximum
         # (row-major); a padding cell never wins, even over -inf.
-        out = xp.asarray(pieces[0], copy=True)  # (never a view of x: a 1 x 1 window)
+        out = xp.asarray(pieces[0], copy=True) if len(pieces) == 1 else pieces[0]  # (not x's)
         arg = xp.full(out.shape, live[0][0], dtype=xp.int32, device=device)
         real = self._real_mask(xp, live[0][3], device)  # where out holds an input element
         for (k, _, _, mask), piece in zip(live[1:], pieces[1:]):
-            larger = (piece > out) | (xp.isnan(piece) & ~xp.isnan(out))
+            # Larger, or a NaN where out is not one yet: not (piece <= out), unless out is NaN.
+            larger = ~(piece <= out) & (out == out)
             if real is not None:
                 larger = larger | ~real
             mask = self._real_mask(xp, mask, device)
@@ -806,7 +807,9 @@ class Pooling(Layer):
             elif real is not None:
                 real = None
             arg = xp.where(larger, xp.asarray(k, dtype=xp.int32, device=device), arg)
-            out = xp.where(larger, piece, out)
+            # (maximum, not where: a third of the time; NaN stays NaN, and of two equal values
+            # it keeps the later's bits, -0.0 or 0.0, as the compiled kernels do)
+            out = xp.maximum(out, piece)
         self.arg = arg
         return out
 
