@@ -29,6 +29,7 @@ from .gradcheck import (
 from .layers import *  # noqa: F403 - Layer, ForwardNotCalledError and every layer class
 from .nets import *  # noqa: F403 - Sequential, TwoLayerNet, MultiLayerNet, ...
 from .optim import *  # noqa: F403 - SGD, Momentum, AdaGrad, Adam, Optimizer
+from .evaluation import Evaluation, evaluate
 from .train import DivergenceError, History, Trainer
 
 # Everything that exists only for speed, imported here and nowhere else: it fills the slots
@@ -47,6 +48,7 @@ __all__ = sorted([
     "BackendUnavailableError",
     "DeviceMismatchError",
     "DivergenceError",
+    "Evaluation",
     "GradientCheckError",
     "GradientCheckReport",
     "History",
@@ -58,6 +60,7 @@ __all__ = sorted([
     "checkpoint",
     "datasets",
     "device_of",
+    "evaluate",
     "functional",
     "namespace",
     "numerical_gradient",

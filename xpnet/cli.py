@@ -483,6 +483,8 @@ def _train_setup(config: TrainConfig, say, dist):
     schedule = "" if trainer.lr_schedule is None else f", {trainer.lr_schedule!r}"
     say(f"{net!r}, {optimizer!r}{schedule}, batch {config.batch_size}, {config.epochs} "
         f"epoch(s), {x.shape[0]} {config.dataset} training images{processes}")
+    for line in net.summary().splitlines():  # (its layers, shapes and parameter counts)
+        say(line)
     if config.resume is not None:
         where = config.resume.position
         say(f"resuming {config.resume.path}: epoch {where.get('epoch')}, step "

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._checks import check_flag
 from ._io import MAX_DEFLATE_RATIO, atomic_write, read_exact
 
 __all__ = ["DATASETS", "DatasetNotFoundError", "fetch", "find_dataset", "load_idx", "load_mnist"]
@@ -284,7 +285,7 @@ def _sha256(path: Path) -> str:
 
 
 def load_mnist(name: str = "mnist", *, data_dir=None, normalize: bool = True, flatten: bool = True,
-               one_hot: bool = False, download: bool = False):
+               one_hot: bool = False, download: bool = False, one_hot_label: bool | None = None):
     """Load MNIST or Fashion-MNIST as host NumPy arrays.
 
     Parameters
@@ -299,6 +300,10 @@ def load_mnist(name: str = "mnist", *, data_dir=None, normalize: bool = True, fl
         Images as (N, 784); otherwise (N, 1, 28, 28).
     one_hot : bool, default False
         Labels as float32 one-hot rows (N, 10); otherwise int64 labels (N,).
+    one_hot_label : bool, optional
+        The book's name for ``one_hot`` (``load_mnist(normalize=True, flatten=True,
+        one_hot_label=False)``, as its ``dataset/mnist.py`` has it); the two must agree where
+        both are given.
     download : bool, default False
         Fetch the files from the official mirrors when they are not found.
 
@@ -314,6 +319,14 @@ def load_mnist(name: str = "mnist", *, data_dir=None, normalize: bool = True, fl
         Not found and ``download`` is False; the message lists where it looked
         and how to get the data.
     """
+    normalize, flatten = check_flag("normalize", normalize), check_flag("flatten", flatten)
+    one_hot, download = check_flag("one_hot", one_hot), check_flag("download", download)
+    if one_hot_label is not None:
+        one_hot_label = check_flag("one_hot_label", one_hot_label)
+        if one_hot and not one_hot_label:
+            raise ValueError("one_hot=True and one_hot_label=False disagree: give one of them "
+                             "(one_hot_label is the book's name for one_hot)")
+        one_hot = one_hot_label
     spec = _spec(name)
     files = find_dataset(name, data_dir)
     if files is None:

@@ -470,6 +470,73 @@ class Sequential:
                 setattr(layer, attr, params[key])
         return loss
 
+    def summary(self, input_shape=None) -> str:
+        """A table of the net: one row per layer (its name, its output's shape for a batch of
+        N samples of ``input_shape``, its parameter count), then the totals, as Keras's and
+        torchinfo's summaries show them.
+
+        ``input_shape`` is one sample's shape, ``(784,)`` or ``(1, 28, 28)``; by default the
+        net's own where it knows it (the book's nets, a first Affine layer), else the shapes
+        show as ``?``.  The shapes come from one forward pass of a zero sample in inference
+        mode, after which every layer is put back as it was (no statistic or draw changes).
+        """
+        if input_shape is None:
+            input_shape = self._input_shape()
+        elif (not isinstance(input_shape, (tuple, list))
+              or not all(is_int(d) and d >= 1 for d in input_shape)):
+            raise ValueError(f"input_shape must be one sample's shape, ints >= 1 (e.g. (784,) "
+                             f"or (1, 28, 28)), got {input_shape!r}")
+        shapes = self._output_shapes(tuple(input_shape)) if input_shape else {}
+        rows = [(name, type(layer).__name__, shapes.get(name, "?"),
+                 sum(math.prod(tuple(p.shape)) for p in layer.params.values()))
+                for name, layer in self.layers.items()]
+        rows.append(("(loss)", type(self.last_layer).__name__, "", 0))
+        total = sum(r[3] for r in rows)
+        size = total * (4 if self.dtype == "float32" else 8)
+        head = f"{type(self).__name__} on {self.device}, {self.dtype}" + (
+            f", input {tuple(input_shape)}" if input_shape else "")
+        widths = [max(len(r[0]) for r in rows), max(len(r[1]) for r in rows),
+                  max(12, *(len(str(r[2])) for r in rows))]
+        lines = [head, f"{'layer':<{widths[0]}}  {'type':<{widths[1]}}  "
+                 f"{'output shape':<{widths[2]}}  {'parameters':>10}"]
+        lines.append("-" * len(lines[1]))
+        lines += [f"{name:<{widths[0]}}  {kind:<{widths[1]}}  {str(shape):<{widths[2]}}  "
+                  f"{count:>10,}" for name, kind, shape, count in rows]
+        lines.append("-" * len(lines[1]))
+        lines.append(f"total: {total:,} parameters ({size / 2**20:.2f} MiB in {self.dtype})")
+        return "\n".join(lines)
+
+    def _input_shape(self):
+        """One sample's shape where the net knows it (its constructor's sizes or input_dim, a
+        first Affine layer's inputs), else None."""
+        args = getattr(self, "_args", {})
+        if "input_dim" in args:
+            return tuple(args["input_dim"])
+        if "sizes" in args:
+            return (args["sizes"][0],)
+        first = next(iter(self.layers.values()), None)
+        if isinstance(first, Affine):
+            return (int(first.W.shape[0]),)
+        return None
+
+    def _output_shapes(self, input_shape: tuple) -> dict:
+        """``{layer name: "(N, ...)"}`` from a forward of one zero sample, every layer's
+        attributes put back afterwards; ``{}`` where the sample does not fit the layers."""
+        saved = {name: dict(vars(layer)) for name, layer in self.layers.items()}
+        shapes = {}
+        try:
+            x = to_device(np.zeros((1, *input_shape)), self.device, dtype=self.dtype)
+            for name, layer in self.layers.items():
+                x = layer.forward(x, train=False) if layer.has_train_mode else layer.forward(x)
+                shapes[name] = "(N" + "".join(f", {d}" for d in tuple(x.shape)[1:]) + ")"
+        except (ValueError, TypeError):
+            pass  # the rest show as "?"
+        finally:
+            for name, layer in self.layers.items():
+                vars(layer).clear()
+                vars(layer).update(saved[name])
+        return shapes
+
     def numerical_gradient(self, x, t) -> dict:
         """Centered-difference gradients, computed on a float64 host copy of the net
         (see :func:`xpnet.gradcheck.numerical_gradients`); returned like :meth:`gradient`,
