@@ -152,13 +152,25 @@ def _plot(history, path) -> None:
 
     epochs = history.epoch
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, history.train_loss, marker="o")
-    ax_loss.set(xlabel="epoch", ylabel="train loss", title="loss")
-    ax_acc.plot(epochs, history.train_accuracy, marker="o", label="train")
-    if history.test_accuracy[0] is not None:
-        ax_acc.plot(epochs, history.test_accuracy, marker="s", label="test")
+
+    def curve(ax, values, marker, label):  # (epochs that eval_every skipped left out)
+        points = [(e, v) for e, v in zip(epochs, values) if v is not None]
+        if points:
+            ax.plot(*zip(*points), marker=marker, label=label)
+
+    curve(ax_loss, history.train_loss, "o", "train")
+    curve(ax_loss, history.val_loss, "^", "validation")
+    curve(ax_loss, history.test_loss, "s", "test")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_loss.legend()
+    curve(ax_acc, history.train_accuracy, "o", "train")
+    curve(ax_acc, history.val_accuracy, "^", "validation")
+    curve(ax_acc, history.test_accuracy, "s", "test")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     ax_acc.legend()
+    config = history.config
+    fig.suptitle(f"{config.get('net', 'net')}, {config.get('optimizer', '')}"
+                 + (f", {config['dataset']}" if config.get("dataset") else ""), fontsize=9)
     fig.tight_layout()
     with atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=100)
@@ -324,6 +336,7 @@ class TrainConfig:
     threads: int | None
     eval_every: int
     eval_train: int | None  # samples of the training accuracy (None: all, 0: none)
+    validation_split: float | None
     compile: str | bool
     checkpoint: str | None  # where the run's checkpoint is kept (--checkpoint or --resume)
     checkpoint_every: int | None
@@ -348,7 +361,7 @@ class TrainConfig:
                    args.batch_size, args.optimizer, args.lr, args.lr_schedule,
                    _schedule_options(args), args.threads, args.eval_every,
                    _EVAL_TRAIN_DEFAULT[args.model] if args.eval_train is None else args.eval_train,
-                   args.compile or False, checkpoint, args.checkpoint_every, resume,
+                   args.validation_split, args.compile or False, checkpoint, args.checkpoint_every, resume,
                    args.save, args.history, args.plot, args.quiet)
 
     def schedule(self):
@@ -398,7 +411,7 @@ _FLAGS = {"compile=True": "--compile", "blas_threads": "--threads", "batch_size"
           "weight_decay": "--weight-decay", "dropout_ratio": "--dropout", "seed": "--seed",
           "every": "--lr-step", "gamma": "--lr-gamma", "min_factor": "--lr-min-factor",
           "warmup_epochs": "--warmup-epochs", "eval_every": "--eval-every",
-          "eval_train": "--eval-train"}
+          "eval_train": "--eval-train", "validation_split": "--validation-split"}
 _FLAG_WORDS = re.compile(r"(?<![\w.'\[-])(" + "|".join(map(re.escape, _FLAGS)) + r")(?![\w'\]])")
 
 
@@ -429,7 +442,8 @@ def _train(args: argparse.Namespace) -> int:
     try:
         with np.errstate(all="ignore"), _as_flags():  # (the Trainer reports divergence itself)
             history = trainer.fit(*data, on_epoch=_epoch_reporter(config, say),
-                                  resume=config.resume)
+                                  resume=config.resume,
+                                  validation_split=config.validation_split)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(config.interrupted_note) from None
     run = history.config
@@ -501,13 +515,21 @@ def _epoch_reporter(config: TrainConfig, say):
 
     schedule = config.lr_schedule != "constant"
 
+    def figure(value) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
     def report(r):
-        # Within 80 columns: "acc" is train / test ("-" where not evaluated that epoch).
-        train, test = ("-" if r[key] is None else f"{r[key]:.4f}"
-                       for key in ("train_accuracy", "test_accuracy"))
-        say(f"epoch {r['epoch']:>3}/{config.epochs}  loss {r['train_loss']:.4f}  acc {train} / "
-            f"{test}  {r['seconds']:.2f} s  {r['samples_per_second']:,.0f}/s"
-            + (f"  lr {r['lr']:.3g}" if schedule else ""))
+        # Within 80 columns: "acc" is train / test ("-" where not evaluated that epoch), "val"
+        # the validation loss / accuracy; the speed and time go first where it is too long.
+        figures = [f"epoch {r['epoch']:>3}/{config.epochs}", f"loss {r['train_loss']:.4f}",
+                   f"acc {figure(r['train_accuracy'])} / {figure(r['test_accuracy'])}"]
+        if config.validation_split is not None:
+            figures.append(f"val {figure(r.get('val_loss'))} / {figure(r.get('val_accuracy'))}")
+        timing = [f"{r['seconds']:.2f} s", f"{r['samples_per_second']:,.0f}/s"]
+        rate = [f"lr {r['lr']:.3g}"] if schedule else []
+        while timing and len("  ".join(figures + timing + rate)) > 79:
+            timing.pop()
+        say("  ".join(figures + timing + rate))
         if r["train_loss"] > _EXPLODED_LOSS:
             raise DivergenceError(
                 f"the training loss reached {r['train_loss']:.3g} in epoch {r['epoch']} (a "
@@ -594,6 +616,9 @@ def _add_train_arguments(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--eval-train", type=_eval_train, default=None, metavar="N|all|none",
                     help="the training accuracy on a fixed sample of N training images, all of "
                     "them, or none (default: all for mlp, 10000 for the conv nets)")
+    tr.add_argument("--validation-split", type=float, default=None, metavar="F",
+                    help="hold out this fraction of the training set (a seeded draw) and "
+                    "report the validation loss and accuracy each epoch")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--save", metavar="PATH", help="save the trained model (.npz)")
     tr.add_argument("--history", metavar="PATH.json", help="save the per-epoch history as JSON")

@@ -499,6 +499,18 @@ class DistributedSteps(Runner):
         return 1, to_device(np.asarray(mean * count), self.net.device) if isinstance(
             mean, float) else mean * count
 
+    def loss(self, x, t, *, batch_size: int) -> float:
+        """The mean loss over all of ``x``: each process sums its share's, the sums are
+        added."""
+        lo, hi = self.context.shard(x.shape[0])
+        total, error = 0.0, None
+        try:
+            if hi > lo:
+                total = float(self.loss_sum(x[lo:hi, ...], t[lo:hi, ...], batch_size=batch_size))
+        except Exception as exc:  # noqa: BLE001 - agreed on by every process
+            error = exc
+        return sum(self.context.gather(total, error)) / x.shape[0]
+
     def accuracy(self, x, t, *, batch_size: int) -> float:
         """The accuracy over all of ``x``: each process evaluates its share, the counts of
         correct answers are summed."""

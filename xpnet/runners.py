@@ -53,6 +53,26 @@ class Runner:
         """The net's accuracy on ``(x, t)`` (checked data on its device), in batches."""
         return self.net.accuracy(x, t, batch_size=batch_size)
 
+    def loss(self, x, t, *, batch_size: int) -> float:
+        """The net's mean loss on ``(x, t)`` (checked data on its device) in inference mode,
+        in batches; one read back at the end."""
+        return float(self.loss_sum(x, t, batch_size=batch_size)) / x.shape[0]
+
+    def loss_sum(self, x, t, *, batch_size: int):
+        """The sum over the samples of the net's loss on ``(x, t)``: each batch's mean loss
+        times its size, left on the device (a 0-d array, or 0.0 for no samples)."""
+        total, n = 0.0, x.shape[0]
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            total = total + self.net.loss(x[start:stop, ...], t[start:stop, ...],
+                                          **_unchecked_labels(self.net)) * (stop - start)
+        return total
+
+
+def _unchecked_labels(net) -> dict:
+    """``check_labels=False`` where ``net.loss`` takes it (the run's labels were checked)."""
+    return {"check_labels": False} if getattr(net, "_loss_checks_labels", False) else {}
+
 
 def layers_version(net) -> int:
     """How often ``net``'s layers were replaced (0 for a net without a :class:`Layers`)."""

@@ -39,6 +39,7 @@ from ._checks import (
     is_int,
     is_real,
     positive_int,
+    real_option,
     thread_count,
 )
 from ._io import atomic_write, check_writable
@@ -73,9 +74,11 @@ class History:
     ----------
     records : list of dict
         One dict per epoch: ``epoch``, ``train_loss``, ``train_accuracy``,
-        ``test_accuracy`` (None without test data), ``seconds`` (the training
-        part of the epoch), ``samples_per_second``, ``lr`` (the learning rate of the
-        epoch's last step).
+        ``test_accuracy`` and ``test_loss`` (None without test data), ``val_loss`` and
+        ``val_accuracy`` (None without validation data), ``seconds`` (the training part of
+        the epoch), ``samples_per_second``, ``lr`` (the learning rate of the epoch's last
+        step).  The evaluated values are None in the epochs ``eval_every`` skips.  Each is
+        also a list over the epochs: ``history.val_loss``.
     config : dict
         What was trained, how and where.
     """
@@ -85,7 +88,7 @@ class History:
 
     COLUMNS = ("epoch", "train_loss", "train_accuracy", "test_accuracy", "seconds",
                "samples_per_second")
-    OPTIONAL = ("lr",)  # not in the records of older versions
+    OPTIONAL = ("lr", "val_loss", "val_accuracy", "test_loss")  # not in older records
 
     def __len__(self) -> int:
         return len(self.records)
@@ -145,6 +148,22 @@ def _digest(x) -> str | None:
                                           axis=0)) if n else np.zeros(0)
     digest = hashlib.blake2b(np.ascontiguousarray(sample).tobytes(), digest_size=8).hexdigest()
     return f"{tuple(x.shape)} {dtype_name(x.dtype)} #{digest}"
+
+
+def _split(x, t, fraction: float, seed: int) -> tuple:
+    """``(x_train, t_train, (x_val, t_val))``: ``fraction`` of the samples (at least one, and
+    one left to train on) held out, drawn with ``seed`` on the host (the same samples on every
+    backend and process count), each part in the original order."""
+    n = int(x.shape[0])
+    held = min(n - 1, max(1, round(n * fraction)))
+    if n < 2:
+        raise ValueError(f"validation_split needs at least 2 training samples, got {n}")
+    order = np.random.default_rng([seed, 2]).permutation(n)
+    xp, device = namespace(x=x), device_of(x).name
+    val, train = (to_device(np.sort(order[:held]), device, dtype="int64"),
+                  to_device(np.sort(order[held:]), device, dtype="int64"))
+    return (xp.take(x, train, axis=0), xp.take(t, train, axis=0),
+            (xp.take(x, val, axis=0), xp.take(t, val, axis=0)))
 
 
 def _check_info(info) -> dict:
@@ -244,6 +263,7 @@ class _Run:
     position: _Position
     interrupt: _DeferredInterrupt | None = None
     weight_decay: float = 0.0  # the net's, for the cause of a divergence
+    val: tuple | None = None  # the validation data (x, t), on the net's device
     runner: runners.Runner | None = None  # how its steps run (chosen at the run boundary)
     train_eval: tuple | None = None  # (x, t) of the training accuracy, None for none
     eval_batch_size: int = 1000
@@ -420,6 +440,7 @@ class Trainer:
             eval_train = int_option("eval_train", eval_train, 0)
         self.eval_train = eval_train
         self.info = _check_info(info)
+        self._validation = None  # the run's validation (its split or size): in checkpoints
         self.log_every = positive_int("log_every", log_every)
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         if checkpoint_every is not None:
@@ -540,7 +561,8 @@ class Trainer:
         """What a checkpoint must share with the run that resumes it (besides net and optimizer)."""
         return {"batch_size": self.batch_size, "seed": self.seed,
                 "train_samples": history.config.get("train_samples"),
-                "lr_schedule": None if self.lr_schedule is None else self.lr_schedule.config()}
+                "lr_schedule": None if self.lr_schedule is None else self.lr_schedule.config(),
+                "validation": self._validation}
 
     def _net_config(self):
         return self.net.config() if hasattr(self.net, "config") else repr(self.net)
@@ -611,6 +633,7 @@ class Trainer:
         mine, saved = self._settings(history), dict(state.trainer)
         saved.setdefault("train_samples", mine["train_samples"])  # not recorded before 0.2
         saved.setdefault("lr_schedule", None)  # nor this
+        saved.setdefault("validation", None)  # nor this
         if saved != mine:
             raise ValueError(f"{path}: the checkpoint was made with {state.trainer}, this "
                              f"trainer has {mine}; resume with the same settings and data")
@@ -643,7 +666,7 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
 
     def fit(self, x_train, t_train, x_test=None, t_test=None, *, on_epoch=None,
-            resume=None) -> History:
+            resume=None, validation_split=None, validation_data=None) -> History:
         """Train for ``epochs`` epochs; returns the :class:`History`.
 
         Parameters
@@ -657,6 +680,12 @@ class Trainer:
             A checkpoint written by this trainer's settings (its path, or what
             :func:`xpnet.checkpoint.read_training` read from it): the run continues from
             it (the net's weights and the optimizer state are replaced by its).
+        validation_split : float in (0, 1), optional
+            Hold out this fraction of the training set (at least one sample, a seeded draw:
+            the same samples on every backend and process count), never trained on, and
+            record ``val_loss`` and ``val_accuracy`` on it each evaluated epoch.
+        validation_data : (x_val, t_val), optional
+            A validation set of its own instead (not both).
 
         Before the first step the whole run is checked once, from the net's own layers: the
         data's shapes, dtypes and values, the labels against the classes the net scores (a
@@ -672,17 +701,20 @@ class Trainer:
         # (A divergence is found in the global losses: every process raises it alike.)
         with device_context(next(iter(self.net.params.values()), None)), \
                 self.team.guard(agreed=(DivergenceError,)):
-            run = self._prepare_run(x_train, t_train, x_test, t_test, resume)
+            run = self._prepare_run(x_train, t_train, x_test, t_test, resume,
+                                    validation_split, validation_data)
             try:
                 return self._epochs(run, on_epoch)
             finally:
                 if self._base_lr is not None:  # the base rate again (also on an error)
                     self.optimizer.lr, self._base_lr = self._base_lr, None
 
-    def _prepare_run(self, x_train, t_train, x_test, t_test, resume) -> _Run:
+    def _prepare_run(self, x_train, t_train, x_test, t_test, resume, validation_split=None,
+                     validation_data=None) -> _Run:
         """The run boundary: every check, the data moved, the way to run steps chosen."""
         with self.team.together():
-            run = self._start(x_train, t_train, x_test, t_test, resume)
+            run = self._start(x_train, t_train, x_test, t_test, resume, validation_split,
+                              validation_data)
         if self.team.distributed:  # one exchange: every process starts the same run
             self.team.agree_on_run(self._run_signature(run))
         self._choose_runner(run)  # (distributed: rank 0's weights to every rank)
@@ -707,6 +739,7 @@ class Trainer:
             "checkpoint_every": self.checkpoint_every, "eval_every": self.eval_every,
             "eval_train": self.eval_train, "eval_batch_size": run.eval_batch_size,
             "resumed at": (run.position.epoch, run.position.step, run.position.global_step),
+            "validation": self._validation,
             "x_train": _digest(run.x), "t_train": _digest(run.t),
             "x_test": _digest(test[0]), "t_test": _digest(test[1]),
         }
@@ -742,10 +775,21 @@ class Trainer:
                         on_epoch(record)
         return run.history
 
-    def _start(self, x_train, t_train, x_test, t_test, resume) -> _Run:
+    def _start(self, x_train, t_train, x_test, t_test, resume, validation_split=None,
+               validation_data=None) -> _Run:
         """Validate and move the data, set up the history, and restore ``resume`` if given."""
         if (x_test is None) != (t_test is None):
             raise ValueError("pass both x_test and t_test, or neither")
+        if validation_split is not None and validation_data is not None:
+            raise ValueError("pass validation_split or validation_data, not both")
+        if validation_split is not None:
+            validation_split = real_option("validation_split", validation_split, 0.0, 1.0)
+            if not 0.0 < validation_split < 1.0:
+                raise ValueError(f"validation_split must be in (0, 1), got {validation_split}")
+        if validation_data is not None and (not isinstance(validation_data, (tuple, list))
+                                            or len(validation_data) != 2):
+            raise TypeError("validation_data must be a pair (x_val, t_val), got "
+                            f"{type(validation_data).__name__}")
         if isinstance(resume, files.TrainingState):  # read by the caller (xpnet train)
             resume_path = resume.path or "the checkpoint given to fit"
         else:
@@ -761,6 +805,13 @@ class Trainer:
             compiling_backend(self.net.device)  # still: the net may have moved since
         x, t = self._prepare(x_train, t_train, "x_train", "t_train")
         test = None if x_test is None else self._prepare(x_test, t_test, "x_test", "t_test")
+        val, self._validation = None, None
+        if validation_data is not None:
+            val = self._prepare(*validation_data, "x_val", "t_val")
+            self._validation = {"data": int(val[0].shape[0])}
+        elif validation_split is not None:
+            x, t, val = _split(x, t, validation_split, self.seed)
+            self._validation = {"split": validation_split}
         net = self.net
         history = History(config={
             **self.info,
@@ -776,8 +827,11 @@ class Trainer:
             else (None, "the BLAS library's own (no xpnet._fast)"))
         self._check_batches_normalize(x.shape[0])
         _check_decay_term(net)
+        if self._validation is not None:
+            history.config["validation"] = dict(self._validation)
         run = _Run(x, t, test, namespace(x=x), np.random.default_rng(self.seed), history,
-                   _Position(), weight_decay=float(getattr(net, "weight_decay", 0.0) or 0.0))
+                   _Position(), weight_decay=float(getattr(net, "weight_decay", 0.0) or 0.0),
+                   val=val)
         if resume is not None:  # (checked against the optimizer's lr: the base rate)
             run.position = self._restore(resume_path, resume, history)
             history.config["resumed_from"] = str(resume_path)
@@ -903,11 +957,19 @@ class Trainer:
                                                                         bar),
             "test_accuracy": None if run.test is None or not due else self._accuracy(
                 run, *run.test, "test", bar),
+            "test_loss": None if run.test is None or not due else self._loss(run, *run.test),
+            "val_loss": None if run.val is None or not due else self._loss(run, *run.val),
+            "val_accuracy": None if run.val is None or not due else self._accuracy(
+                run, *run.val, "validation", bar),
             "seconds": seconds,
             "samples_per_second": trained / seconds if seconds > 0 else math.inf,
             "lr": _lr_of(self.optimizer),
         }
 
+
+    def _loss(self, run: _Run, x, t) -> float:
+        """The mean loss on ``(x, t)`` in inference mode (the run's evaluation batches)."""
+        return run.runner.loss(x, t, batch_size=run.eval_batch_size)
 
     def _accuracy(self, run: _Run, x, t, what: str, bar: _Progress) -> float:
         """The runner's accuracy on ``(x, t)``, a few evaluation batches at a time so that
