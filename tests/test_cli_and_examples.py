@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import xpnet
@@ -143,6 +144,25 @@ def test_train_command_saves_model_and_history(tiny_dataset, tmp_path, capsys):
     net = xpnet.TwoLayerNet.load(model)
     assert net.sizes == [784, 8, 10]
     assert len(xpnet.History.load(hist)) == 2
+
+
+def test_train_command_early_stopping_ends_with_the_best_epoch(tiny_dataset, tmp_path, capsys):
+    model, best, hist = tmp_path / "m.npz", tmp_path / "best.npz", tmp_path / "h.json"
+    rc = main(["train", "--dataset", "mnist", "--data-dir", str(tiny_dataset), "--epochs", "8",
+               "--hidden", "8", "--batch-size", "8", "--lr", "3", "--validation-split", "0.2",
+               "--early-stopping", "1", "--save-best", str(best), "--save", str(model),
+               "--history", str(hist)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    history = xpnet.History.load(hist)
+    assert history.config["train_samples"] == 48
+    chosen = int(np.argmin(history.val_loss))
+    if len(history) < 8:
+        assert f"stopped early after epoch {len(history)}" in out
+    assert f"the weights of epoch {chosen + 1}" in out
+    final = float(out.strip().splitlines()[-1].split(": ")[1])
+    assert final == pytest.approx(history.test_accuracy[chosen], abs=5e-5)
+    assert xpnet.TwoLayerNet.load(best).sizes == [784, 8, 10]
 
 
 def test_train_command_deeper_net_and_quiet(tiny_dataset, capsys):

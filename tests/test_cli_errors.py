@@ -87,6 +87,12 @@ CASES = {
                                     "--hidden 100000000000 ask for a net of"),
     "--filters larger than memory": (["--model", "convnet", "--filters", "1000000000"],
                                      "--filters 1000000000 and --hidden 8 ask for a net of"),
+    "--early-stopping without validation": (["--early-stopping", "3"],
+                                            "--early-stopping watches the validation set"),
+    "--save-best onto --save": (["--validation-split", "0.1", "--save-best", "m.npz",
+                                 "--save", "m.npz"], "--save and --save-best name the same"),
+    "--validation-split 1": (["--validation-split", "1"],
+                             "--validation-split must be in (0, 1)"),
     "--weight-decay 1e308": (["--weight-decay", "1e308"],
                              "--weight-decay=1e+308 makes the loss's L2 term"),
 }
@@ -101,7 +107,8 @@ def test_train_mistakes_are_one_line_with_exit_2(data, tmp_path, case):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("xpnet train: error: "), res.stderr
     assert match in lines[0] and "Traceback" not in res.stderr
-    if not any(word in case for word in ("explodes", "batch-size", "hidden", "1e308")):
+    if not any(word in case for word in ("explodes", "batch-size", "hidden", "1e308",
+                                         "--validation-split 1")):
         assert res.stdout == ""  # refused before the data was loaded
     assert (tmp_path / "old.npz").read_bytes() == b"an existing checkpoint"
     CLI_CHECKED["count"] += 1

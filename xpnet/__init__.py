@@ -8,7 +8,7 @@ optimizer or net is public once its own module lists it.
 
 __version__ = "0.1.0"
 
-from . import checkpoint, datasets, functional, layers, nets, optim, schedules
+from . import callbacks, checkpoint, datasets, functional, layers, nets, optim, schedules
 from .backend import (
     BackendUnavailableError,
     DeviceMismatchError,
@@ -55,6 +55,7 @@ __all__ = sorted([
     "Trainer",
     "__version__",
     "available_backends",
+    "callbacks",
     "check_gradients",
     "check_layer",
     "checkpoint",

@@ -45,6 +45,7 @@ TRAINING_FORMAT = "xpnet-train-1"
 PARAM_PREFIX = "param/"
 OPTIMIZER_PREFIX = "opt/"
 STATE_PREFIX = "state/"
+CALLBACK_PREFIX = "callback/"
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -114,6 +115,9 @@ class TrainingState:
     params: dict = field(default_factory=dict)
     net_state: dict = field(default_factory=dict)
     path: str | None = None  # the file it was read from (read_training), for messages
+    # The Trainer's callbacks' states, in order: {"type": class name, "state": JSON values,
+    # "arrays": {name: array}} (xpnet.callbacks)
+    callbacks: list = field(default_factory=list)
 
 
 def save_training(path, state: TrainingState) -> None:
@@ -122,6 +126,8 @@ def save_training(path, state: TrainingState) -> None:
     arrays.update({STATE_PREFIX + k: v for k, v in state.net_state.items()})
     arrays.update({f"{OPTIMIZER_PREFIX}{n}/{k}": v
                    for n, slots in state.optimizer["state"].items() for k, v in slots.items()})
+    arrays.update({f"{CALLBACK_PREFIX}{i}/{k}": v for i, entry in enumerate(state.callbacks)
+                   for k, v in entry.get("arrays", {}).items()})
     header = {
         "format": TRAINING_FORMAT,
         "net": state.net,
@@ -129,6 +135,7 @@ def save_training(path, state: TrainingState) -> None:
         "optimizer": {k: state.optimizer[k] for k in ("type", "hyper", "steps")},
         "position": state.position,
         "history": state.history,
+        "callbacks": [{"type": e["type"], "state": e["state"]} for e in state.callbacks],
     }
     write_npz(path, header, arrays)
 
@@ -139,7 +146,7 @@ def read_training(path) -> TrainingState:
     if header.get("format") != TRAINING_FORMAT:
         raise ValueError(f"{path}: not a training checkpoint (format {header.get('format')!r}; "
                          "a model saved with net.save loads with TwoLayerNet.load)")
-    params, slots = {}, {}
+    params, slots, callback_arrays = {}, {}, {}
     net_state = split_state(arrays)
     for key, value in arrays.items():
         if key.startswith(PARAM_PREFIX):
@@ -147,12 +154,26 @@ def read_training(path) -> TrainingState:
         elif key.startswith(OPTIMIZER_PREFIX):
             name, _, slot = key[len(OPTIMIZER_PREFIX):].rpartition("/")
             slots.setdefault(name, {})[slot] = value
+        elif key.startswith(CALLBACK_PREFIX):
+            index, _, name = key[len(CALLBACK_PREFIX):].partition("/")
+            callback_arrays.setdefault(index, {})[name] = value
         else:
             raise ValueError(f"{path}: unexpected array {key!r}")
     try:
         optimizer = {**{k: header["optimizer"][k] for k in ("type", "hyper", "steps")},
                      "state": slots}
+        callbacks = header.get("callbacks", [])
+        if not isinstance(callbacks, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("state"), dict) for e in callbacks):
+            raise ValueError(f"{path}: the checkpoint's callbacks {callbacks!r} are not a list "
+                             "of states")
+        unknown = sorted(set(callback_arrays) - {str(i) for i in range(len(callbacks))})
+        if unknown:
+            raise ValueError(f"{path}: arrays for callbacks {unknown} the header does not list")
+        callbacks = [{"type": e.get("type"), "state": e["state"],
+                      "arrays": callback_arrays.get(str(i), {})}
+                     for i, e in enumerate(callbacks)]
         return TrainingState(header["net"], header["trainer"], optimizer, header["position"],
-                             header["history"], params, net_state, str(path))
+                             header["history"], params, net_state, str(path), callbacks)
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{path}: incomplete training checkpoint: {exc!r}") from None

@@ -200,11 +200,11 @@ def _check_distinct_outputs(outputs: dict) -> None:
 def _check_train_paths(args: argparse.Namespace):
     """Check every path ``xpnet train`` was given; returns the checkpoint path (or None) and
     the checkpoint to resume (or None)."""
-    for flag in ("save", "history", "plot", "checkpoint"):
+    for flag in ("save", "history", "plot", "checkpoint", "save_best"):
         if getattr(args, flag):
-            _check_output(f"--{flag}", getattr(args, flag))
+            _check_output("--" + flag.replace("_", "-"), getattr(args, flag))
     _check_distinct_outputs({"--save": args.save, "--history": args.history,
-                             "--plot": args.plot,
+                             "--plot": args.plot, "--save-best": args.save_best,
                              "--checkpoint" if args.checkpoint else "--resume":
                              args.checkpoint or args.resume})
     resumed = None
@@ -337,6 +337,8 @@ class TrainConfig:
     eval_every: int
     eval_train: int | None  # samples of the training accuracy (None: all, 0: none)
     validation_split: float | None
+    early_stopping: int | None  # patience
+    save_best: str | None
     compile: str | bool
     checkpoint: str | None  # where the run's checkpoint is kept (--checkpoint or --resume)
     checkpoint_every: int | None
@@ -361,8 +363,25 @@ class TrainConfig:
                    args.batch_size, args.optimizer, args.lr, args.lr_schedule,
                    _schedule_options(args), args.threads, args.eval_every,
                    _EVAL_TRAIN_DEFAULT[args.model] if args.eval_train is None else args.eval_train,
-                   args.validation_split, args.compile or False, checkpoint, args.checkpoint_every, resume,
+                   args.validation_split, args.early_stopping, args.save_best,
+                   args.compile or False, checkpoint, args.checkpoint_every, resume,
                    args.save, args.history, args.plot, args.quiet)
+
+    def callbacks(self) -> list:
+        """The callbacks --early-stopping and --save-best ask for."""
+        from .callbacks import EarlyStopping, ModelCheckpoint
+
+        if (self.early_stopping is not None or self.save_best) and self.validation_split is None:
+            flag = "--early-stopping" if self.early_stopping is not None else "--save-best"
+            raise ValueError(f"{flag} watches the validation set: give --validation-split too")
+        found = []
+        if self.early_stopping is not None:
+            if self.early_stopping < 1:
+                raise ValueError(f"--early-stopping must be >= 1, got {self.early_stopping}")
+            found.append(EarlyStopping("val_loss", patience=self.early_stopping))
+        if self.save_best:
+            found.append(ModelCheckpoint(self.save_best, "val_accuracy"))
+        return found
 
     def schedule(self):
         """The :mod:`xpnet.schedules` schedule asked for (None: constant)."""
@@ -453,8 +472,28 @@ def _train(args: argparse.Namespace) -> int:
         if dist is None or dist.root:
             _write_outputs(config, trainer.net, history, say)
     if dist is None or dist.root:
-        print(f"final test accuracy: {history.test_accuracy[-1]:.4f}")
+        print(f"final test accuracy: {_final_accuracy(trainer, history, say):.4f}")
     return 0
+
+
+def _final_accuracy(trainer, history, say) -> float:
+    """The test accuracy of the net as the run leaves it: after an early stop that restored
+    the best epoch's weights, that epoch's (said so), else the last epoch's."""
+    from .callbacks import EarlyStopping
+
+    stopped = history.config.get("stopped_early_at")
+    for callback in trainer.callbacks:
+        if not isinstance(callback, EarlyStopping):
+            continue
+        if stopped is not None:
+            say(f"stopped early after epoch {stopped}: no better validation loss in "
+                f"{max(1, callback.patience)} epoch(s)")
+        if callback.restore_best and callback.best_epoch is not None:
+            record = next(r for r in history.records if r["epoch"] == callback.best_epoch)
+            say(f"the model has the weights of epoch {callback.best_epoch}, the best "
+                f"validation loss ({callback.best:.4f})")
+            return record["test_accuracy"]
+    return history.test_accuracy[-1]
 
 
 def _say(text: str) -> None:
@@ -483,7 +522,7 @@ def _train_setup(config: TrainConfig, say, dist):
                           compile=config.compile, blas_threads=config.threads,
                           distributed=dist is not None, lr_schedule=config.schedule(),
                           eval_every=config.eval_every, eval_train=config.eval_train,
-                          info={"dataset": config.dataset})
+                          info={"dataset": config.dataset}, callbacks=config.callbacks())
     images = config.net.model != "mlp"
     (x, t), (xt, tt) = load_mnist(config.dataset, data_dir=config.data_dir,
                                   download=config.download, flatten=not images)
@@ -568,14 +607,34 @@ def _eval_train(value: str):
         raise argparse.ArgumentTypeError(f"expected a number, all or none, got {value!r}") from None
 
 
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The dataset and device options ``train`` and ``evaluate`` share."""
+    parser.add_argument("--dataset", choices=["fashion-mnist", "mnist"], default="fashion-mnist")
+    parser.add_argument("--data-dir", default=None, help="where to look for the dataset first")
+    parser.add_argument("--download", action="store_true",
+                        help="download the dataset (SHA-256 verified) when it is not found")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda, cuda:N, torch:cpu, jax:cpu, jax:cuda:N, "
+                        "array_api_strict:device1, ... (default cpu)")
+
+
+def _add_schedule_arguments(tr: argparse.ArgumentParser) -> None:
+    tr.add_argument("--lr-schedule", choices=["constant", "step", "cosine"], default="constant",
+                    help="how the learning rate changes: constant (default); step: times "
+                    "--lr-gamma every --lr-step epochs; cosine: down to --lr-min-factor times "
+                    "it by the last step (both after --warmup-epochs of linear warm-up)")
+    tr.add_argument("--lr-step", type=int, default=None, metavar="EPOCHS",
+                    help="step schedule: epochs between decays (default: a third of --epochs)")
+    tr.add_argument("--lr-gamma", type=float, default=None, metavar="G",
+                    help="step schedule: the factor of each decay (default 0.1)")
+    tr.add_argument("--lr-min-factor", type=float, default=None, metavar="F",
+                    help="cosine schedule: the last rate as a fraction of --lr (default 0)")
+    tr.add_argument("--warmup-epochs", type=float, default=None, metavar="E",
+                    help="a schedule's linear warm-up, in epochs (fractions allowed for cosine)")
+
+
 def _add_train_arguments(tr: argparse.ArgumentParser) -> None:
-    tr.add_argument("--dataset", choices=["fashion-mnist", "mnist"], default="fashion-mnist")
-    tr.add_argument("--data-dir", default=None, help="where to look for the dataset first")
-    tr.add_argument("--download", action="store_true",
-                    help="download the dataset (SHA-256 verified) when it is not found")
-    tr.add_argument("--device", default="cpu",
-                    help="cpu, cuda, cuda:N, torch:cpu, jax:cpu, jax:cuda:N, array_api_strict:device1, "
-                    "... (default cpu)")
+    _add_data_arguments(tr)
     tr.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     tr.add_argument("--epochs", type=int, default=10)
     tr.add_argument("--model", choices=list(_HIDDEN_DEFAULT), default="mlp",
@@ -599,18 +658,7 @@ def _add_train_arguments(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--optimizer", choices=list(OPTIMIZERS), default="momentum")
     tr.add_argument("--lr", type=float, default=None, help="learning rate (default: " + ", ".join(
         f"{name} {lr:g}" for name, lr in DEFAULT_LR.items()) + ")")
-    tr.add_argument("--lr-schedule", choices=["constant", "step", "cosine"], default="constant",
-                    help="how the learning rate changes: constant (default); step: times "
-                    "--lr-gamma every --lr-step epochs; cosine: down to --lr-min-factor times "
-                    "it by the last step (both after --warmup-epochs of linear warm-up)")
-    tr.add_argument("--lr-step", type=int, default=None, metavar="EPOCHS",
-                    help="step schedule: epochs between decays (default: a third of --epochs)")
-    tr.add_argument("--lr-gamma", type=float, default=None, metavar="G",
-                    help="step schedule: the factor of each decay (default 0.1)")
-    tr.add_argument("--lr-min-factor", type=float, default=None, metavar="F",
-                    help="cosine schedule: the last rate as a fraction of --lr (default 0)")
-    tr.add_argument("--warmup-epochs", type=float, default=None, metavar="E",
-                    help="a schedule's linear warm-up, in epochs (fractions allowed for cosine)")
+    _add_schedule_arguments(tr)
     tr.add_argument("--eval-every", type=int, default=1, metavar="N",
                     help="evaluate the accuracies every N epochs (and after the last)")
     tr.add_argument("--eval-train", type=_eval_train, default=None, metavar="N|all|none",
@@ -619,6 +667,12 @@ def _add_train_arguments(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--validation-split", type=float, default=None, metavar="F",
                     help="hold out this fraction of the training set (a seeded draw) and "
                     "report the validation loss and accuracy each epoch")
+    tr.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE",
+                    help="stop when the validation loss has not improved for PATIENCE epochs, "
+                    "and keep the best epoch's weights (needs --validation-split)")
+    tr.add_argument("--save-best", metavar="PATH",
+                    help="save the model of the epoch with the best validation accuracy "
+                    "(needs --validation-split)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--save", metavar="PATH", help="save the trained model (.npz)")
     tr.add_argument("--history", metavar="PATH.json", help="save the per-epoch history as JSON")

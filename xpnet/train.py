@@ -166,6 +166,35 @@ def _split(x, t, fraction: float, seed: int) -> tuple:
             (xp.take(x, val, axis=0), xp.take(t, val, axis=0)))
 
 
+def _callback_entry(callback) -> dict:
+    """A callback's state as a checkpoint keeps it (its arrays apart from its JSON values)."""
+    state = dict(getattr(callback, "state_dict", dict)() or {})
+    arrays = {k: np.asarray(v) for k, v in (state.pop("arrays", None) or {}).items()}
+    return {"type": type(callback).__name__, "state": json.loads(json.dumps(state)),
+            "arrays": arrays}
+
+
+def _check_callbacks(callbacks) -> list:
+    """``Trainer(callbacks=)``: a list (copied) of objects with ``on_epoch_end``."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, (str, bytes)) or not hasattr(callbacks, "__iter__"):
+        raise TypeError(f"callbacks must be a list of xpnet.callbacks.Callback, got "
+                        f"{type(callbacks).__name__}")
+    callbacks = list(callbacks)
+    for c in callbacks:
+        if not callable(getattr(c, "on_epoch_end", None)):
+            raise TypeError(f"callbacks must have on_epoch_end(trainer, epoch, logs) "
+                            f"(xpnet.callbacks.Callback), got {type(c).__name__}")
+    return callbacks
+
+
+def _hook(callback, name: str, *args) -> None:
+    method = getattr(callback, name, None)
+    if callable(method):
+        method(*args)
+
+
 def _check_info(info) -> dict:
     """``Trainer(info=)``: a dict of str keys and JSON values, copied; TypeError otherwise."""
     if info is None:
@@ -404,6 +433,12 @@ class Trainer:
         (the global batches do not depend on it).  Batch normalization normalizes each
         process's share, and dropout draws its masks per process.
 
+    callbacks : list of :class:`xpnet.callbacks.Callback`, optional
+        Run as the fit goes: ``on_train_begin(trainer)``, ``on_epoch_end(trainer, epoch,
+        logs)`` with the epoch's record, ``on_train_end(trainer)``; a callback ends the fit
+        after an epoch by setting ``trainer.stop_training = True``
+        (:class:`~xpnet.callbacks.EarlyStopping`, :class:`~xpnet.callbacks.ModelCheckpoint`).
+        Their state is saved in checkpoints and restored by a resume.
     info : dict, optional
         Entries of your own for ``History.config`` (strings as keys, JSON values), saved with
         the history and in checkpoints: ``xpnet train`` records its dataset there, and a
@@ -422,7 +457,7 @@ class Trainer:
                  checkpoint=None, checkpoint_every: int | None = None, compile=False,
                  blas_threads: int | None = None, distributed: bool = False,
                  lr_schedule: Schedule | None = None, eval_every: int = 1,
-                 eval_train: int | None = None, info: dict | None = None):
+                 eval_train: int | None = None, info: dict | None = None, callbacks=None):
         check_protocol("net", net, ("params", "loss", "accuracy", "device", "dtype"),
                        "an xpnet net (Sequential, TwoLayerNet, ...)")
         check_protocol("optimizer", optimizer, ("update", "state_dict"),
@@ -440,6 +475,8 @@ class Trainer:
             eval_train = int_option("eval_train", eval_train, 0)
         self.eval_train = eval_train
         self.info = _check_info(info)
+        self.callbacks = _check_callbacks(callbacks)
+        self.stop_training = False  # a callback's request to end the fit after this epoch
         self._validation = None  # the run's validation (its split or size): in checkpoints
         self.log_every = positive_int("log_every", log_every)
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
@@ -589,6 +626,7 @@ class Trainer:
             net=self._net_config(), trainer=self._settings(history),
             optimizer=optimizer, history=history.to_dict(), params=params,
             net_state=self.net.host_state() if hasattr(self.net, "host_state") else {},
+            callbacks=[_callback_entry(c) for c in self.callbacks],
             position={"epoch": position.epoch, "step": position.step,
                       "loss_sum": position.loss_sum, "rng_state": position.rng_state,
                       "global_step": position.global_step}))
@@ -612,6 +650,7 @@ class Trainer:
             raise ValueError(f"{path}: {exc}") from None
         layer_state = (self.net.checked_state(state.net_state, where=str(path))
                        if hasattr(self.net, "checked_state") else {})
+        self._check_callback_states(path, state.callbacks)
         # Nothing has changed so far; from here on nothing can fail.
         moved = {name: to_device(value, self.net.device, dtype=self.net.dtype, copy=True)
                  for name, value in state.params.items()}
@@ -620,8 +659,20 @@ class Trainer:
         self.optimizer.load_state_dict(state.optimizer, self.net.device, self.net.params)
         if layer_state:
             self.net.load_state(layer_state)
+        for callback, entry in zip(self.callbacks, state.callbacks):
+            _hook(callback, "load_state_dict", {**entry["state"], "arrays": entry["arrays"]})
         history.records = records.records
+        if "stopped_early_at" in records.config:  # (a run that had stopped stays stopped)
+            history.config["stopped_early_at"] = records.config["stopped_early_at"]
         return position
+
+    def _check_callback_states(self, path, entries: list) -> None:
+        """The checkpoint's callbacks must be this trainer's, in order (by class)."""
+        mine = [type(c).__name__ for c in self.callbacks]
+        saved = [e.get("type") for e in entries]
+        if saved and saved != mine:
+            raise ValueError(f"{path}: the checkpoint was made with the callbacks {saved}, "
+                             f"this trainer has {mine}; resume with the same callbacks")
 
     def _check_same_run(self, path, state: files.TrainingState, history: History) -> None:
         if state.net != self._net_config():
@@ -718,6 +769,9 @@ class Trainer:
         if self.team.distributed:  # one exchange: every process starts the same run
             self.team.agree_on_run(self._run_signature(run))
         self._choose_runner(run)  # (distributed: rank 0's weights to every rank)
+        with self.team.together():
+            for callback in self.callbacks:
+                _hook(callback, "on_train_begin", self)
         return run
 
     def _run_signature(self, run: _Run) -> dict:
@@ -764,8 +818,15 @@ class Trainer:
                 config["thread_policy"] += (f"; {threads} asked, the BLAS library runs at "
                                             f"most {running}")
             for epoch in range(run.position.epoch, self.epochs + 1):
+                if self.stop_training:  # (a resumed run that had stopped early)
+                    break
                 record = self._epoch(run, epoch)
                 run.history.records.append(record)
+                with self.team.together():  # (before the checkpoint: it keeps their state)
+                    for callback in self.callbacks:
+                        callback.on_epoch_end(self, epoch, dict(record))
+                if self.stop_training:  # (recorded before the checkpoint, which keeps it)
+                    run.history.config["stopped_early_at"] = epoch
                 if self.checkpoint is not None:
                     run.position = _Position(epoch + 1, 0, 0.0, run.rng.bit_generator.state,
                                              run.position.global_step)
@@ -773,6 +834,11 @@ class Trainer:
                 if on_epoch is not None:
                     with self.team.together():
                         on_epoch(record)
+                if self.stop_training:
+                    break
+            with self.team.together():
+                for callback in self.callbacks:
+                    _hook(callback, "on_train_end", self)
         return run.history
 
     def _start(self, x_train, t_train, x_test, t_test, resume, validation_split=None,
@@ -780,6 +846,7 @@ class Trainer:
         """Validate and move the data, set up the history, and restore ``resume`` if given."""
         if (x_test is None) != (t_test is None):
             raise ValueError("pass both x_test and t_test, or neither")
+        self.stop_training = False
         if validation_split is not None and validation_data is not None:
             raise ValueError("pass validation_split or validation_data, not both")
         if validation_split is not None:
@@ -829,6 +896,11 @@ class Trainer:
         _check_decay_term(net)
         if self._validation is not None:
             history.config["validation"] = dict(self._validation)
+        # What the run's records will hold values for (callbacks' monitors check it).
+        self.recorded = {"train_loss", "lr", "seconds", "samples_per_second",
+                         *(("val_loss", "val_accuracy") if val is not None else ()),
+                         *(("test_loss", "test_accuracy") if test is not None else ()),
+                         *(("train_accuracy",) if self.eval_train != 0 else ())}
         run = _Run(x, t, test, namespace(x=x), np.random.default_rng(self.seed), history,
                    _Position(), weight_decay=float(getattr(net, "weight_decay", 0.0) or 0.0),
                    val=val)
@@ -965,7 +1037,6 @@ class Trainer:
             "samples_per_second": trained / seconds if seconds > 0 else math.inf,
             "lr": _lr_of(self.optimizer),
         }
-
 
     def _loss(self, run: _Run, x, t) -> float:
         """The mean loss on ``(x, t)`` in inference mode (the run's evaluation batches)."""
