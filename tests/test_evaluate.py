@@ -32,7 +32,7 @@ def test_evaluate_agrees_with_the_net_and_a_count_by_hand():
                                np.diag(expected) / expected.sum(axis=1))
     assert result.loss == pytest.approx(float(net.loss(x, t)), rel=1e-5)
     text = str(result)
-    assert "accuracy" in text and "confusion matrix" in text and "per class" in text
+    assert "accuracy" in text and "confusion matrix" in text and "per class accuracy" in text
 
 
 def test_one_hot_rows_and_other_batch_sizes_give_the_same_evaluation():

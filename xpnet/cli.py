@@ -1,4 +1,5 @@
-"""Command line: ``xpnet train | gradcheck | info`` (and ``python -m xpnet``)."""
+"""Command line: ``xpnet train | evaluate | predict | gradcheck | info`` (and ``python -m
+xpnet``)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, distributed, speedups
+from . import __version__, _cli_models, distributed, speedups
 from ._io import check_writable
 from .backend import available_backends, is_gpu_device, self_test, to_device
 from .checkpoint import TrainingState, read_training
@@ -728,6 +729,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--require-gpu", action="store_true",
                       help="like --check, and exit status 1 unless a GPU passed it")
     info.set_defaults(func=_info)
+
+    _cli_models.add_parsers(sub, _add_data_arguments)
 
     gc = sub.add_parser(
         "gradcheck",

@@ -45,6 +45,7 @@ class DatasetSpec:
     mirrors: tuple  # base URLs, tried in order
     files: dict  # split part -> (file name, SHA-256 of the .gz as published)
     apt_package: str | None = None
+    classes: tuple = tuple(str(d) for d in range(10))  # label k's name
 
 
 FILE_PARTS = ("train_images", "train_labels", "test_images", "test_labels")
@@ -84,6 +85,8 @@ DATASETS = {
                             "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5"),
         },
         apt_package="dataset-fashion-mnist",
+        classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                 "Sneaker", "Bag", "Ankle boot"),
     ),
 }
 

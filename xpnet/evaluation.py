@@ -53,19 +53,26 @@ class Evaluation:
         return int(self.confusion_matrix.shape[0])
 
     def __str__(self) -> str:
-        c = self.classes
-        correct = int(np.trace(self.confusion_matrix))
-        lines = [f"{self.samples} samples: loss {self.loss:.4f}, accuracy {self.accuracy:.4f} "
-                 f"({correct}/{self.samples})", "",
-                 "per class: " + "  ".join(
-                     f"{k}: {'-' if math.isnan(a) else f'{a:.3f}'}"
-                     for k, a in enumerate(self.per_class_accuracy)), "",
-                 "confusion matrix (rows: true class, columns: predicted):"]
-        width = max(len(str(int(self.confusion_matrix.max(initial=0)))), len(str(c - 1))) + 1
-        lines.append(" " * (len(str(c - 1)) + 3) + "".join(f"{k:>{width}}" for k in range(c)))
+        return self.describe()
+
+    def describe(self, class_names=None) -> str:
+        """The figures as text: the loss and accuracy, then the confusion matrix with each
+        class's accuracy at the end of its row (and its name, from ``class_names``)."""
+        c, matrix = self.classes, self.confusion_matrix
+        if class_names is not None and len(class_names) != c:
+            raise ValueError(f"class_names has {len(class_names)} names for {c} classes")
+        correct = int(np.trace(matrix))
+        label = len(str(c - 1))
+        width = max(len(str(int(matrix.max(initial=0)))), label) + 1
+        lines = [(f"{self.samples} samples: loss {self.loss:.4f}, accuracy "
+                  f"{self.accuracy:.4f} ({correct}/{self.samples})"), "",
+                 "confusion matrix (rows: true class, columns: predicted) and per class accuracy:",
+                 " " * (label + 2) + "".join(f"{k:>{width}}" for k in range(c)) + "  accuracy"]
         for k in range(c):
-            lines.append(f"{k:>{len(str(c - 1))}} | " + "".join(
-                f"{v:>{width}}" for v in self.confusion_matrix[k]))
+            a = self.per_class_accuracy[k]
+            name = "" if class_names is None else f"  {class_names[k]}"
+            lines.append(f"{k:>{label}} |" + "".join(f"{v:>{width}}" for v in matrix[k])
+                         + f"  {'-' if math.isnan(a) else f'{a:.3f}':>8}{name}")
         return "\n".join(lines)
 
 
