@@ -14,7 +14,16 @@ import numbers
 
 import numpy as np
 
-from .backend import DeviceMismatchError, cast_hint, dtype_name, is_array, is_dtype, to_numpy
+from .backend import (
+    DeviceMismatchError,
+    cast_hint,
+    device_of,
+    dtype_name,
+    is_array,
+    is_dtype,
+    to_device,
+    to_numpy,
+)
 
 # -- scalars and options -------------------------------------------------------------------------
 
@@ -295,3 +304,34 @@ def check_targets(xp, x, t, *, check_labels: bool = True) -> bool:
         "t must hold integer class labels or floating one-hot/probability rows, "
         f"got dtype {dtype_name(t.dtype)}"
     )
+
+
+def checked_state_value(where: str, value, current, layer=None, name: str = ""):
+    """``value`` for a state entry now holding ``current``: an int in [0, MAX_COUNT] for an
+    int, else an array of current's shape, finite as it will be held (in current's dtype: 1e300
+    is inf in float32), converted to its device and dtype; and what ``layer`` requires of its
+    state ``name`` (``Layer.check_state_value``: a variance >= 0)."""
+    if isinstance(current, int):
+        host = np.asarray(to_numpy(value) if not isinstance(value, (int, np.integer)) else value)
+        if (host.shape != () or not np.issubdtype(host.dtype, np.integer) or int(host) < 0
+                or int(host) > MAX_COUNT):
+            raise ValueError(f"{where} must be an int in [0, {MAX_COUNT}], got "
+                             f"{host.dtype} {host.tolist()!r}")
+        return int(host)
+    host = to_numpy(value) if not isinstance(value, np.ndarray) else value
+    if tuple(host.shape) != tuple(current.shape) or not np.issubdtype(host.dtype, np.floating):
+        raise ValueError(f"{where} must be a float array of shape {tuple(current.shape)}, got "
+                         f"{host.dtype} of shape {tuple(host.shape)}")
+    held = as_held(host, dtype_name(current.dtype))
+    if not np.all(np.isfinite(held)):
+        raise ValueError(f"{where} holds NaN or infinite values in {dtype_name(current.dtype)}")
+    check = getattr(layer, "check_state_value", None)
+    if callable(check):
+        check(name, held, where)
+    return to_device(held, device_of(current), dtype=dtype_name(current.dtype), copy=True)
+
+
+def as_held(host, dtype: str):
+    """A host array in the dtype it will be held in (values past its range become inf)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return host.astype(dtype)

@@ -118,7 +118,7 @@ def _read_input(path) -> np.ndarray:
     if magic != b"\x93NUMPY":
         raise ValueError(f"INPUT {path}: not an .npy file (save the images with numpy.save)")
     try:
-        x = np.load(path, mmap_mode="r", allow_pickle=False)
+        x = np.lib.format.open_memmap(path, mode="r")  # (header read, never unpickles)
     except (ValueError, OSError, EOFError) as exc:
         raise ValueError(f"INPUT {path}: not a readable .npy array ({exc})") from None
     return x

@@ -18,6 +18,14 @@ from collections.abc import Mapping, MutableMapping
 import numpy as np
 
 from . import checkpoint, speedups
+from ._checks import (
+    check_flag,
+    check_seed,
+    check_targets,
+    checked_state_value,
+    is_int,
+    is_real,
+)
 from .backend import (
     computes_on_inputs,
     device_of,
@@ -27,7 +35,6 @@ from .backend import (
     to_device,
     to_numpy,
 )
-from ._checks import MAX_COUNT, check_flag, check_seed, check_targets, is_int, is_real
 from .functional import conv_output_size
 from .gradcheck import numerical_gradients
 from .layers import (
@@ -46,7 +53,6 @@ from .layers import (
     unchecked,
 )
 from .optim import SGD
-
 
 __all__ = ["DeepConvNet", "Layers", "MultiLayerNet", "Sequential", "SimpleConvNet", "TwoLayerNet"]  # exported by xpnet/__init__
 
@@ -559,7 +565,7 @@ class Sequential:
         missing, unknown = sorted(set(self._state) - set(values)), sorted(set(values) - set(self._state))
         if missing or unknown:
             raise ValueError(f"{where}: state missing {missing}, unexpected {unknown}")
-        return {key: _checked_state_value(f"{where}[{key!r}]", values[key], current,
+        return {key: checked_state_value(f"{where}[{key!r}]", values[key], current,
                                           *self._state[key])
                 for key, current in self.state.items()}
 
@@ -657,37 +663,6 @@ class Sequential:
         options = {k: v for k, v in config["loss"].items() if k != "type"}
         return cls(layers, layer_class(config["loss"]["type"])(**options),
                    weight_decay=config.get("weight_decay", 0.0))
-
-
-def _checked_state_value(where: str, value, current, layer=None, name: str = ""):
-    """``value`` for a state entry now holding ``current``: an int in [0, MAX_COUNT] for an
-    int, else an array of current's shape, finite as it will be held (in current's dtype: 1e300
-    is inf in float32), converted to its device and dtype; and what ``layer`` requires of its
-    state ``name`` (``Layer.check_state_value``: a variance >= 0)."""
-    if isinstance(current, int):
-        host = np.asarray(to_numpy(value) if not isinstance(value, (int, np.integer)) else value)
-        if (host.shape != () or not np.issubdtype(host.dtype, np.integer) or int(host) < 0
-                or int(host) > MAX_COUNT):
-            raise ValueError(f"{where} must be an int in [0, {MAX_COUNT}], got "
-                             f"{host.dtype} {host.tolist()!r}")
-        return int(host)
-    host = to_numpy(value) if not isinstance(value, np.ndarray) else value
-    if tuple(host.shape) != tuple(current.shape) or not np.issubdtype(host.dtype, np.floating):
-        raise ValueError(f"{where} must be a float array of shape {tuple(current.shape)}, got "
-                         f"{host.dtype} of shape {tuple(host.shape)}")
-    held = _as_held(host, dtype_name(current.dtype))
-    if not np.all(np.isfinite(held)):
-        raise ValueError(f"{where} holds NaN or infinite values in {dtype_name(current.dtype)}")
-    check = getattr(layer, "check_state_value", None)
-    if callable(check):
-        check(name, held, where)
-    return to_device(held, device_of(current), dtype=dtype_name(current.dtype), copy=True)
-
-
-def _as_held(host, dtype: str):
-    """A host array in the dtype it will be held in (values past its range become inf)."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        return host.astype(dtype)
 
 
 def _init_std(weight_init, fan_in: int) -> float:
