@@ -96,9 +96,6 @@ CASES = [
          ValueError, r"b must have shape \(M,\) = \(3,\).*\(2,\)", std),
     Case("affine integer x", lambda a: xpnet.Affine(a["W"], a["b"]).forward(
         a["x"].astype(np.int64)), TypeError, "x must have a real floating dtype.*int64", std),
-    Case("affine float64 x, float32 W", lambda a: xpnet.Affine(a["W"], a["b"]).forward(
-        a["x"].astype(np.float64)), TypeError,
-         r"x has dtype float64 but W has float32; convert x with x.astype\(np.float32\)", std),
     Case("relu of a number", lambda a: xpnet.Relu().forward(1.5), TypeError,
          "x must be an array, got float 1.5"),
     Case("sigmoid of a number", lambda a: xpnet.Sigmoid().forward(1.5), TypeError,

@@ -256,3 +256,35 @@ def test_softmax_unchecked_labels_skip_the_host_read(case):
     loss = layer.forward(case.asarray(np.zeros((2, 3))), case.asarray(np.array([0, 2])),
                          check_labels=False)
     assert_close(loss, np.log(3.0), case.dtype_name)
+
+
+def test_layers_compute_in_their_parameters_dtype(case):
+    """Real floating input of another precision is converted on entry (the book's float64
+    weights with float32 data compute in float64, as NumPy's promotion does; float64 data
+    into a float32 net computes in float32); the input's gradient comes back in its dtype."""
+    other = "float64" if case.dtype_name == "float32" else "float32"
+    if case.device.library == "jax" and other == "float64":
+        pytest.skip("JAX makes float64 arrays only in its 64-bit mode")
+    rng = np.random.default_rng(0)
+    layers = [
+        (xpnet.Affine(case.asarray(rng.standard_normal((12, 3))), case.asarray(np.zeros(3))),
+         rng.standard_normal((4, 3, 2, 2))),
+        (xpnet.Convolution(case.asarray(rng.standard_normal((2, 3, 3, 3))),
+                           case.asarray(rng.standard_normal(2)), 1, 1),
+         rng.standard_normal((2, 3, 5, 5))),
+        (xpnet.BatchNormalization(case.asarray(rng.random(3) + 0.5),
+                                  case.asarray(rng.standard_normal(3))),
+         rng.standard_normal((4, 3, 2, 2))),
+    ]
+    for layer, host_x in layers:
+        x = case.asarray(host_x, dtype=other)
+        same = case.asarray(host_x.astype(other).astype(case.dtype_name))
+        out = layer.forward(x)
+        assert xpnet.backend.dtype_name(out.dtype) == case.dtype_name, layer
+        np.testing.assert_array_equal(to_numpy(out), to_numpy(layer.forward(same)))
+        dout = case.asarray(rng.standard_normal(tuple(out.shape)))
+        layer.forward(x)
+        dx = layer.backward(dout)
+        assert xpnet.backend.dtype_name(dx.dtype) == other and tuple(dx.shape) == host_x.shape
+        layer.forward(same)
+        np.testing.assert_array_equal(to_numpy(dx), to_numpy(layer.backward(dout)).astype(other))

@@ -16,7 +16,6 @@ import numpy as np
 
 from .backend import (
     DeviceMismatchError,
-    cast_hint,
     device_of,
     dtype_name,
     is_array,
@@ -171,7 +170,8 @@ def check_bias(xp, W, b, expected: str, axis: int) -> None:
 
 
 def check_affine_input(xp, x, W) -> None:
-    """Raise unless x is a floating batch (N, D) or (N, d1, ..., dk) with D features for W (D, M)."""
+    """Raise unless x is a floating batch (N, D) or (N, d1, ..., dk) with D features for W (D, M)
+    (of any real floating dtype: the layer computes in W's, see :func:`in_dtype_of`)."""
     check_array(xp, x, "x")
     if x.ndim < 2:
         raise ValueError(
@@ -186,20 +186,11 @@ def check_affine_input(xp, x, W) -> None:
             f"x of shape {tuple(x.shape)} has {d} features per sample, but W of shape "
             f"{tuple(W.shape)} expects {W.shape[0]}"
         )
-    check_same_dtype(x, W, "x", "W")
 
 
-def check_same_dtype(x, like, name: str, like_name: str) -> None:
-    """TypeError, with the conversion to type, unless ``x`` has ``like``'s dtype."""
-    if x.dtype != like.dtype:
-        raise TypeError(f"{name} has dtype {dtype_name(x.dtype)} but {like_name} has "
-                        f"{dtype_name(like.dtype)}; convert {name} with "
-                        f"{cast_hint(x, name, dtype_name(like.dtype))}")
-
-
-def check_image_batch(xp, x, name: str, channels: int | None = None, like=None) -> None:
-    """Raise unless x is a floating (N, C, H, W) batch (with ``channels`` channels and in
-    like's dtype, where given)."""
+def check_image_batch(xp, x, name: str, channels: int | None = None) -> None:
+    """Raise unless x is a floating (N, C, H, W) batch (with ``channels`` channels, where
+    given)."""
     check_array(xp, x, name)
     if x.ndim != 4 or x.shape[0] == 0:
         raise ValueError(f"{name} must be a non-empty batch of images (N, C, H, W), got shape "
@@ -207,8 +198,6 @@ def check_image_batch(xp, x, name: str, channels: int | None = None, like=None) 
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{name} of shape {tuple(x.shape)} has {x.shape[1]} channels, but the "
                          f"layer expects {channels} (axis 1 of (N, C, H, W))")
-    if like is not None:
-        check_same_dtype(x, like, name, "the layer's parameters")
 
 
 def check_windows_fit(x_shape, window: tuple, pad: int, out: tuple, who: str) -> None:

@@ -37,13 +37,13 @@ from ._checks import (
     check_array,
     check_bias,
     check_flag,
-    check_nonzero_in,
     check_image_batch,
     check_logits,
-    check_same_dtype,
+    check_nonzero_in,
     check_seed,
     check_targets,
     check_windows_fit,
+    checked_state_value,
     describe_array,
     dout_error,
     int_option,
@@ -65,11 +65,11 @@ from .backend import (
 )
 from .functional import (
     add_at_windows,
-    live_windows,
     affine,
     col2im,
     conv_output_size,
     im2col,
+    live_windows,
     one_hot_rows,
     pad_spatial,
     softmax_cross_entropy,
@@ -511,6 +511,26 @@ class Sigmoid(Layer):
         return dout * (1.0 - self.out) * self.out
 
 
+def in_params_dtype(layer, xp, x, like):
+    """``x`` in the dtype of the layer's parameters ``like``, its own dtype remembered in
+    ``layer.x_dtype`` (:func:`as_input_dtype` gives the input's gradient back in it).
+
+    A layer computes in its parameters' dtype: real floating input of another precision is
+    converted on entry. float32 data into the book's float64 weights computes in float64,
+    exactly as NumPy's promotion does; float64 data (NumPy's default) into a float32 net
+    computes in float32, so a GPU net never slides into float64 by accident.
+    """
+    layer.x_dtype = x.dtype
+    return x if x.dtype == like.dtype else xp.astype(x, like.dtype)
+
+
+def as_input_dtype(layer, xp, dx):
+    """The gradient ``dx`` in the dtype the last forward's input had (see
+    :func:`in_params_dtype`)."""
+    dtype = getattr(layer, "x_dtype", None)
+    return dx if dtype is None or dx.dtype == dtype else xp.astype(dx, dtype)
+
+
 class Affine(Layer):
     """Fully connected layer ``out = x W + b``.
 
@@ -524,9 +544,11 @@ class Affine(Layer):
         a third of the layer's backward FLOPs.  ``backward`` then returns None.
 
     ``forward(x)`` takes x of shape (N, D) or (N, d1, ..., dk) with
-    d1 * ... * dk = D (flattened to (N, D)).  ``backward(dout)`` takes dout of
-    shape (N, M), returns dx in x's original shape and sets ``dW`` (D, M) and
-    ``db`` (M,).
+    d1 * ... * dk = D (flattened to (N, D)), of any real floating dtype: the layer computes
+    in W's (float32 data into float64 weights computes in float64, as NumPy's promotion
+    would; float64 data into float32 weights in float32).  ``backward(dout)`` takes dout
+    of shape (N, M), returns dx in x's original shape and dtype and sets ``dW`` (D, M)
+    and ``db`` (M,).
 
     Attributes
     ----------
@@ -546,7 +568,7 @@ class Affine(Layer):
         check_bias(xp, W, b, "(M,)", 1)
         self.W, self.b = W, b
         self.input_grad = check_flag("input_grad", input_grad)
-        self.x = self.x_shape = self.dW = self.db = None
+        self.x = self.x_shape = self.x_dtype = self.dW = self.db = None
 
     def __repr__(self):
         return f"Affine(W: {tuple(self.W.shape)} {dtype_name(self.W.dtype)}, b: {tuple(self.b.shape)})"
@@ -560,6 +582,7 @@ class Affine(Layer):
     def forward(self, x):
         xp = namespace(x)
         self.x_shape = x.shape
+        x = in_params_dtype(self, xp, x, self.W)
         self.x = x if x.ndim == 2 else xp.reshape(x, (x.shape[0], -1))  # (N, d1, ..., dk) -> (N, D)
         return affine(self.x, self.W, self.b)  # x W + b
 
@@ -574,7 +597,7 @@ class Affine(Layer):
         """dx = dout W^T in the shape of forward's x (None when ``input_grad`` is False)."""
         if not self.input_grad:
             return None
-        dx = dout @ xp.matrix_transpose(self.W)
+        dx = as_input_dtype(self, xp, dout @ xp.matrix_transpose(self.W))
         return dx if len(self.x_shape) == 2 else xp.reshape(dx, self.x_shape)
 
 
@@ -663,7 +686,7 @@ class Convolution(Layer):
     param_names = ("W", "b")
     decay_names = ("W",)
 
-    def __init__(self, W, b, *, stride: int = 1, pad: int = 0, input_grad: bool = True):
+    def __init__(self, W, b, stride: int = 1, pad: int = 0, *, input_grad: bool = True):
         xp = namespace(W=W, b=b)
         check_array(xp, W, "W", ndim=4)
         _check_no_empty_axis(W, "W", "(FN filters, C channels, FH, FW)")
@@ -671,7 +694,7 @@ class Convolution(Layer):
         self.stride, self.pad = int_option("stride", stride, 1), int_option("pad", pad, 0)
         self.W, self.b = W, b
         self.input_grad = check_flag("input_grad", input_grad)
-        self.col = self.x_shape = self.dW = self.db = None
+        self.col = self.x_shape = self.x_dtype = self.dW = self.db = None
 
     def __repr__(self):
         return (f"Convolution(W: {tuple(self.W.shape)} {dtype_name(self.W.dtype)}, "
@@ -682,7 +705,7 @@ class Convolution(Layer):
 
     def check_forward(self, x):
         xp = namespace(x=require_array(x, "x"), W=self.W, b=self.b)
-        check_image_batch(xp, x, "x", self.W.shape[1], self.W)
+        check_image_batch(xp, x, "x", self.W.shape[1])
         window = tuple(self.W.shape[2:])
         check_windows_fit(x.shape, window, self.pad, _windows(self, x.shape, *window), "Convolution")
 
@@ -690,6 +713,7 @@ class Convolution(Layer):
         xp = namespace(x)
         fn, c, fh, fw = self.W.shape
         oh, ow = _windows(self, x.shape, fh, fw)
+        x = in_params_dtype(self, xp, x, self.W)
         self.col, self.x_shape = im2col(xp, x, fh, fw, self.stride, self.pad), tuple(x.shape)
         # One product for every window: (FN, C FH FW) @ (C FH FW, N OH OW) + b.
         w = xp.reshape(self.W, (fn, -1))
@@ -709,7 +733,8 @@ class Convolution(Layer):
         if not self.input_grad:
             return None
         dcol = xp.matrix_transpose(xp.reshape(self.W, (fn, -1))) @ d  # then summed per pixel
-        return col2im(xp, dcol, self.x_shape, fh, fw, self.stride, self.pad)
+        return as_input_dtype(self, xp, col2im(xp, dcol, self.x_shape, fh, fw, self.stride,
+                                               self.pad))
 
 
 def _windows(layer, x_shape, fh: int, fw: int) -> tuple:
@@ -743,7 +768,7 @@ class Pooling(Layer):
     size, not the window's.
     """
 
-    def __init__(self, pool_h: int, pool_w: int, *, stride: int | None = None, pad: int = 0,
+    def __init__(self, pool_h: int, pool_w: int, stride: int | None = None, pad: int = 0, *,
                  mode: str = "max"):
         self.pool_h, self.pool_w = int_option("pool_h", pool_h, 1), int_option("pool_w", pool_w, 1)
         self.stride = self.pool_h if stride is None else int_option("stride", stride, 1)
@@ -874,7 +899,8 @@ class BatchNormalization(Layer):
     state_names = ("running_mean", "running_var")
     has_train_mode = True
 
-    def __init__(self, gamma, beta, *, momentum: float = 0.9, eps: float = 1e-5):
+    def __init__(self, gamma, beta, momentum: float = 0.9, running_mean=None, running_var=None,
+                 *, eps: float = 1e-5):
         xp = namespace(gamma=gamma, beta=beta)
         check_array(xp, gamma, "gamma", ndim=1)
         check_array(xp, beta, "beta", ndim=1)
@@ -890,7 +916,11 @@ class BatchNormalization(Layer):
         device = native_device(gamma)
         self.running_mean = xp.zeros(gamma.shape, dtype=gamma.dtype, device=device)
         self.running_var = xp.ones(gamma.shape, dtype=gamma.dtype, device=device)
-        self.xn = self.std = self.dgamma = self.dbeta = None
+        for name, given in (("running_mean", running_mean), ("running_var", running_var)):
+            if given is not None:  # (the book's constructor takes them)
+                setattr(self, name, checked_state_value(name, given, getattr(self, name), self,
+                                                        name))
+        self.xn = self.std = self.dgamma = self.dbeta = self.x_dtype = None
         self.train_mode = True
 
     def config(self) -> dict:
@@ -909,8 +939,7 @@ class BatchNormalization(Layer):
         if x.ndim not in (2, 4) or x.shape[1] != d or x.shape[0] == 0:
             raise ValueError(f"x must be a non-empty batch (N, {d}) or (N, {d}, H, W) for "
                              f"{d} features, got shape {tuple(x.shape)}")
-        check_same_dtype(x, self.gamma, "x", "gamma")
-        check_nonzero_in("eps", self.eps, x.dtype)
+        check_nonzero_in("eps", self.eps, self.gamma.dtype)
         if train and math.prod(x.shape) // d < 2:
             raise ValueError(f"BatchNormalization in training needs more than one value per "
                              f"feature to normalize, got x of shape {tuple(x.shape)} (one value "
@@ -918,6 +947,7 @@ class BatchNormalization(Layer):
 
     def forward(self, x, train: bool = True):
         xp = namespace(x)
+        x = in_params_dtype(self, xp, x, self.gamma)  # (computes in gamma's dtype)
         d = self.gamma.shape[0]  # the statistics' axes, and the shape (C,) arrays broadcast as
         axes, shape = ((0,), (1, d)) if x.ndim == 2 else ((0, 2, 3), (1, d, 1, 1))
         if train:
@@ -940,11 +970,12 @@ class BatchNormalization(Layer):
         self.dgamma = xp.sum(dout * self.xn, axis=axes)
         dxn = dout * xp.reshape(self.gamma, (1, -1) if dout.ndim == 2 else (1, -1, 1, 1))
         if not self.train_mode:  # the statistics are constants
-            return dxn / self.std
+            return as_input_dtype(self, xp, dxn / self.std)
         # The batch mean and variance depend on x too: dx = (dxn - mean(dxn)
         # - xn * mean(dxn * xn)) / std, the means over the normalized axes.
-        return (dxn - xp.mean(dxn, axis=axes, keepdims=True)
-                - self.xn * xp.mean(dxn * self.xn, axis=axes, keepdims=True)) / self.std
+        return as_input_dtype(self, xp, (dxn - xp.mean(dxn, axis=axes, keepdims=True)
+                                         - self.xn * xp.mean(dxn * self.xn, axis=axes,
+                                                             keepdims=True)) / self.std)
 
 
 class Dropout(Layer):

@@ -603,6 +603,29 @@ class Sequential:
                        for key, value in self.host_state().items()})
         checkpoint.save_model(path, self.config(), arrays)
 
+    def save_params(self, file_name="params.pkl") -> None:
+        """The book's name for :meth:`save` (``network.save_params("params.pkl")``): the
+        weights and layer state written to ``file_name`` exactly, atomically, in xpnet's
+        ``.npz`` format, never a pickle, whatever the name says."""
+        self.save(file_name)
+
+    def load_params(self, file_name="params.pkl") -> None:
+        """The book's ``network.load_params("params.pkl")``: the weights (and layer state) of
+        a file written by :meth:`save_params` or :meth:`save` put into this net, in place, on
+        its device and in its dtype.  The file must hold this net's parameters by name and
+        shape; everything is checked before anything changes (ValueError otherwise)."""
+        _, arrays = checkpoint.read_model(file_name)
+        state = checkpoint.split_state(arrays)
+        checkpoint.check_param_arrays(file_name, arrays, {k: tuple(v.shape) for k, v in
+                                                          self.params.items()}, self.dtype)
+        checked = self.checked_state(state, where=f"{file_name}: state") if self._state else {}
+        moved = {k: to_device(arrays[k], self.device, dtype=self.dtype, copy=True)
+                 for k in self.params}
+        for k, value in moved.items():  # (nothing can fail from here on)
+            self.params[k] = value
+        if checked:
+            self.load_state(checked)
+
     @classmethod
     def load(cls, path, device: str = "cpu", dtype: str | None = None):
         """Load a net written by :meth:`save` onto ``device`` (in its saved dtype unless ``dtype``).
