@@ -59,11 +59,11 @@ def test_no_command_prints_help_and_fails(capsys):
 
 
 def test_readme_own_layer_example_runs(capsys, tmp_path, monkeypatch):
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "guides" / "layers.md").read_text()
     code = next(block.split("```", 1)[0] for block in text.split("```python\n")[1:]
                 if "class Scale(xpnet.Layer)" in block)
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+    exec(compile(code, "layers.md", "exec"), {"__name__": "readme_example"})
     assert capsys.readouterr().out.splitlines() == [
         "['W1', 'b1', 'w1', 'W2', 'b2']", "True", "True"]
 

@@ -136,7 +136,7 @@ def one_hot(t, num_classes: int, *, dtype=None, check_labels: bool = True):
 
     Returns
     -------
-    array of shape (*t.shape, C) on t's device.
+    array of shape ``(*t.shape, C)`` on t's device.
     """
     xp = namespace(t=t)
     if not is_dtype(xp, t.dtype, "integral"):

@@ -35,7 +35,7 @@ Tolerances
 A check of one element or direction passes when
 ``|analytic - numerical| <= atol + rtol * (|analytic| + |numerical|)``.
 In float64 a centered difference with step h has truncation error
-O(h**2 f''') and rounding error about eps |f| / h.  The defaults, h = 1e-5,
+O(h**2 f''') and rounding error about ``eps |f| / h``.  The defaults, h = 1e-5,
 rtol = 1e-6 and ``atol = 100 * eps * max(|f|, 1) / h`` (a hundred times that
 rounding floor, about 5e-9 for a loss near 2), pass every correct gradient of a
 smooth loss by orders of magnitude and fail any real bug; the relative error
