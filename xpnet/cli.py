@@ -534,6 +534,8 @@ def _train_setup(config: TrainConfig, say, dist):
         raise ValueError(f"--batch-size {config.batch_size} is larger than the {x.shape[0]} "
                          f"{config.dataset} training images")
     processes = f", {dist.size} processes" if dist else ""
+    if config.validation_split is not None:  # (Trainer.fit holds them out)
+        processes = f" ({config.validation_split:g} of them held out for validation)" + processes
     schedule = "" if trainer.lr_schedule is None else f", {trainer.lr_schedule!r}"
     say(f"{net!r}, {optimizer!r}{schedule}, batch {config.batch_size}, {config.epochs} "
         f"epoch(s), {x.shape[0]} {config.dataset} training images{processes}")
