@@ -17,9 +17,9 @@ import numpy as np
 
 from ._io import atomic_write, check_writable
 from .backend import to_device, to_numpy
-
-# Samples per forward pass when --batch-size is not given.
-DEFAULT_BATCH = 500
+from .evaluation import (
+    DEFAULT_BATCH,  # (per forward pass when --batch-size is not given)
+)
 
 
 def load_model(path, device: str):
@@ -150,8 +150,13 @@ def _batch_size(value) -> int:
     return value
 
 
+def file_key(path) -> str:
+    """What tells two paths to one file apart from two files (./X, links, case)."""
+    return os.path.normcase(os.path.realpath(path))
+
+
 def _same_file(a, b) -> bool:
-    return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
+    return file_key(a) == file_key(b)
 
 
 def predict_command(args: argparse.Namespace) -> int:
@@ -185,7 +190,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
     batch_size = _batch_size(args.batch_size)
     if args.confusion is not None:
-        _check_matplotlib()
+        check_matplotlib("--confusion")
         check_writable(args.confusion, "--confusion")
         if _same_file(args.confusion, args.model):
             raise ValueError(f"--confusion {args.confusion} is MODEL: name another file")
@@ -207,11 +212,22 @@ def evaluate_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_matplotlib() -> None:
+def check_matplotlib(flag: str) -> None:
+    """ValueError naming ``flag`` unless matplotlib can be imported (the plot extra)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise ValueError("--confusion needs matplotlib: pip install 'xpnet[plot]'") from None
+        raise ValueError(f"{flag} needs matplotlib: pip install 'xpnet[plot]'") from None
+
+
+def save_figure(fig, path) -> None:
+    """Lay ``fig`` out, write it to ``path`` as PNG atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
 
 
 def _plot_confusion(result, classes, title: str, path) -> None:
@@ -235,10 +251,7 @@ def _plot_confusion(result, classes, title: str, path) -> None:
             for j in range(c):
                 ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
                         color="white" if matrix[i, j] > threshold else "black")
-    fig.tight_layout()
-    with atomic_write(path) as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def add_parsers(sub, add_data_arguments) -> None:

@@ -136,20 +136,11 @@ def _gradcheck(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _check_plot_available() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise ValueError("--plot needs matplotlib: pip install 'xpnet[plot]'") from None
-
-
 def _plot(history, path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ._io import atomic_write
 
     epochs = history.epoch
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -172,10 +163,7 @@ def _plot(history, path) -> None:
     config = history.config
     fig.suptitle(f"{config.get('net', 'net')}, {config.get('optimizer', '')}"
                  + (f", {config['dataset']}" if config.get("dataset") else ""), fontsize=9)
-    fig.tight_layout()
-    with atomic_write(path) as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    _cli_models.save_figure(fig, path)
 
 
 def _check_output(flag: str, path) -> None:
@@ -191,7 +179,7 @@ def _check_distinct_outputs(outputs: dict) -> None:
     for flag, path in outputs.items():
         if not path:
             continue
-        key = os.path.normcase(os.path.realpath(path))
+        key = _cli_models.file_key(path)
         if key in seen:
             raise ValueError(f"{seen[key]} and {flag} name the same file {path!r}: each "
                              "output needs a file of its own")
@@ -219,7 +207,7 @@ def _check_train_paths(args: argparse.Namespace):
         raise ValueError(f"--checkpoint {args.checkpoint}: the file exists; continue its run with "
                          f"--resume {args.checkpoint}, or move it away")
     if args.plot:
-        _check_plot_available()
+        _cli_models.check_matplotlib("--plot")
     return checkpoint, resumed
 
 
