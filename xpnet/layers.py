@@ -70,6 +70,7 @@ from .functional import (
     conv_output_size,
     im2col,
     live_windows,
+    matmul,
     one_hot_rows,
     pad_spatial,
     softmax_cross_entropy,
@@ -589,7 +590,7 @@ class Affine(Layer):
     def backward(self, dout):
         xp = namespace(dout)
         # out = x W + b  =>  dW = x^T dout,  db = sum_n dout,  dx = dout W^T
-        self.dW = xp.matrix_transpose(self.x) @ dout
+        self.dW = matmul(xp.matrix_transpose(self.x), dout)
         self.db = xp.sum(dout, axis=0)
         return self.input_gradient(xp, dout)
 
@@ -597,7 +598,7 @@ class Affine(Layer):
         """dx = dout W^T in the shape of forward's x (None when ``input_grad`` is False)."""
         if not self.input_grad:
             return None
-        dx = as_input_dtype(self, xp, dout @ xp.matrix_transpose(self.W))
+        dx = as_input_dtype(self, xp, matmul(dout, xp.matrix_transpose(self.W)))
         return dx if len(self.x_shape) == 2 else xp.reshape(dx, self.x_shape)
 
 
@@ -720,7 +721,7 @@ class Convolution(Layer):
         out = NotImplemented if speedups.filters is None else speedups.filters(w, self.col,
                                                                              self.b)
         if out is NotImplemented:
-            out = w @ self.col + xp.reshape(self.b, (fn, 1))
+            out = matmul(w, self.col) + xp.reshape(self.b, (fn, 1))
         return xp.permute_dims(xp.reshape(out, (fn, x.shape[0], oh, ow)), (1, 0, 2, 3))
 
     def backward(self, dout):
@@ -729,10 +730,10 @@ class Convolution(Layer):
         # Back to the product's layout: (N, FN, OH, OW) -> (FN, N OH OW).
         d = xp.reshape(xp.permute_dims(dout, (1, 0, 2, 3)), (fn, -1))
         self.db = xp.sum(d, axis=1)
-        self.dW = xp.reshape(d @ xp.matrix_transpose(self.col), tuple(self.W.shape))
+        self.dW = xp.reshape(matmul(d, xp.matrix_transpose(self.col)), tuple(self.W.shape))
         if not self.input_grad:
             return None
-        dcol = xp.matrix_transpose(xp.reshape(self.W, (fn, -1))) @ d  # then summed per pixel
+        dcol = matmul(xp.matrix_transpose(xp.reshape(self.W, (fn, -1))), d)  # summed per pixel
         return as_input_dtype(self, xp, col2im(xp, dcol, self.x_shape, fh, fw, self.stride,
                                                self.pad))
 

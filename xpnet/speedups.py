@@ -12,6 +12,11 @@ from __future__ import annotations
 # NotImplemented for arrays it does not take.
 affine = None
 
+# (a, b) -> a @ b for two 2-d arrays of one library, or NotImplemented: every product of the
+# layers (xpnet.functional.matmul).  None outside a CUDA-graph capture on CuPy, where
+# xpnet._graphs puts its cuBLAS calls on the capture stream here.
+matmul = None
+
 # (w, col, b) -> w @ col + b[:, None] for a convolution's filters w (FN, K), columns col (K, M)
 # and bias b (FN,), unchecked; or NotImplemented
 filters = None
