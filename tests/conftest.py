@@ -1,8 +1,9 @@
 """The backend fixture: every test that takes ``case`` runs once per (namespace, device, dtype).
 
-Missing libraries and GPUs skip with the reason.  ``ci/gpu`` sets
-XPNET_REQUIRE_GPU=1, which turns a missing CuPy GPU into a failure instead (torch's GPU
-still skips where torch is not installed).
+Missing libraries and GPUs skip with the reason.  ``ci/gpu`` sets XPNET_REQUIRE_GPU=1,
+which turns a missing CuPy GPU into a failure instead (torch's and JAX's GPUs still skip
+where they are not installed); a comma-separated list of devices (``ci/gpu-run`` sets
+``cuda,torch:cuda,jax:cuda``) makes each of those a failure when it is missing.
 """
 
 from __future__ import annotations
@@ -11,10 +12,16 @@ import contextlib
 import os
 from dataclasses import dataclass
 
-import numpy as np
-import pytest
+# numba-cuda's CUDA simulator runs the kernels of xpnet._cuda_kernels on the CPU
+# (tests/test_graphs.py) where no GPU run was asked for; under XPNET_REQUIRE_GPU (ci/gpu,
+# ci/gpu-run) they run on the GPU.  numba reads this when it is first imported, below.
+if not os.environ.get("XPNET_REQUIRE_GPU"):
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
-from xpnet.backend import (
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from xpnet.backend import (  # noqa: E402
     BackendUnavailableError,
     Device,
     is_gpu_device,
@@ -36,7 +43,17 @@ CASES = [
     ("cuda", "float32"),
     ("cuda", "float64"),
     ("torch:cuda", "float32"),
+    ("jax:cuda", "float32"),
 ]
+
+
+def required_gpu_devices() -> set:
+    """The GPU devices whose absence fails the tests instead of skipping them: XPNET_REQUIRE_GPU
+    is ``1`` (CuPy's ``cuda``) or a comma-separated list (``cuda,torch:cuda,jax:cuda``)."""
+    value = os.environ.get("XPNET_REQUIRE_GPU", "").strip()
+    if value in ("", "0"):
+        return set()
+    return {"cuda"} if value == "1" else {v.strip() for v in value.split(",") if v.strip()}
 
 
 @dataclass(frozen=True)
@@ -82,8 +99,9 @@ def case(request):
     try:
         device = resolve_device(spec)
     except BackendUnavailableError as exc:
-        if spec.startswith("cuda") and os.environ.get("XPNET_REQUIRE_GPU") == "1":
-            pytest.fail(f"XPNET_REQUIRE_GPU=1 but {spec} is unavailable: {exc}")
+        if spec in required_gpu_devices():
+            pytest.fail(f"XPNET_REQUIRE_GPU={os.environ['XPNET_REQUIRE_GPU']} but {spec} is "
+                        f"unavailable: {exc}")
         pytest.skip(f"{spec}: {exc}")
     with jax_64bit(device.library == "jax" and dtype == "float64"):
         yield Case(device, dtype)

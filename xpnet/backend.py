@@ -47,6 +47,7 @@ import contextlib
 import ctypes
 import functools
 import importlib
+import logging
 import math
 import numbers
 import sys
@@ -505,6 +506,7 @@ class JaxBackend(Backend):
 
     def __init__(self):
         self._names: dict = {}  # jax Device -> its canonical device string
+        self._plugin_errors: list = []  # what JAX's plugins logged when they failed to start
 
     def namespace(self):
         return importlib.import_module("jax.numpy")  # an Array API namespace of its own
@@ -534,10 +536,13 @@ class JaxBackend(Backend):
     def _devices(self, kind: str, spec: str) -> list:
         jax = self.module()
         try:
-            return list(jax.devices(self._PLATFORMS.get(kind, kind)))
+            with _kept_as_lines(logging.getLogger("jax._src.xla_bridge"), self._plugin_errors):
+                return list(jax.devices(self._PLATFORMS.get(kind, kind)))
         except RuntimeError as exc:  # "Unknown backend gpu", "no platforms that are instances"
             gpu = " (a GPU needs pip install 'xpnet[jax-cuda12]' or 'xpnet[jax-cuda13]')" \
                 if kind == "cuda" else ""
+            if kind == "cuda" and self._plugin_errors:  # installed, but it did not start
+                gpu = f" (JAX's CUDA plugin did not start: {self._plugin_errors[-1]})"
             raise BackendUnavailableError(
                 f"device {spec!r}: JAX has no {kind!r} devices here{gpu}: {_first_line(exc)}; "
                 "use device='jax:cpu'") from None
@@ -596,9 +601,33 @@ class JaxBackend(Backend):
         try:
             names += [self.name_of(d) for d in self._devices("cuda", "jax:cuda")]
         except BackendUnavailableError:
+            if self._plugin_errors:
+                return names, f"JAX's CUDA plugin did not start: {self._plugin_errors[-1]}"
             return names, ("no CUDA GPU visible to JAX (its GPU build comes with "
                            "pip install 'xpnet[jax-cuda12]' or 'xpnet[jax-cuda13]')")
         return names, ""
+
+
+@contextlib.contextmanager
+def _kept_as_lines(logger, lines: list):
+    """Under this context, what ``logger`` reports at WARNING or above is appended to ``lines``
+    as one line each (the exception's first line where it logged one) instead of printed:
+    JAX logs a whole traceback when its CUDA plugin cannot start (no driver, no GPU), which
+    ``xpnet info`` reports as one line."""
+    class Keep(logging.Handler):
+        def emit(self, record):
+            exc = record.exc_info[1] if record.exc_info else None
+            lines.append(_first_line(exc) if exc is not None
+                         else record.getMessage().splitlines()[0])
+
+    handler, propagate = Keep(logging.WARNING), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 @register
