@@ -201,10 +201,13 @@ def _deep_shapes():
     return shapes, side
 
 
-def xpnet_epoch(device, x, t, batch, model="convnet"):
+def xpnet_epoch(device, x, t, batch, model="convnet", compile=False):
+    """xpnet's Trainer; ``compile``: its compiled steps (JAX: XLA; cuda and torch:cuda: one
+    captured CUDA graph replayed per batch).  ValueError where the net cannot be compiled."""
     net = (xpnet.DeepConvNet(device=device) if model == "deepconvnet"
            else xpnet.SimpleConvNet(device=device))
-    trainer = xpnet.Trainer(net, xpnet.SGD(LR), batch_size=batch, epochs=1, progress=False)
+    trainer = xpnet.Trainer(net, xpnet.SGD(LR), batch_size=batch, epochs=1, progress=False,
+                            compile=compile)
     xd, td = to_device(x, device), to_device(t, device)
     return lambda: trainer.fit(xd, td).seconds[0]
 
@@ -336,6 +339,12 @@ def _contenders(backends, x, t, batch, has_torch, model="convnet"):
     for dev in backends:
         host = "cuda" if "cuda" in dev.split(":") else "cpu"
         runs[f"xpnet {dev}"] = (xpnet_epoch(dev, x, t, batch, model), host)
+        if host == "cuda" or resolve_device(dev).library == "jax":
+            try:
+                runs[f"xpnet {dev} compiled"] = (xpnet_epoch(dev, x, t, batch, model, True),
+                                                 host)
+            except ValueError as exc:  # (DeepConvNet's dropout: not compiled yet)
+                print(f"bench_conv: xpnet {dev} compiled left out: {exc}", file=sys.stderr)
         if dev == "cpu" and model == "convnet":
             runs["book's NumPy (im2col)"] = (book_epoch(x, t, batch), host)
         if has_torch and dev in ("cpu", "cuda"):

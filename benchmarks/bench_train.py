@@ -14,6 +14,8 @@ values do not change the work), for each configuration:
   has left the caches cold);
 * PyTorch eager with autograd (``nn.Linear`` layers, ``F.cross_entropy``, ``torch.optim.SGD``),
   and with ``--torch-compile`` the same model through ``torch.compile``;
+* on CuPy's and torch's CUDA devices (``cuda``, ``torch:cuda``): xpnet's Trainer eager, and
+  compiled (``compile=True``: the step captured once as a CUDA graph, replayed per batch);
 * on JAX devices (``jax:cpu``, ``jax:cuda``): xpnet's Trainer eager, and compiled
   (``compile="step"``: one XLA program per step; ``compile="epoch"``: one ``lax.scan`` per
   epoch), and the same model written by hand in JAX (``jax.value_and_grad``, SGD, the same
@@ -376,6 +378,9 @@ def _contenders(sizes, batch, backends, x, t, *, has_torch: bool, gpu: bool,
             continue
         run, threads = xpnet_epoch(sizes, batch, dev, x, t)
         contenders[f"xpnet {dev}"] = (run, dev, threads)
+        if _host_of(dev) == "cuda":  # CuPy's and torch's CUDA devices: one captured graph
+            run, threads = xpnet_epoch(sizes, batch, dev, x, t, compile=True)
+            contenders[f"xpnet {dev} compiled (CUDA graph)"] = (run, dev, threads)
         if dev == "cpu":
             if _fast.fused_module() is not None:
                 run, threads = xpnet_epoch(sizes, batch, dev, x, t, numba=False)

@@ -33,12 +33,14 @@ from .evaluation import Evaluation, evaluate
 from .train import DivergenceError, History, Trainer
 
 # Everything that exists only for speed, imported here and nowhere else: it fills the slots
-# of xpnet.speedups and registers its runner with xpnet.runners.  Without the file, the
+# of xpnet.speedups and registers its runner with xpnet.runners.  Without the files, the
 # library is the same, slower.
 import importlib.util as _util
 
 if _util.find_spec("._fast", __name__) is not None:
     from . import _fast  # noqa: F401
+if _util.find_spec("._graphs", __name__) is not None:  # compile=True on CUDA: CUDA graphs
+    from . import _graphs  # noqa: F401
 del _util
 
 __all__ = sorted([

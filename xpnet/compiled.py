@@ -28,11 +28,14 @@ from __future__ import annotations
 import contextlib
 import copy
 
+from . import speedups
 from .backend import compiling_backend, namespace
 from .layers import Layer
+from .nets import runs_plain_steps
+from .optim import Optimizer
 from .runners import Runner
 
-__all__ = ["MODES", "CompiledSteps", "compile_mode"]
+__all__ = ["MODES", "CompiledSteps", "check_compilable", "compile_mode", "compiled_steps"]
 
 MODES = ("epoch", "step")  # compile=True means the first
 
@@ -46,6 +49,46 @@ def compile_mode(value) -> str | None:
     if isinstance(value, str) and value in MODES:
         return value
     raise ValueError(f"compile must be True, False or one of {MODES}, got {value!r}")
+
+
+def check_compilable(net, optimizer, *, plain: bool = False) -> None:
+    """TypeError or ValueError unless ``compile=`` can run ``net``'s steps with ``optimizer``:
+    an xpnet optimizer, no layer whose masks or statistics change outside the step (dropout,
+    batch normalization), and with ``plain``, a :class:`xpnet.Sequential` that keeps its own
+    step methods (what a CUDA graph captures: its layers' math)."""
+    for attr in ("pure_update", "initial_state", "hyperparameters"):
+        if not callable(getattr(optimizer, attr, None)):
+            raise TypeError(f"compile needs an xpnet optimizer (SGD, Momentum, AdaGrad, "
+                            f"Adam), got {type(optimizer).__name__} (it has no {attr})")
+    if plain and not (runs_plain_steps(net) and type(optimizer).update is Optimizer.update):
+        raise TypeError(f"compile on {net.device} needs an xpnet Sequential net (TwoLayerNet, "
+                        "MultiLayerNet, SimpleConvNet, ...) that keeps its own steps and an "
+                        f"optimizer that keeps Optimizer.update; got {type(net).__name__} and "
+                        f"{type(optimizer).__name__}: train them without compile")
+    stateful = sorted({type(layer).__name__ for layer in getattr(net, "layers", {}).values()
+                       if getattr(layer, "has_train_mode", False)
+                       or getattr(layer, "state_names", ())})
+    if stateful:
+        raise ValueError(f"compile does not support nets with {', '.join(stateful)} yet "
+                         "(their dropout masks and running statistics change outside the "
+                         "compiled step); train this net without compile")
+
+
+def compiled_steps(net, optimizer, mode, batch_size: int):
+    """The compiled runner for ``net``: :class:`CompiledSteps` on a backend that compiles
+    (JAX), the CUDA-graph steps on CuPy's and torch's CUDA devices (where the speed module
+    has them: :data:`xpnet.speedups.graph_steps`), else the ValueError naming both."""
+    if speedups.graph_steps is not None:
+        steps = speedups.graph_steps(net, optimizer, mode, batch_size)
+        if steps is not NotImplemented:
+            return steps
+    try:
+        return CompiledSteps(net, optimizer, mode, batch_size)
+    except ValueError as exc:
+        if speedups.graph_steps is None or "runs eagerly" not in str(exc):
+            raise
+        raise ValueError(f"{exc}; or a CUDA device of CuPy or torch ('cuda', 'torch:cuda'), "
+                         "where the step is captured as a CUDA graph") from None
 
 
 class CompiledSteps(Runner):
@@ -66,21 +109,15 @@ class CompiledSteps(Runner):
         super().__init__(net, optimizer, batch_size)
         mode = compile_mode(mode)
         self.backend = compiling_backend(net.device)
-        for attr in ("pure_update", "initial_state", "hyperparameters"):
-            if not callable(getattr(optimizer, attr, None)):
-                raise TypeError(f"compile needs an xpnet optimizer (SGD, Momentum, AdaGrad, "
-                                f"Adam), got {type(optimizer).__name__} (it has no {attr})")
-        stateful = sorted({type(layer).__name__ for layer in getattr(net, "layers", {}).values()
-                           if getattr(layer, "has_train_mode", False)
-                           or getattr(layer, "state_names", ())})
-        if stateful:
-            raise ValueError(f"compile does not support nets with {', '.join(stateful)} yet "
-                             "(their dropout masks and running statistics change outside the "
-                             "compiled step); train this net without compile")
+        check_compilable(net, optimizer)
         self.mode = mode
         self._step = self.backend.jit(self._pure_step_at)
         self._loop = self.backend.jit(self._pure_loop)
         self._correct = self.backend.jit(self._pure_correct)
+
+    def check_device(self) -> None:
+        """ValueError unless the net is (still) on a backend that compiles."""
+        compiling_backend(self.net.device)
 
     # -- the pure functions (traced once per shape) --------------------------------------------
 

@@ -58,3 +58,7 @@ describe = None
 # () -> a context manager for a fit's steps: the allocator keeps freed memory for the next step
 # (glibc's mallopt); it yields what it did in words, or None
 training_memory = None
+
+# (net, optimizer, mode, batch_size) -> a Runner whose steps replay one captured CUDA graph
+# (xpnet._graphs: CuPy's and torch's CUDA devices), or NotImplemented for other devices
+graph_steps = None

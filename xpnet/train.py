@@ -55,7 +55,7 @@ from .backend import (
     to_numpy,
     untracked,
 )
-from .compiled import CompiledSteps, compile_mode
+from .compiled import compile_mode, compiled_steps
 from .distributed import Solo, Team
 from .schedules import Schedule
 from .layers import BatchNormalization, Layer
@@ -508,7 +508,7 @@ class Trainer:
         self._sample_bytes = 0  # what a forward pass keeps per sample (measured at the boundary)
         self._statistics_per_sample = None  # (measured there too: _statistics_per_sample)
         # The compiled steps are made (and so checked) now, and kept: one trace per shape.
-        self.compiled_steps = None if self.compile is None else CompiledSteps(
+        self.compiled_steps = None if self.compile is None else compiled_steps(
             net, optimizer, self.compile, self.batch_size)
         # The processes that run the fit together: this one alone, or an MPI world.
         self.team = Team.world() if distributed else Solo()
@@ -869,7 +869,7 @@ class Trainer:
             raise ValueError(f"checkpoint {str(self.checkpoint)!r} already exists: continue its "
                              "run with resume= (xpnet train --resume), or move it away")
         if self.compiled_steps is not None:
-            compiling_backend(self.net.device)  # still: the net may have moved since
+            self.compiled_steps.check_device()  # still: the net may have moved since
         x, t = self._prepare(x_train, t_train, "x_train", "t_train")
         test = None if x_test is None else self._prepare(x_test, t_test, "x_test", "t_test")
         val, self._validation = None, None
