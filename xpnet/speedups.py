@@ -17,6 +17,10 @@ affine = None
 # xpnet._graphs puts its cuBLAS calls on the capture stream here.
 matmul = None
 
+# (layer, x) -> the mask of a Dropout layer's next draw for x, or NotImplemented: None outside
+# a CUDA-graph capture (xpnet._graphs reads the masks it uploaded for the replays from here)
+dropout_mask = None
+
 # (w, col, b) -> w @ col + b[:, None] for a convolution's filters w (FN, K), columns col (K, M)
 # and bias b (FN,), unchecked; or NotImplemented
 filters = None
