@@ -217,9 +217,43 @@ def test_a_step_that_cannot_be_captured_trains_eagerly_with_one_warning(fake, mo
     _close(net, eager)
 
 
+@pytest.mark.parametrize("kind", ["dropout", "batchnorm", "both"])
+@pytest.mark.parametrize("batch_size", [30, 32])
+def test_dropout_and_batch_norm_replay_as_the_eager_steps_run_them(fake, monkeypatch, kind,
+                                                                   batch_size):
+    """The masks are the eager steps' (the same draws, uploaded a few steps at a time), and
+    the running statistics end where the eager ones do."""
+    monkeypatch.setattr(_graphs.GraphSteps, "MASK_STEPS", 4)  # several uploads per epoch
+    options = {"use_dropout": kind != "batchnorm", "use_batchnorm": kind != "dropout"}
+    x, t = spiral()
+    nets, drawn = [], []
+    for compile_ in (True, False):
+        net = xpnet.MultiLayerNet([2, 16, 16, 3], seed=0, dtype="float64", **options)
+        history = xpnet.Trainer(net, xpnet.Momentum(0.05), batch_size=batch_size, epochs=2,
+                                seed=5, progress=False, compile=compile_,
+                                blas_threads=1).fit(x, t, x[:50], t[:50])
+        nets.append(net)
+        drawn.append([(layer.seed, layer.draws) for layer in net.layers.values()
+                      if isinstance(layer, xpnet.Dropout)])
+        assert history.config["step"] == ("cuda-graph" if compile_ else "layers")
+    _close(*nets)
+    assert drawn[0] == drawn[1]
+    for (layer, attr), (other, _) in zip(nets[0]._state.values(), nets[1]._state.values()):
+        np.testing.assert_allclose(np.asarray(getattr(layer, attr)),
+                                   np.asarray(getattr(other, attr)), rtol=1e-9, atol=1e-12)
+
+
 def test_nets_a_graph_cannot_capture_are_refused_before_training(fake):
-    with pytest.raises(ValueError, match="does not support nets with Dropout"):
-        xpnet.Trainer(xpnet.MultiLayerNet([2, 8, 3], use_dropout=True), xpnet.SGD(), compile=True)
+    class Noisy(xpnet.Relu):  # a training mode of its own: the graph cannot know what it does
+        has_train_mode = True
+
+        def forward(self, x, train=True):
+            return super().forward(x)
+
+    net = xpnet.Sequential([xpnet.Affine(np.ones((2, 3)), np.zeros(3)), Noisy(),
+                            xpnet.SoftmaxWithLoss()])
+    with pytest.raises(ValueError, match="does not support nets with Noisy"):
+        xpnet.Trainer(net, xpnet.SGD(), compile=True)
 
     class Logged(xpnet.MultiLayerNet):
         def train_step(self, x, t, optimizer, **kw):
@@ -426,21 +460,29 @@ def _replayed(fn, pieces):
         fn()
 
 
-def test_a_conv_net_trains_through_cupys_capture_pieces(kernels, monkeypatch):
-    """SimpleConvNet with every product through CublasGemm and im2col, col2im and pooling
-    through the kernels (as during CuPy's capture) trains as the eager steps do."""
-    pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
+@pytest.mark.parametrize("model", ["convnet", "deepconvnet"])
+def test_conv_nets_train_through_cupys_capture_pieces(kernels, monkeypatch, model):
+    """SimpleConvNet and DeepConvNet (its dropout too) with every product through CublasGemm
+    and im2col, col2im and pooling through the kernels (as during CuPy's capture) train as
+    the eager steps do."""
     monkeypatch.setitem(_graphs.CAPTURERS, "numpy", PiecesCapture)
     FakeCapture.instances = []
     rng = np.random.default_rng(0)
-    x, t = rng.standard_normal((12, 1, 6, 6)), rng.integers(0, 3, 12)
+    n, size = (12, 6) if model == "convnet" else (6, 8)
+    x, t = rng.standard_normal((n, 1, size, size)), rng.integers(0, 3, n)
     nets = []
     for compile_ in (True, False):
-        net = xpnet.SimpleConvNet(input_dim=(1, 6, 6), conv_param={
-            "filter_num": 2, "filter_size": 3, "pad": 1, "stride": 1}, hidden_size=5,
-            output_size=3, dtype="float64", seed=0)
-        xpnet.Trainer(net, xpnet.Adam(0.01), batch_size=4, epochs=1, seed=1, progress=False,
-                      compile=compile_, blas_threads=1).fit(x, t)
+        if model == "convnet":
+            net = xpnet.SimpleConvNet(input_dim=(1, 6, 6), conv_param={
+                "filter_num": 2, "filter_size": 3, "pad": 1, "stride": 1}, hidden_size=5,
+                output_size=3, dtype="float64", seed=0)
+        else:
+            conv = {"filter_num": 2, "filter_size": 3, "pad": 1, "stride": 1}
+            net = xpnet.DeepConvNet(input_dim=(1, 8, 8), **{f"conv_param_{i}": conv
+                                                            for i in range(1, 7)},
+                                    hidden_size=4, output_size=3, dtype="float64", seed=0)
+        xpnet.Trainer(net, xpnet.Adam(0.01), batch_size=n // 3, epochs=1, seed=1,
+                      progress=False, compile=compile_, blas_threads=1).fit(x, t)
         nets.append(net)
     _close(*nets)
     (capture,) = FakeCapture.instances

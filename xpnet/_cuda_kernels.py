@@ -189,8 +189,10 @@ class CudaKernels:
             return
         kernel = self.kernels[name]
         grid = (size + self.block - 1) // self.block
-        if self.cupy is None:
-            kernel[grid, self.block](*args)
+        if self.cupy is None:  # (the simulator copies only contiguous NumPy arrays; outputs are)
+            kernel[grid, self.block](*(
+                a if not hasattr(a, "flags") or a.flags.c_contiguous
+                else self._xp().ascontiguousarray(a) for a in args))
             return
         stream = self.cuda.external_stream(self.cupy.cuda.get_current_stream().ptr)
         # (sync=False: numba would otherwise wait on the arrays' stream, which a capture forbids)

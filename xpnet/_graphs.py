@@ -34,9 +34,11 @@ The smaller last batch of an epoch (when the batch size does not divide the data
 an eager step.  Where a capture fails (an operation the library cannot capture), the runner
 says why in one warning and trains eagerly: the same results, without the speed.
 
-Which nets: a plain :class:`xpnet.Sequential` without dropout or batch normalization (their
-random masks and running statistics change outside the step; the same rule as JAX's
-compiled steps), with an xpnet optimizer.
+Which nets: a plain :class:`xpnet.Sequential` with an xpnet optimizer.  Its Dropout layers
+take masks drawn on the host exactly as the eager steps draw them (the same seeds and draw
+counts), uploaded for up to :attr:`GraphSteps.MASK_STEPS` steps at a time and read by the
+step at its row; batch normalization's running statistics are copied back into the arrays
+the graph holds.  Other layers with a training mode or state are refused.
 """
 
 from __future__ import annotations
@@ -46,12 +48,29 @@ import copy
 import ctypes
 import warnings
 
+import numpy as np
+
 from . import speedups
-from .backend import _first_line, device_context, namespace, native_device, resolve_device
+from .backend import (
+    _first_line,
+    device_context,
+    dropout_mask,
+    dtype_name,
+    is_array,
+    namespace,
+    native_device,
+    resolve_device,
+    to_device,
+)
 from .compiled import check_compilable, compile_mode
+from .layers import BatchNormalization, Dropout
 from .runners import EagerSteps, Runner
 
 __all__ = ["CAPTURERS", "CublasGemm", "GraphSteps", "graph_steps"]
+
+# The layers with a training mode or state that the captured step takes: Dropout (its masks
+# uploaded for the replays) and BatchNormalization (its statistics updated in place).
+GRAPH_LAYERS = (Dropout, BatchNormalization)
 
 
 class GraphSteps(Runner):
@@ -69,11 +88,12 @@ class GraphSteps(Runner):
     """
 
     name = "cuda-graph"
+    MASK_STEPS = 100  # steps of dropout masks uploaded at a time (a buffer per Dropout layer)
 
     def __init__(self, net, optimizer, mode, batch_size: int, capturer):
         super().__init__(net, optimizer, batch_size)
         self.mode = compile_mode(mode)
-        check_compilable(net, optimizer, plain=True)
+        check_compilable(net, optimizer, plain=True, allowed=GRAPH_LAYERS)
         self.capturer = capturer
         self.graph = None
         self._key = None  # what the graph was captured for (the arrays it writes and reads)
@@ -107,6 +127,27 @@ class GraphSteps(Runner):
         self.proxy = copy.copy(self.optimizer)  # its _step reads the device hyperparameters
         for k, v in self.hyper.items():
             setattr(self.proxy, k, v)
+        # Dropout: each layer's masks for up to MASK_STEPS steps, uploaded before the replays
+        # (drawn on the host as the eager steps draw them), read at the step's row.
+        self.drops = [layer for layer in getattr(self.net, "layers", {}).values()
+                      if isinstance(layer, Dropout) and layer.ratio > 0]
+        self.mask_rows = min(full, self.MASK_STEPS) if self.drops else full
+        self.segment = xp.zeros((), dtype=xp.int64, device=device)  # the first buffered step
+        self.masks, self.mask_shapes = {}, {}
+        # The layers' state arrays (batch norm's running statistics): a layer that rebinds
+        # them has the new values copied back into the arrays the graph holds.
+        self.states = [(layer, attr) for layer, attr in getattr(self.net, "_state", {}).values()
+                       if is_array(getattr(layer, attr))]
+
+    def _mask(self, layer, x):
+        """:data:`xpnet.speedups.dropout_mask` during the runner's steps: the layer's row of its
+        buffer (NotImplemented, the host's draw, in the warm-up, which learns the shapes)."""
+        buffer = self.masks.get(id(layer))
+        if buffer is None:
+            self.mask_shapes[id(layer)] = (tuple(x.shape), dtype_name(x.dtype))
+            return NotImplemented
+        row = self.xp.take(buffer, self.row, axis=0)
+        return self.xp.reshape(row, tuple(x.shape))
 
     def _step(self, run) -> None:
         """One training step, reading and writing device arrays only (what is captured)."""
@@ -114,9 +155,15 @@ class GraphSteps(Runner):
         ids = xp.take(self.order, self.position * b + self.offsets, axis=0)
         x, t = xp.take(run.x, ids, axis=0), xp.take(run.t, ids, axis=0)
         here = self.step_ids == self.position  # where this step's loss goes
+        self.row = xp.reshape(self.position - self.segment, (1,))  # its dropout masks' row
         self.position += 1
         self.step_count += 1
+        held = [(layer, attr, getattr(layer, attr)) for layer, attr in self.states]
         loss, grads = net.unchecked_loss_and_gradient(x, t)
+        for layer, attr, array in held:
+            if getattr(layer, attr) is not array:
+                array[...] = getattr(layer, attr)
+                setattr(layer, attr, array)
         state = self.optimizer.state
         for key, layer, attr, _ in net._table:
             p = getattr(layer, attr)
@@ -124,10 +171,12 @@ class GraphSteps(Runner):
         self.losses += xp.where(here, loss * b, xp.zeros_like(loss))
 
     def _held(self, run) -> tuple:
-        """The arrays a graph bakes in, whose replacement means capturing again."""
+        """The arrays a graph bakes in, whose replacement means capturing again: the data,
+        then what a step changes (weights, optimizer slots, layer state)."""
         params = tuple(getattr(layer, attr) for _, layer, attr, _ in self.net._table)
         slots = tuple(v for s in self.optimizer.state.values() for v in s.values())
-        return (run.x, run.t, *params, *slots)
+        states = tuple(getattr(layer, attr) for layer, attr in getattr(self, "states", ()))
+        return (run.x, run.t, *params, *slots, *states)
 
     def _capture(self, run) -> None:
         for key, layer, attr, _ in self.net._table:  # every slot made now, outside the pool
@@ -135,12 +184,27 @@ class GraphSteps(Runner):
         self._buffers(run)
         held = self._held(run)
         saved = [self.xp.asarray(a, copy=True) for a in held[2:]]
+        draws = [layer.draws for layer in self.drops]
+        step = lambda: self._step(run)  # noqa: E731
         try:
-            self.capturer.warm(lambda: self._step(run))
+            with slots(dropout_mask=self._mask):
+                self.capturer.warm(step)
         finally:  # the warm-up's step undone: the captured run starts where the eager one is
             for a, s in zip(held[2:], saved):
                 a[...] = s
-        self.graph = self.capturer.record(lambda: self._step(run))
+            for layer, n in zip(self.drops, draws):
+                layer.draws = n
+        p = next(iter(self.net.params.values()))
+        for layer in self.drops:
+            shape, dtype = self.mask_shapes[id(layer)]
+            self.masks[id(layer)] = self.xp.zeros((self.mask_rows, *shape), dtype=dtype,
+                                                  device=native_device(p))
+        try:
+            with slots(dropout_mask=self._mask):
+                self.graph = self.capturer.record(step)
+        finally:  # (recording ran the layers' Python once)
+            for layer, n in zip(self.drops, draws):
+                layer.draws = n
         self._key = held
 
     def _current(self, run) -> bool:
@@ -148,6 +212,17 @@ class GraphSteps(Runner):
         key = self._key
         return key is not None and len(key) == len(held := self._held(run)) and all(
             a is b for a, b in zip(key, held))
+
+    def _upload_masks(self, start: int, count: int) -> None:
+        """The dropout masks of steps ``start .. start + count - 1``, drawn as the eager steps
+        draw them (each layer's next draws), into the buffers' first rows."""
+        for layer in self.drops:
+            shape, dtype = self.mask_shapes[id(layer)]
+            like = np.empty(shape, dtype=dtype)
+            host = np.stack([dropout_mask(like, layer.ratio, layer.seed, layer.draws + j)
+                             for j in range(count)])
+            self.masks[id(layer)][:count, ...] = to_device(host, self.net.device)
+        self.segment[...] = start
 
     # -- the Runner ------------------------------------------------------------------------------
 
@@ -166,17 +241,22 @@ class GraphSteps(Runner):
                                   f"be captured as a CUDA graph ({self.failed}); training "
                                   "eagerly, with the same results", RuntimeWarning, stacklevel=2)
                     return self._eager_step(run, order, start)
-            count = min(stop, full) - start
+            count = min(stop, full, start + self.mask_rows) - start
             self.order[...] = order[:full * b]
             self.position[...] = start
             self.step_count[...] = self.optimizer.steps
             self.losses[...] = 0
             for k, v in self.optimizer.hyperparameters().items():
                 self.hyper[k][...] = float(v)
-            with self.capturer.poisoned(self.optimizer):
+            draws = [layer.draws for layer in self.drops]
+            if self.drops:
+                self._upload_masks(start, count)
+            with self.capturer.poisoned(self.optimizer), slots(dropout_mask=self._mask):
                 for _ in range(count):
                     self.capturer.replay(self.graph)
             self.optimizer.record_steps(count)
+            for layer, n in zip(self.drops, draws):  # the draws the replays took
+                layer.draws = n + count
             return count, self.xp.asarray(self.losses[start:start + count], copy=True)
 
     def _eager_step(self, run, order, start: int) -> tuple:
@@ -290,7 +370,7 @@ def graph_steps(net, optimizer, mode, batch_size: int):
     capture = CAPTURERS.get(device.library)
     if capture is None or not capture.takes(device):
         return NotImplemented
-    check_compilable(net, optimizer, plain=True)  # (before the library is touched)
+    check_compilable(net, optimizer, plain=True, allowed=GRAPH_LAYERS)  # (before the library)
     with device_context(device):
         return GraphSteps(net, optimizer, mode, batch_size, capture(device))
 

@@ -679,8 +679,9 @@ def _add_train_arguments(tr: argparse.ArgumentParser) -> None:
                     "keeps checkpointing there unless --checkpoint names another file")
     tr.add_argument("--compile", nargs="?", const="epoch", choices=["epoch", "step"],
                     default=None,
-                    help="run the training as compiled programs (JAX devices: --device jax:cpu "
-                    "or jax:cuda:N): each epoch as one loop (the default), or each step")
+                    help="run the training as compiled programs: on JAX devices (jax:cpu, "
+                    "jax:cuda:N) each epoch as one loop (the default) or each step; on cuda "
+                    "and torch:cuda each step replays one captured CUDA graph")
     tr.add_argument("--distributed", action="store_true",
                     help="data-parallel training over MPI: start it with mpiexec -n N xpnet "
                     "train --distributed (needs pip install 'xpnet[mpi]'); each process takes "

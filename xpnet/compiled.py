@@ -51,11 +51,12 @@ def compile_mode(value) -> str | None:
     raise ValueError(f"compile must be True, False or one of {MODES}, got {value!r}")
 
 
-def check_compilable(net, optimizer, *, plain: bool = False) -> None:
+def check_compilable(net, optimizer, *, plain: bool = False, allowed: tuple = ()) -> None:
     """TypeError or ValueError unless ``compile=`` can run ``net``'s steps with ``optimizer``:
     an xpnet optimizer, no layer whose masks or statistics change outside the step (dropout,
-    batch normalization), and with ``plain``, a :class:`xpnet.Sequential` that keeps its own
-    step methods (what a CUDA graph captures: its layers' math)."""
+    batch normalization) but those of the classes ``allowed``, and with ``plain``, a
+    :class:`xpnet.Sequential` that keeps its own step methods (what a CUDA graph captures:
+    its layers' math)."""
     for attr in ("pure_update", "initial_state", "hyperparameters"):
         if not callable(getattr(optimizer, attr, None)):
             raise TypeError(f"compile needs an xpnet optimizer (SGD, Momentum, AdaGrad, "
@@ -66,8 +67,9 @@ def check_compilable(net, optimizer, *, plain: bool = False) -> None:
                         f"optimizer that keeps Optimizer.update; got {type(net).__name__} and "
                         f"{type(optimizer).__name__}: train them without compile")
     stateful = sorted({type(layer).__name__ for layer in getattr(net, "layers", {}).values()
-                       if getattr(layer, "has_train_mode", False)
-                       or getattr(layer, "state_names", ())})
+                       if (getattr(layer, "has_train_mode", False)
+                           or getattr(layer, "state_names", ()))
+                       and type(layer) not in allowed})
     if stateful:
         raise ValueError(f"compile does not support nets with {', '.join(stateful)} yet "
                          "(their dropout masks and running statistics change outside the "

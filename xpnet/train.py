@@ -397,13 +397,14 @@ class Trainer:
     checkpoint_every : int, optional
         Optimizer steps between checkpoints (besides the end of each epoch).
     compile : bool or {"epoch", "step"}, default False
-        Run the training steps as compiled programs (:mod:`xpnet.compiled`; the net must
-        be on a backend that compiles: JAX, ``device="jax:cpu"`` or ``"jax:cuda:N"``).
-        ``True`` or ``"epoch"``: each epoch's full batches as one loop (``lax.scan``),
-        stopped where a checkpoint or a progress update is due; ``"step"``: one compiled
-        program per step.  Checkpoints, resume, Ctrl-C (seen between the compiled loops)
-        and divergence detection work as without it; results equal the eager ones up to
-        rounding.
+        Run the training steps as compiled programs (:mod:`xpnet.compiled`) on a backend
+        that compiles: JAX, ``device="jax:cpu"`` or ``"jax:cuda:N"``.  ``True`` or
+        ``"epoch"``: each epoch's full batches as one loop (``lax.scan``), stopped where a
+        checkpoint or a progress update is due; ``"step"``: one compiled program per step.
+        On ``"cuda"`` (CuPy) and ``"torch:cuda"`` either value captures one training step as
+        a CUDA graph and replays it per batch (``xpnet._graphs``).  Checkpoints, resume,
+        Ctrl-C (seen between the compiled loops) and divergence detection work as without
+        it; results equal the eager ones up to rounding.
     blas_threads : int, optional
         Threads for the CPU's matrix products (NumPy's BLAS) during :meth:`fit`.  By default
         xpnet decides (``xpnet._fast.thread_policy``): one thread where the step's largest
