@@ -191,6 +191,20 @@ def test_a_crash_mid_replay_resumes_from_the_checkpoint_to_the_same_weights(fake
     _close(net, ref, tol=0)
 
 
+def test_an_interrupted_advance_counts_the_steps_it_launched(fake):
+    """A second Ctrl-C (or a crash) between two replays: the optimizer's step count and the
+    dropout draws say how many steps the weights took, so the objects stay consistent."""
+    x, t = spiral()
+    net = xpnet.MultiLayerNet([2, 16, 3], seed=0, use_dropout=True)
+    opt = xpnet.Adam(0.01)
+    trainer = xpnet.Trainer(net, opt, batch_size=30, epochs=1, progress=False, compile=True)
+    trainer.compiled_steps.capturer.crash_after = 4
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.fit(x, t)
+    drops = [layer for layer in net.layers.values() if isinstance(layer, xpnet.Dropout)]
+    assert opt.steps == 4 and [layer.draws for layer in drops] == [4]
+
+
 def test_a_divergence_is_caught_where_the_losses_are_read(fake):
     with np.errstate(all="ignore"), pytest.raises(xpnet.DivergenceError) as graph:
         _fit(True, xpnet.SGD, lr=1e200)

@@ -417,7 +417,11 @@ _WITHOUT_FAST = _ONLY_THE_COPY + """
 import json
 import numpy as np
 import xpnet
-assert "xpnet._fast" not in sys.modules
+assert "xpnet._fast" not in sys.modules and "xpnet._graphs" not in sys.modules
+try:
+    xpnet.Trainer(xpnet.TwoLayerNet(4, 3, 2), xpnet.SGD(), compile=True)
+except ValueError as exc:
+    assert "runs eagerly" in str(exc) and "CUDA graph" not in str(exc), exc
 rng = np.random.default_rng(0)
 x, t = rng.standard_normal((32, 6)), rng.integers(0, 3, 32)
 net = xpnet.MultiLayerNet([6, 5, 3], seed=1, dtype="float64")
@@ -435,9 +439,11 @@ print(json.dumps({"losses": losses, "ok": report.ok, "steps": opt.steps,
 
 
 def test_the_library_is_correct_without_its_fast_path_module(tmp_path):
-    # Deleting xpnet/_fast.py must leave a correct, slower library.
+    # Deleting the speed module (xpnet/_fast.py, and the CUDA graphs' _graphs.py and
+    # _cuda_kernels.py) must leave a correct, slower library.
     shutil.copytree(PACKAGE, tmp_path / "xpnet", ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp_path / "xpnet" / "_fast.py").unlink()
+    for name in ("_fast.py", "_graphs.py", "_cuda_kernels.py"):
+        (tmp_path / "xpnet" / name).unlink()
     run = subprocess.run([sys.executable, "-c", _WITHOUT_FAST], cwd=tmp_path, capture_output=True,
                          text=True, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert run.returncode == 0, run.stderr

@@ -15,10 +15,10 @@ What a graph asks of the step, and how :class:`GraphSteps` gives it:
   in place.  Before replaying, the runner checks that the net's parameters, the optimizer's
   slots and the data are still the arrays it captured, and captures again where any was
   replaced (a resumed checkpoint, EarlyStopping's restore, another fit's data).
-* **Nothing read back.**  Each step's loss goes into its slot of a device array (by a mask:
-  no scatter, nothing baked); the Trainer reads them
-  where it stops anyway (a checkpoint, a progress update, the end of the epoch), so
-  divergence detection, checkpoints, resume and Ctrl-C behave as they do without a graph.
+* **Nothing read back.**  Each step's loss goes into its own element of a device array (by a
+  mask: no scatter, nothing baked); the Trainer reads them where it stops anyway (a
+  checkpoint, a progress update, the end of the epoch), so divergence detection,
+  checkpoints, resume and Ctrl-C behave as they do without a graph.
 * **Capture-safe operations.**  On torch, ``torch.cuda.graph`` captures every operation the
   layers use (cuBLAS included) into a private memory pool.  CuPy 14 refuses cuBLAS calls
   while capturing and uploads pointer tables for ``stack``; during its capture the runner
@@ -251,12 +251,16 @@ class GraphSteps(Runner):
             draws = [layer.draws for layer in self.drops]
             if self.drops:
                 self._upload_masks(start, count)
-            with self.capturer.poisoned(self.optimizer), slots(dropout_mask=self._mask):
-                for _ in range(count):
-                    self.capturer.replay(self.graph)
-            self.optimizer.record_steps(count)
-            for layer, n in zip(self.drops, draws):  # the draws the replays took
-                layer.draws = n + count
+            done = 0
+            try:
+                with self.capturer.poisoned(self.optimizer), slots(dropout_mask=self._mask):
+                    for _ in range(count):
+                        self.capturer.replay(self.graph)
+                        done += 1
+            finally:  # (also after a second Ctrl-C: the counts match the steps launched)
+                self.optimizer.record_steps(done)
+                for layer, n in zip(self.drops, draws):  # the draws the replays took
+                    layer.draws = n + done
             return count, self.xp.asarray(self.losses[start:start + count], copy=True)
 
     def _eager_step(self, run, order, start: int) -> tuple:

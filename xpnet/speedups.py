@@ -1,9 +1,10 @@
 """Where :mod:`xpnet._fast` (everything that exists only for speed) plugs in.
 
-``xpnet/__init__.py`` imports ``_fast`` where it can be imported, once; it fills these slots
-and registers its runner with :mod:`xpnet.runners`.  Every other module reads the slots
-and falls back to the portable code where a slot is None, so deleting ``_fast.py`` leaves a
-correct, slower library.
+``xpnet/__init__.py`` imports ``_fast`` (and ``_graphs``, the CUDA graphs) where they can be
+imported, once; they fill these slots and ``_fast`` registers its runner with
+:mod:`xpnet.runners`.  Every other module reads the slots and falls back to the portable code
+where a slot is None, so deleting ``_fast.py`` and ``_graphs.py`` leaves a correct, slower
+library.
 """
 
 from __future__ import annotations
