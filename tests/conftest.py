@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from dataclasses import dataclass
 
 # numba-cuda's CUDA simulator runs the kernels of xpnet._cuda_kernels on the CPU
-# (tests/test_graphs.py) where no GPU run was asked for; under XPNET_REQUIRE_GPU (ci/gpu,
-# ci/gpu-run) they run on the GPU.  numba reads this when it is first imported, below.
-if not os.environ.get("XPNET_REQUIRE_GPU"):
+# (tests/test_graphs.py) on a machine without an NVIDIA driver; with one, or under
+# XPNET_REQUIRE_GPU (ci/gpu, ci/gpu-run), they run on the GPU.  numba reads this when it is
+# first imported, below.
+if not (os.environ.get("XPNET_REQUIRE_GPU") or os.path.exists("/dev/nvidiactl")
+        or shutil.which("nvidia-smi")):
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 import numpy as np  # noqa: E402

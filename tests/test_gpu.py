@@ -186,7 +186,7 @@ def test_compile_replays_one_captured_graph_with_the_eager_results(device, model
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             history = trainer.fit(x, t, x[:40], t[:40])
-        assert history.config["step"] == ("cuda-graph" if compile_ else "layers")
+        assert history.config["step"] == ("CUDA graph" if compile_ else "layers")
         nets.append(net)
     for name in nets[0].params:
         np.testing.assert_allclose(xpnet.to_numpy(nets[0].params[name]),

@@ -109,7 +109,7 @@ def test_the_runner_works_on_every_library_that_updates_in_place(monkeypatch, de
                                 progress=False, compile=compile_).fit(x, t)
         nets.append(net)
         steps.append(history.config["step"])
-    assert steps[0] == "cuda-graph" and steps[1] != "cuda-graph"
+    assert steps[0] == "CUDA graph" and steps[1] != "CUDA graph"
     for k in nets[0].params:
         np.testing.assert_allclose(xpnet.to_numpy(nets[0].params[k]),
                                    xpnet.to_numpy(nets[1].params[k]), rtol=1e-9, atol=1e-12)
@@ -121,7 +121,7 @@ def test_replayed_steps_equal_the_eager_steps(fake, optimizer, batch_size):
     net, history = _fit(True, optimizer, batch_size=batch_size)
     eager, reference = _fit(False, optimizer, batch_size=batch_size)
     _close(net, eager)
-    assert history.config["step"] == "cuda-graph"
+    assert history.config["step"] == "CUDA graph"
     for r, e in zip(history.records, reference.records):
         assert r["train_loss"] == pytest.approx(e["train_loss"], rel=1e-9)
         assert r["test_accuracy"] == e["test_accuracy"]
@@ -249,7 +249,7 @@ def test_dropout_and_batch_norm_replay_as_the_eager_steps_run_them(fake, monkeyp
         nets.append(net)
         drawn.append([(layer.seed, layer.draws) for layer in net.layers.values()
                       if isinstance(layer, xpnet.Dropout)])
-        assert history.config["step"] == ("cuda-graph" if compile_ else "layers")
+        assert history.config["step"] == ("CUDA graph" if compile_ else "layers")
     _close(*nets)
     assert drawn[0] == drawn[1]
     for (layer, attr), (other, _) in zip(nets[0]._state.values(), nets[1]._state.values()):

@@ -87,7 +87,7 @@ class GraphSteps(Runner):
         optimizer's Python attributes must not be read (a real graph cannot see them)
     """
 
-    name = "cuda-graph"
+    name = "CUDA graph"
     MASK_STEPS = 100  # steps of dropout masks uploaded at a time (a buffer per Dropout layer)
 
     def __init__(self, net, optimizer, mode, batch_size: int, capturer):
