@@ -11,9 +11,9 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import required_gpu_devices
 
 import xpnet
-from conftest import required_gpu_devices
 from xpnet import _fast
 from xpnet.backend import (
     BACKENDS,

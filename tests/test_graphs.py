@@ -461,7 +461,7 @@ class PiecesCapture(FakeCapture):
                                              np)
 
     def warm(self, fn):
-        with _graphs.slots(**self.pieces):
+        with xpnet.speedups.using(**self.pieces):
             super().warm(fn)
 
     def record(self, fn):
@@ -470,7 +470,7 @@ class PiecesCapture(FakeCapture):
 
 
 def _replayed(fn, pieces):
-    with _graphs.slots(**pieces):
+    with xpnet.speedups.using(**pieces):
         fn()
 
 

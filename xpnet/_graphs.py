@@ -187,7 +187,7 @@ class GraphSteps(Runner):
         draws = [layer.draws for layer in self.drops]
         step = lambda: self._step(run)  # noqa: E731
         try:
-            with slots(dropout_mask=self._mask):
+            with speedups.using(dropout_mask=self._mask):
                 self.capturer.warm(step)
         finally:  # the warm-up's step undone: the captured run starts where the eager one is
             for a, s in zip(held[2:], saved):
@@ -200,7 +200,7 @@ class GraphSteps(Runner):
             self.masks[id(layer)] = self.xp.zeros((self.mask_rows, *shape), dtype=dtype,
                                                   device=native_device(p))
         try:
-            with slots(dropout_mask=self._mask):
+            with speedups.using(dropout_mask=self._mask):
                 self.graph = self.capturer.record(step)
         finally:  # (recording ran the layers' Python once)
             for layer, n in zip(self.drops, draws):
@@ -253,7 +253,8 @@ class GraphSteps(Runner):
                 self._upload_masks(start, count)
             done = 0
             try:
-                with self.capturer.poisoned(self.optimizer), slots(dropout_mask=self._mask):
+                with self.capturer.poisoned(self.optimizer), \
+                        speedups.using(dropout_mask=self._mask):
                     for _ in range(count):
                         self.capturer.replay(self.graph)
                         done += 1
@@ -336,7 +337,8 @@ class CupyCapture:
             workspace = cupy.empty(self.WORKSPACE, dtype=cupy.uint8)
             gemm = CublasGemm(load_cublas(), self.stream.ptr, cupy, workspace=workspace)
             self.pieces = capture_pieces(gemm, CudaKernels(cupy), cupy)
-        with cupy.cuda.using_allocator(self.pool.malloc), self.stream, slots(**self.pieces):
+        with cupy.cuda.using_allocator(self.pool.malloc), self.stream, \
+                speedups.using(**self.pieces):
             yield
 
     def warm(self, fn) -> None:
@@ -388,19 +390,6 @@ def capture_pieces(gemm, kernels, xp) -> dict:
             "filters": lambda w, col, b: gemm(w, col) + xp.reshape(b, (-1, 1)),
             "im2col": kernels.im2col, "col2im": kernels.col2im, "max_pool": kernels.max_pool,
             "max_pool_backward": kernels.max_pool_backward, "sgd_step": None}
-
-
-@contextlib.contextmanager
-def slots(**values):
-    """The speed module's slots (:mod:`xpnet.speedups`) set to ``values`` for the context."""
-    old = {k: getattr(speedups, k) for k in values}
-    try:
-        for k, v in values.items():
-            setattr(speedups, k, v)
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(speedups, k, v)
 
 
 # -- cuBLAS on the capture stream -------------------------------------------------------------

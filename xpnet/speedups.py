@@ -9,6 +9,9 @@ library.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 # (x, W, b) -> x @ W + b for x (N, D), W (D, M), b (M,) of one library, unchecked; or
 # NotImplemented for arrays it does not take.
 affine = None
@@ -67,3 +70,18 @@ training_memory = None
 # (net, optimizer, mode, batch_size) -> a Runner whose steps replay one captured CUDA graph
 # (xpnet._graphs: CuPy's and torch's CUDA devices), or NotImplemented for other devices
 graph_steps = None
+
+
+@contextlib.contextmanager
+def using(**values):
+    """These slots set to ``values`` for the context, then given back (a runner's own pieces
+    while it records or replays a step)."""
+    module = sys.modules[__name__]
+    old = {k: getattr(module, k) for k in values}
+    try:
+        for k, v in values.items():
+            setattr(module, k, v)
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(module, k, v)
