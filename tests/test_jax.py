@@ -179,6 +179,38 @@ def test_compiled_training_in_float64_equals_eager_to_rounding():
         np.testing.assert_allclose(nets[1][k], v, rtol=1e-11, atol=1e-13, err_msg=k)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["dropout", "batchnorm", "both"])
+def test_compiled_dropout_and_batch_norm_train_as_the_eager_steps(mode, kind, tmp_path):
+    """The masks are the eager steps' draws (uploaded for each compiled loop), the running
+    statistics are carried through the loop; chunks and a resume change no bit."""
+    from conftest import jax_64bit
+
+    options = {"use_dropout": kind != "batchnorm", "use_batchnorm": kind != "dropout"}
+    x, t = spiral()
+    with jax_64bit(True):
+        runs = []
+        for compile_, every in ((False, None), (mode, None), (mode, 3)):
+            net = xpnet.MultiLayerNet([2, 16, 16, 3], device="jax:cpu", dtype="float64",
+                                      **options)
+            history = xpnet.Trainer(
+                net, xpnet.Momentum(0.05), batch_size=32, epochs=2, seed=5, progress=False,
+                compile=compile_, checkpoint=None if every is None else tmp_path / f"{mode}.npz",
+                checkpoint_every=every).fit(x.astype(np.float64), t, x[:50], t[:50])
+            state = {k: to_numpy(getattr(*v)) for k, v in net._state.items()
+                     if not isinstance(getattr(*v), int)}
+            runs.append((_host(net), state, history))
+    (eager, eager_state, ref), (whole, whole_state, hist), (cut, cut_state, _) = runs
+    for k, v in eager.items():
+        np.testing.assert_allclose(whole[k], v, rtol=1e-9, atol=1e-12, err_msg=k)
+        assert np.array_equal(cut[k], whole[k]), k
+    for k, v in eager_state.items():
+        np.testing.assert_allclose(whole_state[k], v, rtol=1e-9, atol=1e-12, err_msg=k)
+        assert np.array_equal(cut_state[k], whole_state[k]), k
+    np.testing.assert_allclose(hist.train_loss, ref.train_loss, rtol=1e-9)
+    assert hist.test_accuracy == ref.test_accuracy  # evaluated with the carried statistics
+
+
 def test_no_layer_keeps_a_traced_value():
     net, _, _, _ = _fit("epoch", epochs=1)
     for layer in (*net.layers.values(), net.last_layer):

@@ -267,6 +267,11 @@ class Backend:
         of ``xs`` as one loop of the compiled program; ``(final carry, stacked ys)``."""
         raise NotImplementedError(f"{self.library} does not compile")
 
+    def shapes(self, function, *args):
+        """``function(*args)`` traced abstractly (shapes and dtypes only, nothing computed:
+        ``jax.eval_shape``)."""
+        raise NotImplementedError(f"{self.library} does not compile")
+
     def storable(self, dtype: str) -> str:
         """The dtype (a name) in which this library holds an array asked for in ``dtype``:
         ``dtype`` itself, or a ValueError saying why it cannot be held (JAX without 64-bit)."""
@@ -595,6 +600,9 @@ class JaxBackend(Backend):
 
     def scan(self, body, carry, xs):
         return importlib.import_module("jax.lax").scan(body, carry, xs)
+
+    def shapes(self, function, *args):
+        return self.module().eval_shape(function, *args)
 
     def devices(self):
         names = [self.name_of(d) for d in self._devices("cpu", "jax:cpu")]

@@ -21,6 +21,13 @@ Two modes:
 Hyperparameters are arguments of the program, not constants in it: changing
 ``optimizer.lr`` between epochs (a schedule in ``on_epoch``) takes effect without
 recompiling.  The backend must compile (:attr:`xpnet.backend.Backend.compiles`: JAX).
+
+Dropout and batch normalization: the layers' state arrays (the running statistics) are
+carried through the program like the parameters; each Dropout layer's masks for a loop's
+steps are drawn on the host exactly as the eager steps draw them (the same seeds and draw
+counts, :func:`xpnet.backend.dropout_mask`), copied to the device once per loop and scanned
+with the batches, and the draw counts are advanced afterwards.  So compiled and eager runs
+take the same masks, and a resumed run the masks an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -28,9 +35,11 @@ from __future__ import annotations
 import contextlib
 import copy
 
+import numpy as np
+
 from . import speedups
-from .backend import compiling_backend, namespace
-from .layers import Layer
+from .backend import compiling_backend, dropout_mask, dtype_name, is_array, namespace, to_device
+from .layers import BatchNormalization, Dropout, Layer
 from .nets import runs_plain_steps
 from .optim import Optimizer
 from .runners import Runner
@@ -111,76 +120,106 @@ class CompiledSteps(Runner):
         super().__init__(net, optimizer, batch_size)
         mode = compile_mode(mode)
         self.backend = compiling_backend(net.device)
-        check_compilable(net, optimizer)
+        check_compilable(net, optimizer, allowed=(Dropout, BatchNormalization))
         self.mode = mode
         self._step = self.backend.jit(self._pure_step_at)
         self._loop = self.backend.jit(self._pure_loop)
         self._correct = self.backend.jit(self._pure_correct)
+        self._mask_shapes = None  # {dropout key: (shape of a full batch's mask, dtype)}
 
     def check_device(self) -> None:
         """ValueError unless the net is (still) on a backend that compiles."""
         compiling_backend(self.net.device)
 
+    # -- what the steps carry besides the parameters -------------------------------------------
+
+    def _layer_state(self) -> dict:
+        """The layers' state arrays (batch norm's running statistics), ``{key: array}``."""
+        return {key: getattr(layer, attr) for key, (layer, attr) in
+                getattr(self.net, "_state", {}).items() if is_array(getattr(layer, attr))}
+
+    def _drops(self) -> dict:
+        """The Dropout layers that draw masks, ``{key: layer}``."""
+        return {key: layer for key, layer in getattr(self.net, "layers", {}).items()
+                if isinstance(layer, Dropout) and layer.ratio > 0}
+
     # -- the pure functions (traced once per shape) --------------------------------------------
 
     @contextlib.contextmanager
-    def _bound(self, params: dict):
-        """The net with ``params`` (traced) in place of its own arrays, for the trace; then
-        its own arrays back, and no traced value left in any layer."""
+    def _bound(self, params: dict, layer_state=None, masks=None):
+        """The net with ``params`` and ``layer_state`` (traced) in place of its own arrays and
+        its Dropout layers taking ``masks`` (``{key: array}``), for the trace; then its own
+        arrays and draw counts back, and no traced value left in any layer."""
         net = self.net
-        own = dict(net.params)
+        own, own_state = dict(net.params), self._layer_state()
+        drops = self._drops()
+        draws = {key: layer.draws for key, layer in drops.items()}
+        by_layer = {id(layer): key for key, layer in drops.items()}
+        state_of = getattr(net, "_state", {})
         try:
             for name, value in params.items():
                 net.params[name] = value
-            yield net
+            for key, value in (layer_state or {}).items():
+                setattr(*state_of[key], value)
+            with speedups.using(dropout_mask=lambda layer, x: masks[by_layer[id(layer)]]
+                                if masks is not None and id(layer) in by_layer
+                                else NotImplemented):
+                yield net
         finally:
             for name, value in own.items():
                 net.params[name] = value
+            for key, value in own_state.items():
+                setattr(*state_of[key], value)
+            for key, layer in drops.items():
+                layer.draws = draws[key]
             for layer in (*getattr(net, "layers", {}).values(), getattr(net, "last_layer", None)):
                 if isinstance(layer, Layer):
                     layer.reset()  # drop the traced caches
 
-    def _loss_and_gradient(self, params: dict, x, t):
-        with self._bound(params) as net:
+    def _loss_and_gradient(self, params: dict, layer_state: dict, masks: dict, x, t):
+        with self._bound(params, layer_state, masks) as net:
             if hasattr(net, "loss_and_gradient"):
                 loss, grads = net.loss_and_gradient(x, t, check_labels=False)
             else:
                 loss, grads = net.loss(x, t), net.gradient(x, t)
-            return loss, dict(grads)
+            return loss, dict(grads), self._layer_state()
 
-    def _pure_correct(self, params, x, t):
+    def _pure_correct(self, params, layer_state, x, t):
         """How many samples of the batch the net classifies right (a 0-d integer array)."""
-        with self._bound(params) as net:
+        with self._bound(params, layer_state) as net:
             scores = net.predict(x)
         xp = namespace(scores=scores, t=t)
         labels = xp.argmax(t, axis=1) if t.ndim == 2 else t
         return xp.count_nonzero(xp.argmax(scores, axis=1) == labels)
 
-    def _pure_step(self, params, state, steps, hyper, x, t):
-        """One step: ``(params, state, steps, loss)`` after it."""
-        loss, grads = self._loss_and_gradient(params, x, t)
+    def _pure_step(self, params, state, layer_state, steps, hyper, masks, x, t):
+        """One step: ``(params, state, layer_state, steps, loss)`` after it."""
+        loss, grads, layer_state = self._loss_and_gradient(params, layer_state, masks, x, t)
         optimizer = copy.copy(self.optimizer)  # with the traced hyperparameters
         for name, value in hyper.items():
             setattr(optimizer, name, value)
         steps = steps + 1
         params, state = optimizer.pure_update(params, grads, state, steps)
-        return params, state, steps, loss
+        return params, state, layer_state, steps, loss
 
-    def _pure_step_at(self, params, state, steps, hyper, x, t, ids):
+    def _pure_step_at(self, params, state, layer_state, steps, hyper, x, t, ids, masks):
         """One step on the samples ``ids`` of ``(x, t)``; its loss weighted by their count."""
         xp = namespace(x=x)
-        *out, loss = self._pure_step(params, state, steps, hyper, xp.take(x, ids, axis=0),
-                                     xp.take(t, ids, axis=0))
+        *out, loss = self._pure_step(params, state, layer_state, steps, hyper, masks,
+                                     xp.take(x, ids, axis=0), xp.take(t, ids, axis=0))
         return *out, loss * ids.shape[0]
 
-    def _pure_loop(self, params, state, steps, hyper, x, t, ids):
-        """One step per row of ``ids`` (k, batch), as one loop: the (weighted) losses are (k,)."""
-        def body(carry, row):
-            *carry, loss = self._pure_step_at(*carry, hyper, x, t, row)
+    def _pure_loop(self, params, state, layer_state, steps, hyper, x, t, ids, masks):
+        """One step per row of ``ids`` (k, batch) and of each mask (k, ...), as one loop: the
+        (weighted) losses are (k,)."""
+        def body(carry, rows):
+            *carry, loss = self._pure_step_at(*carry, hyper, x, t, *rows)
             return tuple(carry), loss
 
-        (params, state, steps), losses = self.backend.scan(body, (params, state, steps), ids)
-        return params, state, steps, losses
+        carry = (params, state, layer_state, steps)
+        (params, state, layer_state, steps), losses = self.backend.scan(body, carry,
+                                                                        (ids, masks))
+        return params, state, layer_state, steps, losses
 
     # -- running them --------------------------------------------------------------------------
 
@@ -190,8 +229,9 @@ class CompiledSteps(Runner):
     def run(self, x, t, order, start: int, stop: int, batch_size: int) -> tuple:
         """Take steps ``start, start + 1, ...`` (before ``stop``) of an epoch whose samples come
         in ``order``: ``(steps taken, their losses weighted by batch size)`` (an array of
-        one or more).  The net's parameters and the optimizer's state and step count are
-        updated afterwards, as an eager step updates them."""
+        one or more).  The net's parameters, layer state and dropout draws and the
+        optimizer's state and step count are updated afterwards, as an eager step updates
+        them."""
         n = x.shape[0]
         full = n // batch_size  # batches of the full size; a smaller last one runs alone
         if self.mode == "epoch" and start < full:
@@ -199,30 +239,77 @@ class CompiledSteps(Runner):
             xp = namespace(order=order)
             ids = xp.reshape(order[start * batch_size:(start + count) * batch_size],
                              (count, batch_size))
+            masks = self._masks(x, t, ids.shape[1], count)
             function = self._loop
         else:
             count = 1
             ids = order[start * batch_size:min((start + 1) * batch_size, n)]
+            masks = {k: m[0] for k, m in self._masks(x, t, ids.shape[0], 1).items()}
             function = self._step
-        params, state, _, losses = function(*self._inputs(), x, t, ids)
-        self._store(params, state, count)
+        params, state, layer_state, _, losses = function(*self._inputs(), x, t, ids, masks)
+        self._store(params, state, layer_state, count)
         return count, losses
+
+    def _masks(self, x, t, rows: int, count: int) -> dict:
+        """``{dropout key: (count, rows, ...) masks}``: the next ``count`` draws of each
+        Dropout layer for batches of ``rows`` samples, drawn on the host as the eager steps
+        draw them (:func:`xpnet.backend.dropout_mask`) and copied to the device at once."""
+        drops = self._drops()
+        if not drops:
+            return {}
+        if self._mask_shapes is None:
+            self._mask_shapes = self._probe_masks(x, t)
+        masks = {}
+        for key, layer in drops.items():
+            shape, dtype = self._mask_shapes[key]
+            like = np.empty((rows, *shape[1:]), dtype=dtype)
+            host = np.stack([dropout_mask(like, layer.ratio, layer.seed, layer.draws + j)
+                             for j in range(count)])
+            masks[key] = to_device(host, self.net.device)
+        return masks
+
+    def _probe_masks(self, x, t) -> dict:
+        """The shape and dtype of each Dropout layer's input: one forward pass traced
+        abstractly (nothing computed, nothing changed)."""
+        found = {}
+        drops = {id(layer): key for key, layer in self._drops().items()}
+
+        def record(layer, value):
+            found[drops[id(layer)]] = (tuple(value.shape), dtype_name(value.dtype))
+            return namespace(value).ones_like(value)
+
+        def forward(params, layer_state, xb, tb):
+            with self._bound(params, layer_state), speedups.using(dropout_mask=record):
+                return self.net.loss(xb, tb, train=True, check_labels=False)
+
+        rows = min(self.batch_size, x.shape[0])
+        self.backend.shapes(forward, dict(self.net.params), self._layer_state(),
+                            x[:rows, ...], t[:rows, ...])
+        return found
 
     def accuracy(self, x, t, *, batch_size: int) -> float:
         """``net.accuracy(x, t)`` with each batch's forward pass compiled (for the Trainer's
         evaluation; the targets were checked when the data were prepared)."""
         n, params, correct = x.shape[0], dict(self.net.params), 0
+        layer_state = self._layer_state()
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            correct = correct + self._correct(params, x[start:stop, ...], t[start:stop, ...])
+            correct = correct + self._correct(params, layer_state, x[start:stop, ...],
+                                              t[start:stop, ...])
         return int(correct) / n  # one read
 
     def _inputs(self) -> tuple:
         params = dict(self.net.params)
         opt = self.optimizer
-        return params, opt.initial_state(params), opt.steps, opt.hyperparameters()
+        return (params, opt.initial_state(params), self._layer_state(), opt.steps,
+                opt.hyperparameters())
 
-    def _store(self, params: dict, state: dict, count: int) -> None:
+    def _store(self, params: dict, state: dict, layer_state: dict, count: int) -> None:
         for name, value in params.items():
             self.net.params[name] = value
         self.optimizer.record_steps(count, state)
+        state_of = getattr(self.net, "_state", {})
+        for key, value in layer_state.items():
+            setattr(*state_of[key], value)
+        for layer in self._drops().values():
+            layer.draws += count
