@@ -364,10 +364,21 @@ def test_dropout_and_batchnorm_runs_resume_to_the_uninterrupted_result(tmp_path,
     assert whole.state["draws1"] == 15  # 5 batches a epoch, 3 epochs
 
 
-def test_compile_refuses_nets_with_dropout_or_batchnorm():
+def test_compile_takes_dropout_and_batchnorm_and_refuses_other_stateful_layers():
     pytest.importorskip("jax")
-    net = xpnet.MultiLayerNet([4, 6, 3], use_dropout=True, device="jax:cpu")
-    with pytest.raises(ValueError, match="compile does not support nets with Dropout"):
+    net = xpnet.MultiLayerNet([4, 6, 3], use_dropout=True, use_batchnorm=True, device="jax:cpu")
+    assert xpnet.Trainer(net, xpnet.SGD(0.1), compile=True).compiled_steps is not None
+
+    class Noisy(xpnet.Relu):  # a training mode of its own, which a compiled step cannot know
+        has_train_mode = True
+
+        def forward(self, x, train=True):
+            return super().forward(x)
+
+    W = xpnet.to_device(np.ones((4, 3)), "jax:cpu", dtype="float32")
+    b = xpnet.to_device(np.zeros(3), "jax:cpu", dtype="float32")
+    net = xpnet.Sequential([xpnet.Affine(W, b), Noisy(), xpnet.SoftmaxWithLoss()])
+    with pytest.raises(ValueError, match="compile does not support nets with Noisy"):
         xpnet.Trainer(net, xpnet.SGD(0.1), compile=True)
 
 
