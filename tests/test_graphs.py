@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -255,6 +256,41 @@ def test_dropout_and_batch_norm_replay_as_the_eager_steps_run_them(fake, monkeyp
     for (layer, attr), (other, _) in zip(nets[0]._state.values(), nets[1]._state.values()):
         np.testing.assert_allclose(np.asarray(getattr(layer, attr)),
                                    np.asarray(getattr(other, attr)), rtol=1e-9, atol=1e-12)
+
+
+def test_a_failed_warm_up_leaves_the_net_as_it_was(fake, monkeypatch):
+    """A step that fails in the warm-up after its forward pass changed the running statistics
+    (rebinding them) and drew a dropout mask: all of it is undone, and the eager steps that
+    follow train as an eager run does."""
+    x, t = spiral()
+    nets = []
+    for compile_ in (True, False):
+        net = xpnet.MultiLayerNet([2, 16, 3], seed=0, dtype="float64", use_dropout=True,
+                                  use_batchnorm=True)
+        if compile_:
+            real, calls = net.unchecked_loss_and_gradient, []
+
+            def failing(x, t, real=real, calls=calls):
+                calls.append(1)
+                out = real(x, t)
+                if len(calls) == 1:
+                    raise NotImplementedError("not capturable")
+                return out
+
+            monkeypatch.setattr(net, "unchecked_loss_and_gradient", failing)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            xpnet.Trainer(net, xpnet.Adam(0.01), batch_size=32, epochs=2, seed=5,
+                          progress=False, compile=compile_, blas_threads=1).fit(x, t)
+        assert len([w for w in caught if "not capturable" in str(w.message)]) == int(compile_)
+        nets.append(net)
+    _close(*nets)
+    assert [layer.draws for layer in nets[0].layers.values()
+            if isinstance(layer, xpnet.Dropout)] == [
+        layer.draws for layer in nets[1].layers.values() if isinstance(layer, xpnet.Dropout)]
+    for (layer, attr), (other, _) in zip(nets[0]._state.values(), nets[1]._state.values()):
+        np.testing.assert_allclose(np.asarray(getattr(layer, attr)),
+                                   np.asarray(getattr(other, attr)), rtol=1e-12, atol=1e-14)
 
 
 def test_nets_a_graph_cannot_capture_are_refused_before_training(fake):

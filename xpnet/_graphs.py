@@ -184,28 +184,36 @@ class GraphSteps(Runner):
         self._buffers(run)
         held = self._held(run)
         saved = [self.xp.asarray(a, copy=True) for a in held[2:]]
-        draws = [layer.draws for layer in self.drops]
         step = lambda: self._step(run)  # noqa: E731
-        try:
-            with speedups.using(dropout_mask=self._mask):
+        with self._undone(held, saved):  # the warm-up's step: the captured run starts where
+            with speedups.using(dropout_mask=self._mask):  # the eager one is
                 self.capturer.warm(step)
-        finally:  # the warm-up's step undone: the captured run starts where the eager one is
-            for a, s in zip(held[2:], saved):
-                a[...] = s
-            for layer, n in zip(self.drops, draws):
-                layer.draws = n
         p = next(iter(self.net.params.values()))
         for layer in self.drops:
             shape, dtype = self.mask_shapes[id(layer)]
             self.masks[id(layer)] = self.xp.zeros((self.mask_rows, *shape), dtype=dtype,
                                                   device=native_device(p))
-        try:
+        with self._undone(held):  # (recording ran the layers' Python once, computing nothing)
             with speedups.using(dropout_mask=self._mask):
                 self.graph = self.capturer.record(step)
-        finally:  # (recording ran the layers' Python once)
+        self._key = held
+
+    @contextlib.contextmanager
+    def _undone(self, held: tuple, saved=None):
+        """Afterwards (also after a failure), the draw counts as they were, each layer state
+        attribute on the array the graph holds, and with ``saved`` the values of ``held[2:]``
+        (weights, slots, state) put back."""
+        draws = [layer.draws for layer in self.drops]
+        try:
+            yield
+        finally:
+            if saved is not None:
+                for a, s in zip(held[2:], saved):
+                    a[...] = s
             for layer, n in zip(self.drops, draws):
                 layer.draws = n
-        self._key = held
+            for (layer, attr), array in zip(self.states, held[len(held) - len(self.states):]):
+                setattr(layer, attr, array)
 
     def _current(self, run) -> bool:
         """Whether the graph was captured for the arrays the net, optimizer and run hold now."""

@@ -81,8 +81,9 @@ def check_compilable(net, optimizer, *, plain: bool = False, allowed: tuple = ()
                        and type(layer) not in allowed})
     if stateful:
         raise ValueError(f"compile does not support nets with {', '.join(stateful)} yet "
-                         "(their dropout masks and running statistics change outside the "
-                         "compiled step); train this net without compile")
+                         "(a training mode or state of a layer's own changes outside the "
+                         "compiled step; xpnet's Dropout and BatchNormalization are taken): "
+                         "train this net without compile")
 
 
 def compiled_steps(net, optimizer, mode, batch_size: int):
