@@ -44,7 +44,6 @@ from ._checks import (
 )
 from ._io import atomic_write, check_writable
 from .backend import (
-    compiling_backend,
     device_context,
     device_of,
     dtype_name,
