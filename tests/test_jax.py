@@ -105,6 +105,29 @@ def test_a_traced_value_is_a_jax_array_of_no_device_yet():
     assert seen["description"][3] is None  # a traced value has no device until it runs
 
 
+def test_xpnet_computes_float32_products_at_full_precision_on_jax():
+    """JAX's default on recent GPUs is TF32 for float32 products (about 3 digits): every xpnet
+    call on JAX arrays runs with full float32 products instead, and leaves JAX's own setting
+    as it was."""
+    seen = []
+
+    class Probe(xpnet.Relu):
+        def forward(self, x):
+            seen.append(jax.config.jax_default_matmul_precision)
+            return super().forward(x)
+
+    x = to_device(np.ones((2, 3)), "jax:cpu", dtype="float32")
+    Probe().forward(x)
+    net = xpnet.Sequential([xpnet.Affine(to_device(np.ones((3, 2)), "jax:cpu", dtype="float32"),
+                                         to_device(np.zeros(2), "jax:cpu", dtype="float32")),
+                            Probe()])
+    net.predict(x)
+    xpnet.Trainer(net, xpnet.SGD(0.1), batch_size=2, epochs=1, progress=False,
+                  compile=True).fit(np.ones((4, 3), np.float32), np.array([0, 1, 0, 1]))
+    assert seen and set(seen) == {"highest"}, seen
+    assert jax.config.jax_default_matmul_precision is None
+
+
 def test_relu_and_optimizers_trace_under_jit():
     # What the compiled Trainer builds on: a layer and an optimizer's pure step under jax.jit.
     relu, opt = xpnet.Relu(), xpnet.Adam(0.1)

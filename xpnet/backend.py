@@ -513,6 +513,13 @@ class JaxBackend(Backend):
         self._names: dict = {}  # jax Device -> its canonical device string
         self._plugin_errors: list = []  # what JAX's plugins logged when they failed to start
 
+    def context(self, name):
+        # JAX computes float32 products in TF32 on recent NVIDIA GPUs by default (bfloat16
+        # passes on TPUs): about 3 digits.  xpnet's layers compute in float32 on every backend,
+        # as NumPy, CuPy and torch do, so its calls run with full float32 products (traced
+        # programs too: the setting holds while they are traced).
+        return self.module().default_matmul_precision("highest")
+
     def namespace(self):
         return importlib.import_module("jax.numpy")  # an Array API namespace of its own
 
