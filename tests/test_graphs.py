@@ -318,6 +318,21 @@ def test_without_a_capture_compile_names_jax_and_the_cuda_devices():
         xpnet.Trainer(xpnet.TwoLayerNet(4, 3, 2), xpnet.SGD(), compile=True)
 
 
+def test_info_says_what_compile_does_on_cuda_devices(capsys, monkeypatch):
+    from xpnet.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "compile=True on cuda and torch:cuda: one captured CUDA graph per step" in out
+    assert "CuPy's capture kernels: numba-cuda " in out
+
+    def missing(name):
+        raise _graphs.importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(_graphs.importlib.metadata, "version", missing)
+    assert "numba-cuda is not installed" in _graphs.describe_graphs()
+
+
 def test_only_cuda_devices_of_cupy_and_torch_are_captured():
     takes = {name: capture.takes for name, capture in _graphs.CAPTURERS.items()}
     assert takes["torch"](resolve_device("torch:cpu")) is False

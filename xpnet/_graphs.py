@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import importlib.metadata
 import warnings
 
 import numpy as np
@@ -497,4 +498,20 @@ class CublasGemm:
         return out
 
 
+def describe_graphs() -> str:
+    """A line for ``xpnet info``: what ``compile=True`` does on the CUDA devices here."""
+    try:
+        kernels = f"numba-cuda {importlib.metadata.version('numba-cuda')}"
+    except importlib.metadata.PackageNotFoundError:
+        kernels = ("numba-cuda is not installed (it comes with xpnet[cuda12] / xpnet[cuda13]): "
+                   "compile on cuda then trains eagerly, with a warning")
+    return ("compile=True on cuda and torch:cuda: one captured CUDA graph per step; CuPy's "
+            f"capture kernels: {kernels}")
+
+
+def _describe_with_graphs(describe=speedups.describe):
+    return lambda: [*(describe() if describe is not None else []), describe_graphs()]
+
+
 speedups.graph_steps = graph_steps
+speedups.describe = _describe_with_graphs()
