@@ -503,8 +503,9 @@ def describe_graphs() -> str:
     try:
         kernels = f"numba-cuda {importlib.metadata.version('numba-cuda')}"
     except importlib.metadata.PackageNotFoundError:
-        kernels = ("numba-cuda is not installed (it comes with xpnet[cuda12] / xpnet[cuda13]): "
-                   "compile on cuda then trains eagerly, with a warning")
+        kernels = ("numba-cuda is not installed (xpnet[cuda12] / xpnet[cuda13] bring it): "
+                   "numba's own CUDA target where it finds a CUDA toolkit, else compile on "
+                   "cuda trains eagerly, with a warning")
     return ("compile=True on cuda and torch:cuda: one captured CUDA graph per step; CuPy's "
             f"capture kernels: {kernels}")
 
