@@ -31,12 +31,15 @@ _SIM_BLOCK = 32
 
 
 cuda = None  # numba.cuda, imported by CudaKernels (the simulator swaps this global)
+_KERNELS: dict = {}  # the kernels, made once per process (numba compiles each on first launch)
 
 
 def _compile() -> dict:
     """The kernels, compiled by numba.cuda on their first launch.  They name ``cuda`` as this
     module's global: numba's simulator replaces it while a kernel runs."""
-    return {**_column_kernels(), **_pool_kernels()}
+    if not _KERNELS:
+        _KERNELS.update(_column_kernels(), **_pool_kernels())
+    return _KERNELS
 
 
 def _column_kernels() -> dict:
