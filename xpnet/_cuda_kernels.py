@@ -38,11 +38,39 @@ def _compile() -> dict:
     """The kernels, compiled by numba.cuda on their first launch.  They name ``cuda`` as this
     module's global: numba's simulator replaces it while a kernel runs."""
     if not _KERNELS:
-        _KERNELS.update(_column_kernels(), **_pool_kernels())
+        unravel, window_of = _device_functions()
+        _KERNELS.update(_column_kernels(unravel, window_of),
+                        **_pool_kernels(unravel, window_of))
     return _KERNELS
 
 
-def _column_kernels() -> dict:
+def _device_functions() -> tuple:
+    """What the kernels share: a flat index as 4-d coordinates, and which window puts a given
+    offset on an input row (the gather form of the adjoints: no atomics)."""
+
+    @cuda.jit(device=True)
+    def unravel(idx, b, c, d):
+        """``idx`` as the coordinates (i, j, k, l) of an array of shape (_, b, c, d)."""
+        i = idx // (b * c * d)
+        rest = idx - i * b * c * d
+        j = rest // (c * d)
+        rest = rest - j * c * d
+        k = rest // d
+        return i, j, k, rest - k * d
+
+    @cuda.jit(device=True)
+    def window_of(h, pad, i, stride, size):
+        """The output row (of ``size``) whose window has offset ``i`` on input row ``h``,
+        or -1 where none has."""
+        d = h + pad - i
+        if d < 0 or d % stride != 0 or d // stride >= size:
+            return -1
+        return d // stride
+
+    return unravel, window_of
+
+
+def _column_kernels(unravel, window_of) -> dict:
 
     @cuda.jit
     def im2col(x, col, fh, fw, stride, pad, oh, ow):
@@ -71,45 +99,30 @@ def _column_kernels() -> dict:
     def col2im(col, dx, fh, fw, stride, pad, oh, ow):
         # dx (C, N, H, W): one thread per cell, its offsets added in the portable order.
         idx = cuda.grid(1)
-        cc, nn, hh, ww = dx.shape
-        if idx >= cc * nn * hh * ww:
+        if idx >= dx.size:
             return
-        c = idx // (nn * hh * ww)
-        rest = idx - c * nn * hh * ww
-        n = rest // (hh * ww)
-        rest = rest - n * hh * ww
-        h = rest // ww
-        w = rest - h * ww
+        c, n, h, w = unravel(idx, dx.shape[1], dx.shape[2], dx.shape[3])
         dx[c, n, h, w] = 0
         for i in range(fh):
-            dy = h + pad - i
-            if dy < 0 or dy % stride != 0 or dy // stride >= oh:
+            y = window_of(h, pad, i, stride, oh)
+            if y < 0:
                 continue
-            y = dy // stride
             for j in range(fw):
-                dz = w + pad - j
-                if dz < 0 or dz % stride != 0 or dz // stride >= ow:
-                    continue
-                z = dz // stride
-                dx[c, n, h, w] += col[(c * fh + i) * fw + j, (n * oh + y) * ow + z]
+                z = window_of(w, pad, j, stride, ow)
+                if z >= 0:
+                    dx[c, n, h, w] += col[(c * fh + i) * fw + j, (n * oh + y) * ow + z]
 
     return {"im2col": im2col, "col2im": col2im}
 
 
-def _pool_kernels() -> dict:
+def _pool_kernels(unravel, window_of) -> dict:
 
     @cuda.jit
     def max_pool(x, out, arg, ph, pw, stride, pad):
         idx = cuda.grid(1)
-        nn, cc, oh, ow = out.shape
-        if idx >= nn * cc * oh * ow:
+        if idx >= out.size:
             return
-        n = idx // (cc * oh * ow)
-        rest = idx - n * cc * oh * ow
-        c = rest // (oh * ow)
-        rest = rest - c * oh * ow
-        y = rest // ow
-        z = rest - y * ow
+        n, c, y, z = unravel(idx, out.shape[1], out.shape[2], out.shape[3])
         found = False
         best = x[n, c, 0, 0]
         best_k = 0
@@ -135,28 +148,17 @@ def _pool_kernels() -> dict:
     @cuda.jit
     def max_pool_backward(dout, arg, dx, ph, pw, stride, pad):
         idx = cuda.grid(1)
-        nn, cc, hh, ww = dx.shape
-        oh, ow = dout.shape[2], dout.shape[3]
-        if idx >= nn * cc * hh * ww:
+        if idx >= dx.size:
             return
-        n = idx // (cc * hh * ww)
-        rest = idx - n * cc * hh * ww
-        c = rest // (hh * ww)
-        rest = rest - c * hh * ww
-        h = rest // ww
-        w = rest - h * ww
+        n, c, h, w = unravel(idx, dx.shape[1], dx.shape[2], dx.shape[3])
         dx[n, c, h, w] = 0
         for i in range(ph):
-            dy = h + pad - i
-            if dy < 0 or dy % stride != 0 or dy // stride >= oh:
+            y = window_of(h, pad, i, stride, dout.shape[2])
+            if y < 0:
                 continue
-            y = dy // stride
             for j in range(pw):
-                dz = w + pad - j
-                if dz < 0 or dz % stride != 0 or dz // stride >= ow:
-                    continue
-                z = dz // stride
-                if arg[n, c, y, z] == i * pw + j:
+                z = window_of(w, pad, j, stride, dout.shape[3])
+                if z >= 0 and arg[n, c, y, z] == i * pw + j:
                     dx[n, c, h, w] += dout[n, c, y, z]
 
     return {"max_pool": max_pool, "max_pool_backward": max_pool_backward}
