@@ -49,21 +49,18 @@ import ctypes
 import importlib.metadata
 import warnings
 
-import numpy as np
-
 from . import speedups
 from .backend import (
     _first_line,
     device_context,
-    dropout_mask,
+    dropout_masks,
     dtype_name,
-    is_array,
     namespace,
     native_device,
     resolve_device,
     to_device,
 )
-from .compiled import check_compilable, compile_mode
+from .compiled import check_compilable, compile_mode, dropout_layers, state_arrays
 from .layers import BatchNormalization, Dropout
 from .runners import EagerSteps, Runner
 
@@ -100,6 +97,7 @@ class GraphSteps(Runner):
         self._key = None  # what the graph was captured for (the arrays it writes and reads)
         self._eager = None
         self.failed = None  # why the step could not be captured (then it trains eagerly)
+        self.drops, self.states = [], []  # (made with the buffers: _buffers)
 
     def check_device(self) -> None:
         """ValueError unless the net is (still) on a device whose graphs this runner captures."""
@@ -116,7 +114,7 @@ class GraphSteps(Runner):
         p = next(iter(self.net.params.values()))
         xp, device, b = namespace(p), native_device(p), self.batch_size
         full = run.x.shape[0] // b
-        self.xp = xp
+        self.xp, self.device = xp, device
         self.order = xp.zeros((full * b,), dtype=xp.int64, device=device)
         self.position = xp.zeros((), dtype=xp.int64, device=device)
         self.offsets = xp.arange(b, dtype=xp.int64, device=device)
@@ -130,15 +128,13 @@ class GraphSteps(Runner):
             setattr(self.proxy, k, v)
         # Dropout: each layer's masks for up to MASK_STEPS steps, uploaded before the replays
         # (drawn on the host as the eager steps draw them), read at the step's row.
-        self.drops = [layer for layer in getattr(self.net, "layers", {}).values()
-                      if isinstance(layer, Dropout) and layer.ratio > 0]
+        self.drops = list(dropout_layers(self.net).values())
         self.mask_rows = min(full, self.MASK_STEPS) if self.drops else full
         self.segment = xp.zeros((), dtype=xp.int64, device=device)  # the first buffered step
         self.masks, self.mask_shapes = {}, {}
         # The layers' state arrays (batch norm's running statistics): a layer that rebinds
         # them has the new values copied back into the arrays the graph holds.
-        self.states = [(layer, attr) for layer, attr in getattr(self.net, "_state", {}).values()
-                       if is_array(getattr(layer, attr))]
+        self.states = list(state_arrays(self.net).values())
 
     def _mask(self, layer, x):
         """:data:`xpnet.speedups.dropout_mask` during the runner's steps: the layer's row of its
@@ -176,7 +172,7 @@ class GraphSteps(Runner):
         then what a step changes (weights, optimizer slots, layer state)."""
         params = tuple(getattr(layer, attr) for _, layer, attr, _ in self.net._table)
         slots = tuple(v for s in self.optimizer.state.values() for v in s.values())
-        states = tuple(getattr(layer, attr) for layer, attr in getattr(self, "states", ()))
+        states = tuple(getattr(layer, attr) for layer, attr in self.states)
         return (run.x, run.t, *params, *slots, *states)
 
     def _capture(self, run) -> None:
@@ -189,11 +185,10 @@ class GraphSteps(Runner):
         with self._undone(held, saved):  # the warm-up's step: the captured run starts where
             with speedups.using(dropout_mask=self._mask):  # the eager one is
                 self.capturer.warm(step)
-        p = next(iter(self.net.params.values()))
         for layer in self.drops:
             shape, dtype = self.mask_shapes[id(layer)]
             self.masks[id(layer)] = self.xp.zeros((self.mask_rows, *shape), dtype=dtype,
-                                                  device=native_device(p))
+                                                  device=self.device)
         with self._undone(held):  # (recording ran the layers' Python once, computing nothing)
             with speedups.using(dropout_mask=self._mask):
                 self.graph = self.capturer.record(step)
@@ -226,10 +221,8 @@ class GraphSteps(Runner):
         """The dropout masks of steps ``start .. start + count - 1``, drawn as the eager steps
         draw them (each layer's next draws), into the buffers' first rows."""
         for layer in self.drops:
-            shape, dtype = self.mask_shapes[id(layer)]
-            like = np.empty(shape, dtype=dtype)
-            host = np.stack([dropout_mask(like, layer.ratio, layer.seed, layer.draws + j)
-                             for j in range(count)])
+            host = dropout_masks(*self.mask_shapes[id(layer)], layer.ratio, layer.seed,
+                                 layer.draws, count)
             self.masks[id(layer)][:count, ...] = to_device(host, self.net.device)
         self.segment[...] = start
 
@@ -339,7 +332,10 @@ class CupyCapture:
 
     @contextlib.contextmanager
     def _capturing(self):
+        """On the side stream, after the work queued before, with the graph's pool and the
+        capture-safe pieces in the slots."""
         cupy = self.cupy
+        self.stream.wait_event(cupy.cuda.get_current_stream().record())
         if self.pieces is None:
             from ._cuda_kernels import CudaKernels
 
@@ -351,13 +347,11 @@ class CupyCapture:
             yield
 
     def warm(self, fn) -> None:
-        self.stream.wait_event(self.cupy.cuda.get_current_stream().record())
         with self._capturing():
             fn()
         self.stream.synchronize()
 
     def record(self, fn):
-        self.stream.wait_event(self.cupy.cuda.get_current_stream().record())
         with self._capturing():
             self.stream.begin_capture()
             try:

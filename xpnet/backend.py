@@ -1116,6 +1116,14 @@ def dropout_mask(like, ratio: float, seed: int, draw: int):
     return host if type(like) is np.ndarray else to_device(host, device_of(like))
 
 
+def dropout_masks(shape: tuple, dtype: str, ratio: float, seed: int, first: int, count: int):
+    """:func:`dropout_mask`'s masks of draws ``first .. first + count - 1`` for arrays of
+    ``shape`` and ``dtype``, stacked on the host as one NumPy array (count, *shape): what a
+    compiled or captured loop of ``count`` steps takes, the eager steps' draws."""
+    like = np.empty(shape, dtype=dtype)
+    return np.stack([dropout_mask(like, ratio, seed, first + k) for k in range(count)])
+
+
 def available_backends() -> list[dict]:
     """What each registered library offers on this machine, for ``xpnet info``.
 

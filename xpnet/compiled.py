@@ -35,16 +35,15 @@ from __future__ import annotations
 import contextlib
 import copy
 
-import numpy as np
-
 from . import speedups
-from .backend import compiling_backend, dropout_mask, dtype_name, is_array, namespace, to_device
+from .backend import compiling_backend, dropout_masks, dtype_name, is_array, namespace, to_device
 from .layers import BatchNormalization, Dropout, Layer
 from .nets import runs_plain_steps
 from .optim import Optimizer
 from .runners import Runner
 
-__all__ = ["MODES", "CompiledSteps", "check_compilable", "compile_mode", "compiled_steps"]
+__all__ = ["MODES", "CompiledSteps", "check_compilable", "compile_mode", "compiled_steps",
+           "dropout_layers", "state_arrays"]
 
 MODES = ("epoch", "step")  # compile=True means the first
 
@@ -84,6 +83,20 @@ def check_compilable(net, optimizer, *, plain: bool = False, allowed: tuple = ()
                          "(a training mode or state of a layer's own changes outside the "
                          "compiled step; xpnet's Dropout and BatchNormalization are taken): "
                          "train this net without compile")
+
+
+def dropout_layers(net) -> dict:
+    """The Dropout layers of ``net`` that draw masks, ``{key: layer}``: what a compiled or
+    captured step hands its masks to."""
+    return {key: layer for key, layer in getattr(net, "layers", {}).items()
+            if isinstance(layer, Dropout) and layer.ratio > 0}
+
+
+def state_arrays(net) -> dict:
+    """``{key: (layer, attr)}`` of the layers' state that is an array (batch normalization's
+    running statistics; not Dropout's draw counts): what a compiled or captured step carries."""
+    return {key: (layer, attr) for key, (layer, attr) in getattr(net, "_state", {}).items()
+            if is_array(getattr(layer, attr))}
 
 
 def compiled_steps(net, optimizer, mode, batch_size: int):
@@ -136,13 +149,7 @@ class CompiledSteps(Runner):
 
     def _layer_state(self) -> dict:
         """The layers' state arrays (batch norm's running statistics), ``{key: array}``."""
-        return {key: getattr(layer, attr) for key, (layer, attr) in
-                getattr(self.net, "_state", {}).items() if is_array(getattr(layer, attr))}
-
-    def _drops(self) -> dict:
-        """The Dropout layers that draw masks, ``{key: layer}``."""
-        return {key: layer for key, layer in getattr(self.net, "layers", {}).items()
-                if isinstance(layer, Dropout) and layer.ratio > 0}
+        return {key: getattr(layer, attr) for key, (layer, attr) in state_arrays(self.net).items()}
 
     # -- the pure functions (traced once per shape) --------------------------------------------
 
@@ -153,10 +160,10 @@ class CompiledSteps(Runner):
         arrays and draw counts back, and no traced value left in any layer."""
         net = self.net
         own, own_state = dict(net.params), self._layer_state()
-        drops = self._drops()
+        drops = dropout_layers(self.net)
         draws = {key: layer.draws for key, layer in drops.items()}
         by_layer = {id(layer): key for key, layer in drops.items()}
-        state_of = getattr(net, "_state", {})
+        state_of = state_arrays(net)
         try:
             for name, value in params.items():
                 net.params[name] = value
@@ -255,7 +262,7 @@ class CompiledSteps(Runner):
         """``{dropout key: (count, rows, ...) masks}``: the next ``count`` draws of each
         Dropout layer for batches of ``rows`` samples, drawn on the host as the eager steps
         draw them (:func:`xpnet.backend.dropout_mask`) and copied to the device at once."""
-        drops = self._drops()
+        drops = dropout_layers(self.net)
         if not drops:
             return {}
         if self._mask_shapes is None:
@@ -263,9 +270,8 @@ class CompiledSteps(Runner):
         masks = {}
         for key, layer in drops.items():
             shape, dtype = self._mask_shapes[key]
-            like = np.empty((rows, *shape[1:]), dtype=dtype)
-            host = np.stack([dropout_mask(like, layer.ratio, layer.seed, layer.draws + j)
-                             for j in range(count)])
+            host = dropout_masks((rows, *shape[1:]), dtype, layer.ratio, layer.seed,
+                                 layer.draws, count)
             masks[key] = to_device(host, self.net.device)
         return masks
 
@@ -273,7 +279,7 @@ class CompiledSteps(Runner):
         """The shape and dtype of each Dropout layer's input: one forward pass traced
         abstractly (nothing computed, nothing changed)."""
         found = {}
-        drops = {id(layer): key for key, layer in self._drops().items()}
+        drops = {id(layer): key for key, layer in dropout_layers(self.net).items()}
 
         def record(layer, value):
             found[drops[id(layer)]] = (tuple(value.shape), dtype_name(value.dtype))
@@ -309,8 +315,8 @@ class CompiledSteps(Runner):
         for name, value in params.items():
             self.net.params[name] = value
         self.optimizer.record_steps(count, state)
-        state_of = getattr(self.net, "_state", {})
+        state_of = state_arrays(self.net)
         for key, value in layer_state.items():
             setattr(*state_of[key], value)
-        for layer in self._drops().values():
+        for layer in dropout_layers(self.net).values():
             layer.draws += count
